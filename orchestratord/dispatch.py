@@ -1,0 +1,367 @@
+"""The dispatcher: turn pending triggers into prompts on the orchestrator session.
+
+Rules it keeps, in order: at most one prompt in flight; nothing while the server is
+down or the session busy; a quiet period (debounce) after the newest trigger, a minimum
+interval between prompts and a cap per hour; then every pending trigger goes into one
+prompt. A prompt is recorded with its ``messageID`` before the POST, marked sent after
+it, and followed until its assistant reply completes. After a crash, a prompt still
+``pending`` is looked up on the server by its ID and sent again only if it never landed.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from . import logs
+from .ledger import COMPLETED, FAILED, PENDING, TIMEOUT, Dispatch, Ledger, Trigger
+from .opencode import AuthError, NotFound, OpencodeClient, OpencodeError, Unreachable, new_message_id
+from .state import Shared
+from .worker import Worker
+
+# The orchestrator session may use the team tools and read; it may not run shell
+# commands, edit files or fetch from the web unless the config widens this.
+SESSION_PERMISSION: list[dict[str, str]] = [
+    {"permission": "bash", "pattern": "*", "action": "deny"},
+    {"permission": "edit", "pattern": "*", "action": "deny"},
+    {"permission": "webfetch", "pattern": "*", "action": "deny"},
+    {"permission": "claude-teams_*", "pattern": "*", "action": "allow"},
+]
+
+MAX_LISTED = 25
+FOLLOW_POLL = 2.0
+IDLE_WAIT = 60.0
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    """What the dispatcher needs from the config, flattened."""
+
+    prompt: str
+    debounce: float
+    min_interval: float
+    max_per_hour: int
+    sweep_interval: float
+    busy_timeout: float
+    completion_timeout: float
+    session_title: str
+    session_id: str | None
+    agent: str | None
+    model: str | None
+    teams: Sequence[str]
+    teams_base_dir: str
+    lead: str
+
+
+def render_prompt(template: str, triggers: Sequence[Trigger], teams: Sequence[str], base_dir: str, lead: str) -> str:
+    """The prompt text: the template with the teams, the lead and a list of what happened."""
+    lines = []
+    for t in triggers[:MAX_LISTED]:
+        who = f" teammate {t.teammate}" if t.teammate else ""
+        team = f" team {t.team}" if t.team else ""
+        lines.append(f"- [{t.rule or t.kind}]{team}{who}: {t.detail}")
+    if len(triggers) > MAX_LISTED:
+        lines.append(f"- and {len(triggers) - MAX_LISTED} more")
+    team_text = ", ".join(teams) if teams else f"every team under {base_dir}"
+    return template.format(teams=team_text, lead=lead, triggers="\n".join(lines) or "- (periodic check)")
+
+
+def outcome(messages: list[dict[str, Any]], message_id: str) -> tuple[bool, str, list[dict[str, Any]], str | None]:
+    """(finished, reply text, tool calls, error) of the assistant replies to ``message_id``.
+
+    Finished means the last reply has ``time.completed`` and a ``finish`` other than
+    ``tool-calls``/``unknown`` (one prompt can give several assistant messages), or
+    carries an error.
+    """
+    replies = [m for m in messages if isinstance(m, dict) and isinstance(m.get("info"), dict)
+               and m["info"].get("role") == "assistant" and m["info"].get("parentID") == message_id]
+    texts: list[str] = []
+    tools: list[dict[str, Any]] = []
+    error: str | None = None
+    for m in replies:
+        for part in m.get("parts") or []:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif part.get("type") == "tool":
+                state = part.get("state") if isinstance(part.get("state"), dict) else {}
+                call: dict[str, Any] = {"tool": part.get("tool"), "status": state.get("status"),
+                                        "input": state.get("input")}
+                out = state.get("output") if state.get("status") == "completed" else state.get("error")
+                if isinstance(out, str):
+                    call["output"] = out[:2000]
+                tools.append(call)
+        err = m["info"].get("error")
+        if isinstance(err, dict):
+            data = err.get("data") if isinstance(err.get("data"), dict) else {}
+            error = f"{err.get('name', 'error')}: {data.get('message', '')}".strip(": ")
+    finished = False
+    if replies:
+        last = replies[-1]["info"]
+        done = isinstance(last.get("time"), dict) and last["time"].get("completed")
+        finished = bool(done) and (last.get("finish") not in ("tool-calls", "unknown") or error is not None)
+    return finished, "\n".join(texts).strip(), tools, error
+
+
+class Dispatcher(Worker):
+    name = "dispatch"
+
+    def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
+                 settings: DispatchSettings, server_url: str,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        super().__init__(clock)
+        self.shared = shared
+        self.make_client = make_client
+        self.ledger_path = ledger_path
+        self.s = settings
+        self.server_url = server_url
+        self.wall = wall
+        self.stall_after = 60.0
+        self.ledger: Ledger | None = None
+        self.client: OpencodeClient | None = None
+        self.session_id: str | None = None
+        self.seen: dict[int, float] = {}  # trigger id -> monotonic time first seen
+        self.sends: collections.deque[float] = collections.deque()  # monotonic send times, last hour
+        self.last_sent: float | None = None
+        self.last_sweep: float = clock()
+        self.follow_started: dict[int, float] = {}
+        self._cap_logged = False
+        self._busy_warned: float | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.ledger = Ledger(self.ledger_path)
+        self.client = self.make_client()
+        now, wall = self.clock(), self.wall()
+        # Rebuild the rate-limit view from the ledger so a restart is no loophole.
+        for d in self.ledger.dispatches(limit=max(self.s.max_per_hour, 1) + 5):
+            if d.sent_at is not None and wall - d.sent_at < 3600:
+                self.sends.appendleft(now - (wall - d.sent_at))
+        if self.sends:
+            self.last_sent = max(self.sends)
+
+    def teardown(self) -> None:
+        if self.client:
+            self.client.close()
+        if self.ledger:
+            self.ledger.close()
+
+    # -- the loop ----------------------------------------------------------------
+
+    def step(self) -> float:
+        assert self.ledger is not None
+        if self.shared.server_healthy is False:
+            return 5.0  # the health watch wakes us when it comes back
+        try:
+            if self.session_id is None:
+                self.ensure_session()
+            open_ = self.ledger.open_dispatches()
+            if open_:
+                return self.follow(open_[0])
+            return self.maybe_send()
+        except Unreachable as exc:
+            self.log.debug(logs.kv("server-unreachable", error=str(exc)))
+            return 2.0
+        except AuthError as exc:
+            self.log.error(logs.kv("dispatch-auth-failed", error=str(exc)))
+            return 30.0
+
+    def ensure_session(self) -> None:
+        """Find or create the orchestrator session and remember it in the ledger."""
+        assert self.client is not None and self.ledger is not None
+        if self.s.session_id:
+            self._use_session(self.s.session_id)
+            return
+        key = f"session:{self.server_url}"
+        known = self.ledger.get_meta(key)
+        if known:
+            try:
+                self.client.get_session(known)
+                self._use_session(known)
+                return
+            except NotFound:
+                self.log.warning(logs.kv("session-missing", session=known, action="creating a new one"))
+        info = self.client.create_session(self.s.session_title, SESSION_PERMISSION)
+        sid = info["id"]
+        self.ledger.set_meta(key, sid)
+        self.log.log(logs.NOTICE, logs.kv("session-created", session=sid, title=self.s.session_title))
+        self._use_session(sid)
+
+    def _use_session(self, sid: str) -> None:
+        if sid != self.session_id:
+            self.log.info(logs.kv("session", session=sid))
+        self.session_id = sid
+        self.shared.update(session_id=sid)
+
+    def _forget_session(self) -> None:
+        self.session_id = None
+        self.shared.update(session_id=None)
+
+    # -- sending -----------------------------------------------------------------
+
+    def maybe_send(self) -> float:
+        assert self.ledger is not None and self.session_id is not None
+        now = self.clock()
+        pending = self.ledger.pending_triggers()
+        self.shared.update(pending_triggers=len(pending))
+        for t in pending:
+            self.seen.setdefault(t.id, now)
+        if not pending:
+            self.seen.clear()
+            if self.s.sweep_interval > 0:
+                due = max(self.last_sweep, self.last_sent or 0.0) + self.s.sweep_interval
+                if now >= due:
+                    self.last_sweep = now
+                    self.ledger.add_trigger("sweep", "periodic check (dispatch.sweep_interval_seconds)", rule="sweep")
+                    return 0.0
+                return min(IDLE_WAIT, due - now)
+            return IDLE_WAIT
+        newest = max(self.seen[t.id] for t in pending)
+        oldest = min(self.seen[t.id] for t in pending)
+        # Quiet period after the newest trigger, but never starve a steady trickle.
+        wait = min(newest + self.s.debounce, oldest + max(4 * self.s.debounce, 2.0)) - now
+        if wait > 0:
+            return wait
+        if self.last_sent is not None and now - self.last_sent < self.s.min_interval:
+            return self.last_sent + self.s.min_interval - now
+        while self.sends and now - self.sends[0] >= 3600:
+            self.sends.popleft()
+        if len(self.sends) >= self.s.max_per_hour:
+            if not self._cap_logged:
+                self._cap_logged = True
+                self.log.warning(logs.kv("prompt-cap-reached", max_per_hour=self.s.max_per_hour,
+                                         pending=len(pending), fix="raise dispatch.max_per_hour if this is expected"))
+            return self.sends[0] + 3600 - now
+        self._cap_logged = False
+        if self.session_busy(now):
+            return FOLLOW_POLL
+        return self.send(pending)
+
+    def session_busy(self, now: float) -> bool:
+        """True while the orchestrator session is busy; a busy that never clears is checked."""
+        assert self.client is not None and self.session_id is not None
+        sid = self.session_id
+        status = self.client.session_status()
+        entry = status.get(sid)
+        busy = isinstance(entry, dict) and entry.get("type") in ("busy", "retry")
+        self.shared.set_status(sid, entry.get("type") if busy and isinstance(entry, dict) else None)
+        if not busy:
+            self._busy_warned = None
+            return False
+        if self.shared.busy_for(sid) < self.s.busy_timeout:
+            return True
+        # The server says busy for too long: believe the messages if they say it is done.
+        last = self.client.messages(sid, limit=1)
+        info = last[-1].get("info", {}) if last else {}
+        finished = info.get("role") == "assistant" and isinstance(info.get("time"), dict) and info["time"].get("completed")
+        if self._busy_warned is None:
+            self._busy_warned = now
+            self.log.warning(logs.kv("session-busy-too-long", session=sid, seconds=int(self.shared.busy_for(sid)),
+                                     last_message_complete=bool(finished),
+                                     action="sending anyway" if finished else "waiting"))
+        return not finished
+
+    def send(self, triggers: Sequence[Trigger]) -> float:
+        assert self.ledger is not None and self.client is not None and self.session_id is not None
+        text = render_prompt(self.s.prompt, triggers, self.s.teams, self.s.teams_base_dir, self.s.lead)
+        message_id = new_message_id(self.wall() * 1000)
+        dispatch_id = self.ledger.create_dispatch(message_id, self.session_id, text, [t.id for t in triggers],
+                                                  now=self.wall())
+        for t in triggers:
+            self.seen.pop(t.id, None)
+        self.shared.update(pending_triggers=0)
+        d = self.ledger.get_dispatch(dispatch_id)
+        assert d is not None
+        return self._post(d, first=True)
+
+    def _post(self, d: Dispatch, first: bool) -> float:
+        assert self.ledger is not None and self.client is not None
+        _crash_point("before-post")
+        try:
+            self.client.prompt_async(d.session_id, d.prompt, d.message_id, agent=self.s.agent, model=self.s.model)
+        except NotFound:
+            self.ledger.finish_dispatch(d.id, FAILED, error="session not found on the server", now=self.wall())
+            self.ledger.release_triggers(d.id)
+            self.log.warning(logs.kv("session-missing", session=d.session_id, message_id=d.message_id,
+                                     action="recreating the session; the triggers stay queued"))
+            self._forget_session()
+            return 0.0
+        except OpencodeError as exc:
+            if isinstance(exc, (Unreachable, AuthError)):
+                self.log.warning(logs.kv("prompt-post-failed", message_id=d.message_id, error=str(exc),
+                                         action="will look it up and retry"))
+                return 2.0
+            self.ledger.finish_dispatch(d.id, FAILED, error=str(exc), now=self.wall())
+            self.log.error(logs.kv("prompt-rejected", message_id=d.message_id, error=str(exc)))
+            return 0.0
+        _crash_point("after-post")
+        self.ledger.mark_sent(d.id, now=self.wall())
+        now = self.clock()
+        self.last_sent = now
+        self.sends.append(now)
+        self.follow_started[d.id] = now
+        self.shared.set_status(d.session_id, "busy")
+        triggers = self.ledger.triggers_for(d.id)
+        self.log.log(logs.NOTICE, logs.kv("prompt-sent", session=d.session_id, message_id=d.message_id,
+                                          triggers=len(triggers), resent=None if first else "yes",
+                                          teammates=",".join(sorted({t.teammate for t in triggers if t.teammate})) or None))
+        return FOLLOW_POLL
+
+    # -- following ---------------------------------------------------------------
+
+    def follow(self, d: Dispatch) -> float:
+        """Recover a pending prompt, or check whether a sent one has finished."""
+        assert self.ledger is not None and self.client is not None
+        if d.state == PENDING:
+            try:
+                self.client.get_message(d.session_id, d.message_id)
+                self.ledger.mark_sent(d.id, now=self.wall())
+                self.follow_started[d.id] = self.clock()
+                self.log.info(logs.kv("prompt-recovered", message_id=d.message_id, landed="yes"))
+                return 0.0
+            except NotFound:
+                self.log.info(logs.kv("prompt-recovered", message_id=d.message_id, landed="no", action="sending"))
+                return self._post(d, first=False)
+        started = self.follow_started.setdefault(d.id, self.clock())
+        try:
+            messages = self.client.messages(d.session_id, limit=50)
+        except NotFound:
+            self.ledger.finish_dispatch(d.id, FAILED, error="session deleted while the prompt ran", now=self.wall())
+            self.log.warning(logs.kv("prompt-failed", message_id=d.message_id, error="session deleted"))
+            if d.session_id == self.session_id:
+                self._forget_session()
+            return 0.0
+        finished, text, tools, error = outcome(messages, d.message_id)
+        if finished:
+            state = FAILED if error else COMPLETED
+            self.ledger.finish_dispatch(d.id, state, reply_text=text, tool_calls=tools, error=error, now=self.wall())
+            self.follow_started.pop(d.id, None)
+            calls = ",".join(f"{c['tool']}:{c['status']}" for c in tools) or None
+            self.log.log(logs.NOTICE, logs.kv("prompt-done", message_id=d.message_id, outcome=state, tools=calls,
+                                              error=error, reply=_shorten(text, 200) or None))
+            return 0.0
+        if self.clock() - started > self.s.completion_timeout:
+            self.ledger.finish_dispatch(d.id, TIMEOUT, reply_text=text, tool_calls=tools,
+                                        error=f"no completed reply after {self.s.completion_timeout:g}s", now=self.wall())
+            self.follow_started.pop(d.id, None)
+            self.log.warning(logs.kv("prompt-timeout", message_id=d.message_id, seconds=f"{self.s.completion_timeout:g}",
+                                     fix="raise dispatch.completion_timeout_seconds if turns are this long"))
+            return 0.0
+        return FOLLOW_POLL
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: ORCHESTRATORD_TEST_CRASH=<name> kills the process here, like a power cut."""
+    if os.environ.get("ORCHESTRATORD_TEST_CRASH") == name:
+        os._exit(137)
+

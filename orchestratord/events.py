@@ -1,0 +1,302 @@
+"""The event stream worker: connect, read, record, match rules, catch up after gaps.
+
+The server's SSE stream is read with sseclient-py over ``iter_content(65536)`` (small
+reads make a large event take seconds), behind a :class:`~.stream.FrameGuard`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import requests
+import sseclient
+
+from . import logs
+from .ledger import EventRow, Ledger
+from .opencode import AuthError, OpencodeClient, OpencodeError
+from .state import Shared
+from .stream import HIGH_VOLUME, Event, FrameGuard, from_sync, normalize
+from .triggers import Rule, match_all
+from .worker import Worker
+
+
+class EventReader(Worker):
+    """Reads the stream, records events, raises triggers, and keeps the session view."""
+
+    name = "events"
+
+    def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
+                 stream: str, directory: str | None, read_timeout: float, max_event_bytes: int,
+                 reconnect_max: float, store: str, rules: Sequence[Rule],
+                 on_trigger: Callable[[], None], on_own_activity: Callable[[], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
+        self.shared = shared
+        self.make_client = make_client
+        self.ledger_path = ledger_path
+        self.path = "/global/event" if stream == "global" else "/event"
+        if stream != "global" and directory:
+            self.path += "?" + requests.compat.urlencode({"directory": directory})
+        self.read_timeout = read_timeout
+        self.max_event_bytes = max_event_bytes
+        self.reconnect_max = reconnect_max
+        self.store = store
+        self.rules = list(rules)
+        self.on_trigger = on_trigger
+        self.on_own_activity = on_own_activity
+        self.stall_after = read_timeout + 15.0
+        self.ledger: Ledger | None = None
+        self.client: OpencodeClient | None = None
+        self._resp: requests.Response | None = None
+        self._resp_lock = threading.Lock()
+        self._batch: list[EventRow] = []
+        self._failures = 0
+        self._malformed = 0
+        self._malformed_logged = 0.0
+        self.last_seq: dict[str, int] = {}
+        self.titles: dict[str, str] = {}
+        self._guard = FrameGuard(max_event_bytes, self._flush)
+        self._reported_oversized = 0
+        self._reported_undecodable = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.ledger = Ledger(self.ledger_path)
+        self.client = self.make_client()
+        saved = self.ledger.get_meta("sync.last_seq")
+        if saved:
+            try:
+                self.last_seq = {k: int(v) for k, v in json.loads(saved).items()}
+            except (ValueError, AttributeError):
+                self.last_seq = {}
+
+    def teardown(self) -> None:
+        self._flush()
+        self._save_seq()
+        self.shared.update(stream_connected=False)
+        if self.client:
+            self.client.close()
+        if self.ledger:
+            self.ledger.close()
+
+    def interrupt(self) -> None:
+        with self._resp_lock:
+            resp = self._resp
+        if resp is not None:
+            try:
+                resp.close()
+            except Exception:
+                pass
+
+    def wake_reconnect(self) -> None:
+        """The server came back: skip the rest of the backoff."""
+        self._failures = 0
+        self.wake()
+
+    # -- one connection ------------------------------------------------------------
+
+    def step(self) -> float:
+        assert self.client is not None and self.ledger is not None
+        try:
+            resp = self.client.open_stream(self.path, self.read_timeout)
+        except AuthError as exc:
+            return self._failed(f"{exc}", level="error")
+        except OpencodeError as exc:
+            return self._failed(str(exc))
+        with self._resp_lock:
+            self._resp = resp
+        try:
+            self._connected()
+            self._consume(resp)
+            reason = "server closed the stream"
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            reason = "read timed out" if "timed out" in str(exc) else f"connection lost: {str(exc)[:120]}"
+        finally:
+            with self._resp_lock:
+                self._resp = None
+            resp.close()
+            self._flush()
+        if self.stopping:
+            return 0.0
+        self.shared.update(stream_connected=False)
+        self.ledger.record_transition("stream", "disconnected", reason)
+        self.log.warning(logs.kv("stream-disconnected", path=self.path, reason=reason))
+        return self._failed(reason, log=False)
+
+    def _failed(self, reason: str, level: str = "warning", log: bool = True) -> float:
+        self._failures += 1
+        delay = min(self.reconnect_max, 0.25 * 2 ** min(self._failures, 8))
+        delay *= random.uniform(0.5, 1.0)
+        if log and (self._failures == 1 or self._failures % 20 == 0):
+            getattr(self.log, level)(logs.kv("stream-connect-failed", path=self.path, error=reason,
+                                             attempt=self._failures, retry_in=f"{delay:.2f}s"))
+        return delay
+
+    def _connected(self) -> None:
+        assert self.client is not None and self.ledger is not None
+        first = self._failures == 0 and not self.shared.stream_connected
+        self._failures = 0
+        self.shared.update(stream_connected=True)
+        self.ledger.record_transition("stream", "connected", self.path)
+        self.log.info(logs.kv("stream-connected", path=self.path))
+        del first
+        # Events are not replayed: re-read what they would have told us.
+        try:
+            statuses = self.client.session_status()
+            self.shared.replace_statuses({k: str(v.get("type", "busy")) if isinstance(v, dict) else "busy"
+                                          for k, v in statuses.items()})
+        except OpencodeError as exc:
+            self.log.warning(logs.kv("status-reread-failed", error=str(exc)))
+        self._catch_up()
+        self.on_own_activity()
+
+    def _catch_up(self) -> None:
+        """Ask for the durable events after the last seq we saw, per session."""
+        if self.path != "/global/event" or not self.last_seq:
+            return
+        assert self.client is not None
+        try:
+            records = self.client.sync_history(dict(self.last_seq))
+        except OpencodeError as exc:
+            self.log.warning(logs.kv("catch-up-failed", error=str(exc), fix="none needed; triggers may be late"))
+            return
+        n = 0
+        for record in records:
+            if not isinstance(record, dict):
+                continue
+            event = from_sync(record)
+            if event is None:
+                continue
+            self._note_seq(event.session_id, record.get("seq"))
+            self._handle(event, store=False)
+            n += 1
+        if n:
+            self.log.info(logs.kv("caught-up", events=n))
+        self._save_seq()
+
+    def _consume(self, resp: requests.Response) -> None:
+        client = sseclient.SSEClient(self._guard.frames(resp.iter_content(65536)))
+        for frame in client.events():
+            self.beat()
+            if self.stopping:
+                return
+            try:
+                obj = json.loads(frame.data)
+            except ValueError:
+                self._malformed_frame("not JSON", frame.data)
+                continue
+            event = normalize(obj, frame.data)
+            if event is None:
+                self._malformed_frame("not an event", frame.data)
+                continue
+            self._handle(event, store=True)
+            self._report_guard()
+
+    def _malformed_frame(self, why: str, data: str) -> None:
+        self._malformed += 1
+        now = self.clock()
+        if now - self._malformed_logged >= 60.0:
+            self._malformed_logged = now
+            self.log.warning(logs.kv("malformed-frame", why=why, total=self._malformed, sample=data[:80]))
+
+    def _report_guard(self) -> None:
+        g = self._guard
+        if g.oversized != self._reported_oversized:
+            self._reported_oversized = g.oversized
+            self.log.warning(logs.kv("oversized-event-skipped", limit=self.max_event_bytes, total=g.oversized,
+                                     fix="raise events.max_event_bytes if such events matter"))
+        if g.undecodable != self._reported_undecodable:
+            self._reported_undecodable = g.undecodable
+            self._malformed_frame("invalid UTF-8", "")
+
+    # -- one event ----------------------------------------------------------------
+
+    def _handle(self, event: Event, store: bool) -> None:
+        wall = time.time()
+        if event.type == "sync":
+            if event.sync is not None:
+                self._note_seq(event.session_id, event.sync.get("seq"))
+            if store and self.store == "all":
+                self._batch.append(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
+            return
+        self.shared.count_event(wall)
+        if store and (self.store == "all" or (self.store == "default" and event.type not in HIGH_VOLUME)):
+            self._batch.append(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
+            if len(self._batch) >= 1000:
+                self._flush()
+        self._observe(event)
+        own = self.shared.session_id
+        matches = match_all(self.rules, event, own, self._title)
+        if matches:
+            self._flush()
+            assert self.ledger is not None
+            added = 0
+            for m in matches:
+                tid = self.ledger.add_trigger(m.kind, m.detail, rule=m.rule, dedup=m.dedup, team=m.team,
+                                              teammate=m.teammate, session_id=event.session_id,
+                                              event_type=event.type, event_id=event.id, now=wall)
+                if tid is not None:
+                    added += 1
+                    self.log.info(logs.kv("trigger", rule=m.rule, session=event.session_id, teammate=m.teammate,
+                                          event=event.type))
+            if added:
+                self.on_trigger()
+
+    def _observe(self, event: Event) -> None:
+        """Keep the session view current from the events that describe it."""
+        props = event.properties
+        etype = event.type
+        sid = event.session_id
+        if etype == "session.status" and sid:
+            status = props.get("status")
+            self.shared.set_status(sid, status.get("type") if isinstance(status, dict) else None)
+        elif etype == "session.idle" and sid:
+            self.shared.set_status(sid, None)
+        elif etype in ("session.created", "session.updated"):
+            info = props.get("info")
+            if isinstance(info, dict) and isinstance(info.get("id"), str) and isinstance(info.get("title"), str):
+                self.titles[info["id"]] = info["title"]
+        elif etype == "session.deleted":
+            info = props.get("info")
+            if isinstance(info, dict) and isinstance(info.get("id"), str):
+                self.titles.pop(info["id"], None)
+                self.shared.set_status(info["id"], None)
+                if info["id"] == self.shared.session_id:
+                    self.on_own_activity()
+        elif etype == "server.instance.disposed":
+            self.shared.replace_statuses({})
+        if sid is not None and sid == self.shared.session_id and etype in (
+                "session.idle", "session.status", "session.error", "message.updated"):
+            self.on_own_activity()
+
+    def _title(self, session_id: str) -> str | None:
+        title = self.titles.get(session_id)
+        if title is None and self.client is not None:
+            try:
+                info = self.client.get_session(session_id)
+                if isinstance(info, dict) and isinstance(info.get("title"), str):
+                    title = self.titles[session_id] = info["title"]
+            except OpencodeError:
+                return None
+        return title
+
+    def _note_seq(self, session_id: str | None, seq: Any) -> None:
+        if session_id and isinstance(seq, int) and seq > self.last_seq.get(session_id, -1):
+            self.last_seq[session_id] = seq
+
+    def _save_seq(self) -> None:
+        if self.ledger is not None and self.last_seq:
+            if len(self.last_seq) > 500:  # keep the newest sessions only
+                self.last_seq = dict(sorted(self.last_seq.items(), key=lambda kv: kv[0])[-500:])
+            self.ledger.set_meta("sync.last_seq", json.dumps(self.last_seq))
+
+    def _flush(self) -> None:
+        if self._batch and self.ledger is not None:
+            batch, self._batch = self._batch, []
+            self.ledger.add_events(batch)
+            self._save_seq()

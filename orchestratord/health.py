@@ -1,0 +1,79 @@
+"""The health watchdog: probe ``GET /global/health`` and record each transition once."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from . import logs
+from .ledger import Ledger
+from .opencode import AuthError, OpencodeClient, OpencodeError
+from .state import Shared
+from .worker import Worker
+
+
+class HealthWatch(Worker):
+    """Probes every ``interval`` seconds; logs and records up/down changes, not every probe."""
+
+    name = "health"
+
+    def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
+                 interval: float, timeout: float, on_up: Callable[[], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
+        self.shared = shared
+        self.make_client = make_client
+        self.ledger_path = ledger_path
+        self.interval = interval
+        self.timeout = timeout
+        self.on_up = on_up
+        self.stall_after = max(30.0, 3 * (interval + timeout))
+        self.ledger: Ledger | None = None
+        self.client: OpencodeClient | None = None
+        self.healthy: bool | None = None
+        self.last_error: str | None = None
+
+    def setup(self) -> None:
+        self.ledger = Ledger(self.ledger_path)
+        self.client = self.make_client()
+
+    def teardown(self) -> None:
+        if self.client:
+            self.client.close()
+        if self.ledger:
+            self.ledger.close()
+
+    def step(self) -> float:
+        assert self.client is not None and self.ledger is not None
+        version = None
+        try:
+            health = self.client.health(timeout=self.timeout)
+            healthy, version, error = health.healthy, health.version, None if health.healthy else "healthy=false"
+        except AuthError as exc:
+            healthy, error = False, str(exc)
+        except OpencodeError as exc:
+            healthy, error = False, str(exc)
+        self._record(healthy, version, error)
+        return self.interval
+
+    def _record(self, healthy: bool, version: str | None, error: str | None) -> None:
+        assert self.ledger is not None
+        url = self.shared.server_url
+        if healthy == self.healthy:
+            if not healthy and error != self.last_error and error and "401" in error:
+                self.log.error(logs.kv("server-auth-failed", url=url, error=error))
+            self.last_error = error
+            if healthy and version != self.shared.server_version:
+                self.shared.update(server_version=version)
+            return
+        previous, self.healthy, self.last_error = self.healthy, healthy, error
+        self.shared.update(server_healthy=healthy, server_version=version if healthy else self.shared.server_version)
+        if healthy:
+            self.ledger.record_transition("server", "up", version)
+            self.log.log(logs.NOTICE, logs.kv("server-up", url=url, version=version))
+            self.on_up()
+        else:
+            self.ledger.record_transition("server", "down", error)
+            level = self.log.error if error and ("401" in error or "403" in error) else self.log.warning
+            if previous is None or previous:
+                level(logs.kv("server-down", url=url, error=error))

@@ -1,0 +1,369 @@
+"""The SQLite ledger every worker shares: facts, triggers, dispatches and live state.
+
+One file in WAL mode; each thread opens its own :class:`Ledger` (its own connection).
+The schema is versioned with ``PRAGMA user_version``. Writes that decide what happens
+next (triggers, dispatch states) are their own committed transactions; high-volume event
+rows are written in batches by the event reader. Every query the rest of the package
+runs lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    component TEXT NOT NULL,
+    state TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS transitions_at ON transitions(at);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    event_id TEXT,
+    type TEXT NOT NULL,
+    session_id TEXT,
+    directory TEXT,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_at ON events(at);
+CREATE INDEX IF NOT EXISTS events_type ON events(type, id);
+CREATE TABLE IF NOT EXISTS dispatches (
+    id INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL UNIQUE,
+    session_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    completed_at REAL,
+    prompt TEXT NOT NULL,
+    reply_text TEXT,
+    tool_calls TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS dispatches_state ON dispatches(state);
+CREATE TABLE IF NOT EXISTS triggers (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    rule TEXT,
+    dedup TEXT UNIQUE,
+    team TEXT,
+    teammate TEXT,
+    session_id TEXT,
+    event_type TEXT,
+    event_id TEXT,
+    detail TEXT NOT NULL,
+    dispatch_id INTEGER REFERENCES dispatches(id)
+);
+CREATE INDEX IF NOT EXISTS triggers_dispatch ON triggers(dispatch_id);
+"""
+
+# Dispatch states: recorded before the POST, sent after it, then one of the final three.
+PENDING, SENT, COMPLETED, FAILED, TIMEOUT = "pending", "sent", "completed", "failed", "timeout"
+OPEN_STATES = (PENDING, SENT)
+
+
+class LedgerError(Exception):
+    """The ledger file cannot be opened or written; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Trigger:
+    id: int
+    at: float
+    kind: str
+    rule: str | None
+    team: str | None
+    teammate: str | None
+    session_id: str | None
+    event_type: str | None
+    event_id: str | None
+    detail: str
+    dispatch_id: int | None
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    id: int
+    message_id: str
+    session_id: str
+    state: str
+    created_at: float
+    sent_at: float | None
+    completed_at: float | None
+    prompt: str
+    reply_text: str | None
+    tool_calls: list[dict[str, Any]]
+    error: str | None
+    attempts: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "message_id": self.message_id, "session_id": self.session_id,
+            "state": self.state, "created_at": self.created_at, "sent_at": self.sent_at,
+            "completed_at": self.completed_at, "prompt": self.prompt, "reply_text": self.reply_text,
+            "tool_calls": self.tool_calls, "error": self.error, "attempts": self.attempts,
+        }
+
+
+@dataclass(frozen=True)
+class EventRow:
+    at: float
+    event_id: str | None
+    type: str
+    session_id: str | None
+    directory: str | None
+    data: str
+
+
+class Ledger:
+    """One connection to the ledger file. Not shared between threads."""
+
+    def __init__(self, path: str, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        try:
+            if readonly:
+                if not os.path.exists(path):
+                    raise LedgerError(f"ledger {path} does not exist yet: start the daemon once, or fix ledger.path")
+                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                          check_same_thread=False, timeout=5.0)
+            else:
+                directory = os.path.dirname(os.path.abspath(path))
+                os.makedirs(directory, exist_ok=True)
+                self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            self.db.execute("PRAGMA busy_timeout=10000")
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.execute("PRAGMA foreign_keys=ON")
+                self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"cannot open ledger {path}: {exc}; check ledger.path, its directory's "
+                              f"permissions and free space, or move a corrupt file aside") from exc
+        except OSError as exc:
+            raise LedgerError(f"cannot create the ledger's directory for {path}: {exc}; check ledger.path "
+                              f"and the permissions (systemd: StateDirectory=)") from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LedgerError(f"ledger {self.path} has schema {version}, newer than this orchestratord "
+                              f"({SCHEMA_VERSION}); upgrade orchestratord or use another ledger.path")
+        if version < SCHEMA_VERSION:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def _tx(self) -> "_Tx":
+        return _Tx(self.db)
+
+    # -- meta and live state ------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.db.execute("DELETE FROM meta WHERE key=?", (key,))
+        else:
+            self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                            (key, value))
+
+    def set_state(self, values: dict[str, Any], now: float | None = None) -> None:
+        """Record live state (JSON values) that ``orchestratord status`` reads."""
+        at = now if now is not None else time.time()
+        with self._tx():
+            self.db.executemany(
+                "INSERT INTO state(key, value, updated_at) VALUES(?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+                [(k, json.dumps(v), at) for k, v in values.items()])
+
+    def get_state(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM state")}
+
+    def record_transition(self, component: str, state: str, detail: str | None = None, now: float | None = None) -> None:
+        self.db.execute("INSERT INTO transitions(at, component, state, detail) VALUES(?, ?, ?, ?)",
+                        (now if now is not None else time.time(), component, state, detail))
+
+    def transitions(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT at, component, state, detail FROM transitions ORDER BY id DESC LIMIT ?", (limit,))
+        return [{"at": r[0], "component": r[1], "state": r[2], "detail": r[3]} for r in rows]
+
+    # -- events -----------------------------------------------------------------
+
+    def add_events(self, rows: Sequence[EventRow]) -> None:
+        """Insert a batch of event rows in one transaction."""
+        if not rows:
+            return
+        with self._tx():
+            self.db.executemany(
+                "INSERT INTO events(at, event_id, type, session_id, directory, data) VALUES(?, ?, ?, ?, ?, ?)",
+                [(r.at, r.event_id, r.type, r.session_id, r.directory, r.data) for r in rows])
+
+    def events(self, limit: int = 50, type_: str | None = None) -> list[dict[str, Any]]:
+        if type_:
+            cur = self.db.execute("SELECT id, at, event_id, type, session_id, directory, data FROM events "
+                                  "WHERE type=? ORDER BY id DESC LIMIT ?", (type_, limit))
+        else:
+            cur = self.db.execute("SELECT id, at, event_id, type, session_id, directory, data FROM events "
+                                  "ORDER BY id DESC LIMIT ?", (limit,))
+        return [{"id": r[0], "at": r[1], "event_id": r[2], "type": r[3], "session_id": r[4],
+                 "directory": r[5], "data": json.loads(r[6])} for r in cur.fetchall()]
+
+    # -- triggers ---------------------------------------------------------------
+
+    def add_trigger(self, kind: str, detail: str, *, rule: str | None = None, dedup: str | None = None,
+                    team: str | None = None, teammate: str | None = None, session_id: str | None = None,
+                    event_type: str | None = None, event_id: str | None = None, now: float | None = None) -> int | None:
+        """Record a trigger once; returns its id, or None when ``dedup`` was seen before."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO triggers(at, kind, rule, dedup, team, teammate, session_id, event_type, event_id, detail) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (now if now is not None else time.time(), kind, rule, dedup, team, teammate, session_id,
+             event_type, event_id, detail))
+        return cur.lastrowid if cur.rowcount else None
+
+    def pending_triggers(self) -> list[Trigger]:
+        """Triggers not yet covered by any prompt, oldest first."""
+        cur = self.db.execute(_TRIGGER_COLUMNS + " WHERE dispatch_id IS NULL ORDER BY id")
+        return [Trigger(*row) for row in cur.fetchall()]
+
+    def triggers_for(self, dispatch_id: int) -> list[Trigger]:
+        cur = self.db.execute(_TRIGGER_COLUMNS + " WHERE dispatch_id=? ORDER BY id", (dispatch_id,))
+        return [Trigger(*row) for row in cur.fetchall()]
+
+    def count_pending_triggers(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM triggers WHERE dispatch_id IS NULL").fetchone()[0]
+
+    # -- dispatches -------------------------------------------------------------
+
+    def create_dispatch(self, message_id: str, session_id: str, prompt: str, trigger_ids: Iterable[int],
+                        now: float | None = None) -> int:
+        """Record a prompt before it is sent and tie its triggers to it, in one transaction."""
+        at = now if now is not None else time.time()
+        with self._tx():
+            cur = self.db.execute(
+                "INSERT INTO dispatches(message_id, session_id, state, created_at, prompt) VALUES(?, ?, ?, ?, ?)",
+                (message_id, session_id, PENDING, at, prompt))
+            dispatch_id = int(cur.lastrowid or 0)
+            self.db.executemany("UPDATE triggers SET dispatch_id=? WHERE id=? AND dispatch_id IS NULL",
+                                [(dispatch_id, t) for t in trigger_ids])
+        return dispatch_id
+
+    def mark_sent(self, dispatch_id: int, now: float | None = None) -> None:
+        self.db.execute("UPDATE dispatches SET state=?, sent_at=COALESCE(sent_at, ?), attempts=attempts+1 WHERE id=?",
+                        (SENT, now if now is not None else time.time(), dispatch_id))
+
+    def finish_dispatch(self, dispatch_id: int, state: str, reply_text: str | None = None,
+                        tool_calls: list[dict[str, Any]] | None = None, error: str | None = None,
+                        now: float | None = None) -> None:
+        self.db.execute(
+            "UPDATE dispatches SET state=?, completed_at=?, reply_text=?, tool_calls=?, error=? WHERE id=?",
+            (state, now if now is not None else time.time(), reply_text,
+             json.dumps(tool_calls or []), error, dispatch_id))
+
+    def release_triggers(self, dispatch_id: int) -> None:
+        """Give a dispatch's triggers back to the queue (its prompt never reached the server)."""
+        self.db.execute("UPDATE triggers SET dispatch_id=NULL WHERE dispatch_id=?", (dispatch_id,))
+
+    def open_dispatches(self) -> list[Dispatch]:
+        cur = self.db.execute(_DISPATCH_COLUMNS + " WHERE state IN (?, ?) ORDER BY id", OPEN_STATES)
+        return [_dispatch(row) for row in cur.fetchall()]
+
+    def dispatches(self, limit: int = 20) -> list[Dispatch]:
+        cur = self.db.execute(_DISPATCH_COLUMNS + " ORDER BY id DESC LIMIT ?", (limit,))
+        return [_dispatch(row) for row in cur.fetchall()]
+
+    def get_dispatch(self, dispatch_id: int) -> Dispatch | None:
+        row = self.db.execute(_DISPATCH_COLUMNS + " WHERE id=?", (dispatch_id,)).fetchone()
+        return _dispatch(row) if row else None
+
+    def sent_since(self, since: float) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM dispatches WHERE sent_at >= ?", (since,)).fetchone()[0]
+
+    def dispatch_totals(self) -> dict[str, Any]:
+        sent = self.db.execute("SELECT COUNT(*), MAX(sent_at) FROM dispatches WHERE sent_at IS NOT NULL").fetchone()
+        last = self.db.execute("SELECT state FROM dispatches WHERE state NOT IN (?, ?) ORDER BY id DESC LIMIT 1",
+                               OPEN_STATES).fetchone()
+        return {"sent_total": sent[0], "last_sent_at": sent[1], "last_outcome": last[0] if last else None}
+
+    # -- housekeeping -----------------------------------------------------------
+
+    def prune(self, before: float) -> int:
+        """Delete what is older than ``before`` (wall time), keeping open work."""
+        with self._tx():
+            n = self.db.execute("DELETE FROM events WHERE at < ?", (before,)).rowcount
+            n += self.db.execute("DELETE FROM transitions WHERE at < ?", (before,)).rowcount
+            n += self.db.execute(
+                "DELETE FROM triggers WHERE at < ? AND dispatch_id IN "
+                "(SELECT id FROM dispatches WHERE state NOT IN (?, ?))", (before, *OPEN_STATES)).rowcount
+            n += self.db.execute(
+                "DELETE FROM dispatches WHERE created_at < ? AND state NOT IN (?, ?) "
+                "AND id NOT IN (SELECT dispatch_id FROM triggers WHERE dispatch_id IS NOT NULL)",
+                (before, *OPEN_STATES)).rowcount
+        return n
+
+    def integrity_ok(self) -> bool:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+_TRIGGER_COLUMNS = ("SELECT id, at, kind, rule, team, teammate, session_id, event_type, event_id, detail, dispatch_id "
+                    "FROM triggers")
+_DISPATCH_COLUMNS = ("SELECT id, message_id, session_id, state, created_at, sent_at, completed_at, prompt, "
+                     "reply_text, tool_calls, error, attempts FROM dispatches")
+
+
+def _dispatch(row: Sequence[Any]) -> Dispatch:
+    values = list(row)
+    values[9] = json.loads(values[9]) if values[9] else []
+    return Dispatch(*values)
+
+
+class _Tx:
+    """``with ledger._tx():`` runs the block in BEGIN IMMEDIATE ... COMMIT."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")

@@ -1,0 +1,204 @@
+"""The one HTTP client for ``opencode serve``: auth, timeouts, typed errors.
+
+Every request the daemon makes to the server goes through :class:`OpencodeClient`, so
+auth (HTTP basic, the event stream included), timeouts and the mapping of failures to
+a few exception types live in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import string
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import requests
+
+from . import __version__
+
+USER_AGENT = f"orchestratord/{__version__}"
+_BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+
+
+class OpencodeError(Exception):
+    """Any failure talking to the server."""
+
+
+class Unreachable(OpencodeError):
+    """Connection refused, reset or timed out: the server is down or not answering."""
+
+
+class AuthError(OpencodeError):
+    """401/403: the credentials are missing or wrong."""
+
+
+class NotFound(OpencodeError):
+    """404 for a session, message or permission."""
+
+
+class ServerError(OpencodeError):
+    """Any other non-2xx answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+AUTH_HINT = "set server.username and server.password_file (or LoadCredential=opencode-password) to the server's OPENCODE_SERVER_PASSWORD"
+
+
+def new_message_id(clock_ms: float | None = None) -> str:
+    """A fresh ``msg_`` ID in opencode's shape: 12 hex digits of time plus 14 random base62.
+
+    Unique forever (time in ms, a random counter nibble and 14 random characters), so a
+    prompt re-sent after a crash can carry the same ID and a new prompt never reuses one.
+    """
+    ms = int(clock_ms if clock_ms is not None else time.time() * 1000)
+    value = (ms * 0x1000 + secrets.randbelow(0x1000)) & 0xFFFFFFFFFFFF
+    tail = "".join(secrets.choice(_BASE62) for _ in range(14))
+    return f"msg_{value:012x}{tail}"
+
+
+@dataclass(frozen=True)
+class Health:
+    healthy: bool
+    version: str | None
+
+
+def read_password(password_file: str | None, environ: dict[str, str] | None = None) -> str | None:
+    """The server password from ``password_file`` or systemd's ``$CREDENTIALS_DIRECTORY``.
+
+    Raises ``OSError`` with the path when a named file cannot be read.
+    """
+    env = os.environ if environ is None else environ
+    if password_file:
+        with open(password_file, encoding="utf-8") as fh:
+            return fh.read().strip("\r\n")
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        path = os.path.join(creds, "opencode-password")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                return fh.read().strip("\r\n")
+    return None
+
+
+class OpencodeClient:
+    """Thin typed wrapper over the routes the daemon uses; one per thread."""
+
+    def __init__(self, base_url: str, username: str = "opencode", password: str | None = None,
+                 timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.http = requests.Session()
+        self.http.headers["User-Agent"] = USER_AGENT
+        if password is not None:
+            self.http.auth = (username, password)
+
+    def close(self) -> None:
+        self.http.close()
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _request(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> requests.Response:
+        url = self.base_url + path
+        try:
+            resp = self.http.request(method, url, timeout=timeout or self.timeout, **kwargs)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise Unreachable(f"{method} {path}: {_short(exc)}") from exc
+        except requests.RequestException as exc:
+            raise OpencodeError(f"{method} {path}: {_short(exc)}") from exc
+        if resp.status_code in (401, 403):
+            raise AuthError(f"{method} {path}: HTTP {resp.status_code}; {AUTH_HINT}")
+        if resp.status_code == 404:
+            raise NotFound(f"{method} {path}: not found")
+        if resp.status_code >= 400:
+            raise ServerError(resp.status_code, f"{method} {path}: HTTP {resp.status_code} {resp.text[:200]}")
+        return resp
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self._request(method, path, **kwargs)
+        if not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise ServerError(resp.status_code, f"{method} {path}: answer is not JSON") from exc
+
+    # -- routes ----------------------------------------------------------------
+
+    def health(self, timeout: float | None = None) -> Health:
+        data = self._json("GET", "/global/health", timeout=timeout)
+        if not isinstance(data, dict):
+            raise ServerError(200, "GET /global/health: answer is not an object")
+        return Health(bool(data.get("healthy")), data.get("version"))
+
+    def create_session(self, title: str, permission: list[dict[str, str]] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"title": title}
+        if permission:
+            body["permission"] = permission
+        return self._json("POST", "/session", json=body)
+
+    def get_session(self, session_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/session/{session_id}")
+
+    def session_status(self) -> dict[str, Any]:
+        data = self._json("GET", "/session/status")
+        return data if isinstance(data, dict) else {}
+
+    def prompt_async(self, session_id: str, text: str, message_id: str,
+                     agent: str | None = None, model: str | None = None) -> None:
+        body: dict[str, Any] = {"messageID": message_id, "parts": [{"type": "text", "text": text}]}
+        if agent:
+            body["agent"] = agent
+        if model and "/" in model:
+            provider, _, model_id = model.partition("/")
+            body["model"] = {"providerID": provider, "modelID": model_id}
+        self._request("POST", f"/session/{session_id}/prompt_async", json=body)
+
+    def get_message(self, session_id: str, message_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/session/{session_id}/message/{message_id}")
+
+    def messages(self, session_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        params = {"limit": limit} if limit else None
+        data = self._json("GET", f"/session/{session_id}/message", params=params)
+        return data if isinstance(data, list) else []
+
+    def permissions(self) -> list[dict[str, Any]]:
+        data = self._json("GET", "/permission")
+        return data if isinstance(data, list) else []
+
+    def reply_permission(self, request_id: str, reply: str, message: str | None = None) -> None:
+        body: dict[str, Any] = {"reply": reply}
+        if message:
+            body["message"] = message
+        self._request("POST", f"/permission/{request_id}/reply", json=body)
+
+    def abort(self, session_id: str) -> None:
+        self._request("POST", f"/session/{session_id}/abort")
+
+    def sync_history(self, last_seq: dict[str, int]) -> list[dict[str, Any]]:
+        data = self._json("POST", "/sync/history", json=last_seq)
+        return data if isinstance(data, list) else []
+
+    def open_stream(self, path: str, read_timeout: float, connect_timeout: float | None = None) -> requests.Response:
+        """Open an SSE stream; the caller iterates ``iter_content`` and closes it."""
+        return self._request("GET", path, stream=True,
+                             timeout=(connect_timeout or self.timeout, read_timeout),
+                             headers={"Accept": "text/event-stream"})
+
+
+def iter_chunks(resp: requests.Response, size: int = 65536) -> Iterator[bytes]:
+    """The stream's bytes in large reads; small reads make a large event take seconds."""
+    return resp.iter_content(size)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    if "Connection refused" in text:
+        return "connection refused"
+    if "Read timed out" in text:
+        return "read timed out"
+    return text[:200]

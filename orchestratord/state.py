@@ -1,0 +1,118 @@
+"""The daemon's live view of the world, shared in memory between its threads.
+
+Workers write what they observe here (server up or down, stream connected, which
+sessions are busy); the supervisor turns it into systemd's STATUS line and copies it
+into the ledger for ``orchestratord status``. Durable facts go to the ledger; this is
+only the present moment.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+class DaemonState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DEGRADED = "degraded"
+    RELOADING = "reloading"
+    STOPPING = "stopping"
+
+
+@dataclass
+class Snapshot:
+    state: str
+    server_url: str
+    server_healthy: bool | None
+    server_version: str | None
+    stream_connected: bool
+    events_total: int
+    last_event_at: float | None
+    session_id: str | None
+    session_busy: bool
+    busy_sessions: list[str]
+    pending_triggers: int
+
+
+@dataclass
+class Shared:
+    """Thread-safe holder of the present state; all fields are read under ``lock``."""
+
+    server_url: str = ""
+    clock: Callable[[], float] = time.monotonic
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    state: DaemonState = DaemonState.STARTING
+    server_healthy: bool | None = None
+    server_version: str | None = None
+    stream_connected: bool = False
+    events_total: int = 0
+    last_event_at: float | None = None  # wall time
+    session_id: str | None = None
+    statuses: dict[str, str] = field(default_factory=dict)  # sessionID -> busy | retry
+    busy_since: dict[str, float] = field(default_factory=dict)  # monotonic
+    pending_triggers: int = 0
+    changed: threading.Event = field(default_factory=threading.Event)
+
+    def update(self, **values: Any) -> None:
+        with self.lock:
+            for key, value in values.items():
+                setattr(self, key, value)
+        self.changed.set()
+
+    def set_status(self, session_id: str, status: str | None) -> None:
+        """Record a session's status from an event (``None`` or ``idle`` clears it)."""
+        with self.lock:
+            if status in (None, "idle"):
+                self.statuses.pop(session_id, None)
+                self.busy_since.pop(session_id, None)
+            else:
+                self.statuses[session_id] = status
+                self.busy_since.setdefault(session_id, self.clock())
+        self.changed.set()
+
+    def replace_statuses(self, statuses: dict[str, str]) -> None:
+        """Take the server's whole status map (after a reconnect nothing is replayed)."""
+        now = self.clock()
+        with self.lock:
+            self.busy_since = {k: self.busy_since.get(k, now) for k in statuses}
+            self.statuses = dict(statuses)
+        self.changed.set()
+
+    def is_busy(self, session_id: str | None) -> bool:
+        with self.lock:
+            return session_id is not None and session_id in self.statuses
+
+    def busy_for(self, session_id: str) -> float:
+        with self.lock:
+            since = self.busy_since.get(session_id)
+        return 0.0 if since is None else self.clock() - since
+
+    def count_event(self, wall: float, n: int = 1) -> None:
+        with self.lock:
+            self.events_total += n
+            self.last_event_at = wall
+
+    def snapshot(self) -> Snapshot:
+        with self.lock:
+            return Snapshot(
+                state=self.state.value, server_url=self.server_url, server_healthy=self.server_healthy,
+                server_version=self.server_version, stream_connected=self.stream_connected,
+                events_total=self.events_total, last_event_at=self.last_event_at, session_id=self.session_id,
+                session_busy=self.session_id in self.statuses if self.session_id else False,
+                busy_sessions=sorted(self.statuses), pending_triggers=self.pending_triggers)
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=."""
+        s = self.snapshot()
+        server = "up" if s.server_healthy else ("down" if s.server_healthy is False else "unknown")
+        if s.server_version and s.server_healthy:
+            server += f" {s.server_version}"
+        stream = "connected" if s.stream_connected else "disconnected"
+        session = "none" if not s.session_id else ("busy" if s.session_busy else "idle")
+        return (f"{s.state}: server {server}, stream {stream}, session {session}, "
+                f"{s.pending_triggers} pending trigger{'s' if s.pending_triggers != 1 else ''}, "
+                f"{s.events_total} events")

@@ -1,0 +1,139 @@
+"""The server's event stream on the wire: frames, events, and their normalised form.
+
+Pure functions and small classes with no I/O, shared by the event reader and the
+tests. In front of sseclient-py sits :class:`FrameGuard`, which cuts the byte stream
+into whole frames so that one oversized frame or one with invalid UTF-8 is dropped and
+counted instead of taking the parser (and every frame after it) down.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+HIGH_VOLUME = frozenset({"message.part.delta"})
+
+
+@dataclass(slots=True)
+class Event:
+    """One server event, unwrapped from the global envelope."""
+
+    id: str | None
+    type: str
+    properties: dict[str, Any]
+    session_id: str | None
+    directory: str | None
+    data: str  # the frame's JSON text, kept for the ledger
+    sync: dict[str, Any] | None = None  # the durable copy (`sync` events on /global/event)
+
+
+def session_of(props: dict[str, Any]) -> str | None:
+    """The session an event is about, wherever this event type keeps it."""
+    sid = props.get("sessionID")
+    if isinstance(sid, str):
+        return sid
+    for key in ("info", "part"):
+        inner = props.get(key)
+        if isinstance(inner, dict):
+            sid = inner.get("sessionID")
+            if isinstance(sid, str):
+                return sid
+    return None
+
+
+def normalize(obj: Any, data: str) -> Event | None:
+    """An :class:`Event` from a decoded frame of either stream, or None if it is not one."""
+    if not isinstance(obj, dict):
+        return None
+    directory = None
+    if "payload" in obj and isinstance(obj["payload"], dict):
+        directory = obj.get("directory") if isinstance(obj.get("directory"), str) else None
+        obj = obj["payload"]
+    etype = obj.get("type")
+    if not isinstance(etype, str) or not etype:
+        return None
+    props = obj.get("properties")
+    if etype == "sync":
+        sync = obj.get("syncEvent")
+        if not isinstance(sync, dict):
+            return None
+        sdata = sync.get("data") if isinstance(sync.get("data"), dict) else {}
+        sid = sync.get("aggregateID") if isinstance(sync.get("aggregateID"), str) else session_of(sdata)
+        return Event(obj.get("id") if isinstance(obj.get("id"), str) else None, "sync", sdata, sid, directory, data, sync)
+    if not isinstance(props, dict):
+        props = {}
+    eid = obj.get("id") if isinstance(obj.get("id"), str) else None
+    return Event(eid, etype, props, session_of(props), directory, data)
+
+
+def from_sync(sync: dict[str, Any]) -> Event | None:
+    """The plain event a stored sync record stands for (``message.updated.1`` -> ``message.updated``)."""
+    stype = sync.get("type")
+    data = sync.get("data")
+    if not isinstance(stype, str) or not isinstance(data, dict):
+        return None
+    etype = re.sub(r"\.\d+$", "", stype)
+    sid = sync.get("aggregateID") if isinstance(sync.get("aggregateID"), str) else session_of(data)
+    return Event(sync.get("id") if isinstance(sync.get("id"), str) else None, etype, data, sid, None,
+                 json.dumps(sync, separators=(",", ":")), sync)
+
+
+class FrameGuard:
+    """Splits SSE bytes into whole frames, dropping oversized and undecodable ones.
+
+    ``on_drained`` is called each time the bytes read so far are used up, just before
+    the next (possibly blocking) read: the reader flushes its batch there.
+    """
+
+    def __init__(self, max_bytes: int, on_drained: Callable[[], None] | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.on_drained = on_drained
+        self.oversized = 0
+        self.undecodable = 0
+
+    def frames(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        buf = b""
+        skipping = False
+        for chunk in chunks:
+            if not chunk:
+                continue
+            if b"\r" in chunk or buf.endswith(b"\r"):
+                chunk = buf + chunk
+                buf = b""
+                held = chunk.endswith(b"\r")  # maybe the first half of CRLF
+                if held:
+                    chunk = chunk[:-1]
+                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                if held:
+                    chunk += b"\r"
+                pieces = chunk.split(b"\n\n")
+            else:
+                pieces = (buf + chunk).split(b"\n\n") if buf else chunk.split(b"\n\n")
+            buf = pieces.pop()
+            for piece in pieces:
+                if skipping:
+                    skipping = False
+                    continue
+                if len(piece) > self.max_bytes:
+                    self.oversized += 1
+                    continue
+                if not piece.isascii():
+                    try:
+                        piece.decode("utf-8")
+                    except UnicodeDecodeError:
+                        self.undecodable += 1
+                        continue
+                yield piece + b"\n\n"
+            if len(buf) > self.max_bytes:
+                if not skipping:
+                    self.oversized += 1
+                skipping = True
+                buf = b""
+            if self.on_drained:
+                self.on_drained()
+        if buf.endswith(b"\n\r") and not skipping:  # a lone CR ended the last frame
+            piece = buf[:-2]
+            if len(piece) <= self.max_bytes:
+                yield piece + b"\n\n"

@@ -1,0 +1,135 @@
+"""Rules from the config that turn server events into triggers for the dispatcher.
+
+A rule names an event type (a glob) and expected values for dotted paths into the
+event's properties; string values are globs and lists mean "any of". ``sessions`` says
+whether the event must come from a session other than the orchestrator's own, from it,
+or from any.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+from .stream import Event
+
+
+class Rule(Protocol):
+    name: str
+    event: str
+    match: Mapping[str, Any]
+    sessions: str
+    enabled: bool
+    description: str
+
+
+_MISSING = object()
+
+
+def get_path(obj: Any, path: str) -> Any:
+    """The value at a dotted path (``part.state.status``), or a sentinel when absent."""
+    for key in path.split("."):
+        if isinstance(obj, dict) and key in obj:
+            obj = obj[key]
+        else:
+            return _MISSING
+    return obj
+
+
+def _value_matches(actual: Any, expected: Any) -> bool:
+    if actual is _MISSING:
+        return False
+    if isinstance(expected, (list, tuple)):
+        return any(_value_matches(actual, e) for e in expected)
+    if isinstance(expected, bool) or isinstance(actual, bool):
+        return actual is expected if isinstance(expected, bool) else False
+    if isinstance(expected, str):
+        return isinstance(actual, str) and fnmatch.fnmatchcase(actual, expected)
+    return bool(actual == expected)
+
+
+def rule_matches(rule: Rule, event: Event, own_session: str | None) -> bool:
+    if not rule.enabled or not fnmatch.fnmatchcase(event.type, rule.event):
+        return False
+    if rule.sessions == "others" and (event.session_id is None or event.session_id == own_session):
+        return False
+    if rule.sessions == "own" and (own_session is None or event.session_id != own_session):
+        return False
+    return all(_value_matches(get_path(event.properties, path), expected) for path, expected in rule.match.items())
+
+
+@dataclass(frozen=True)
+class Match:
+    """A rule that matched an event, with what the prompt should say about it."""
+
+    rule: str
+    kind: str
+    dedup: str
+    detail: str
+    team: str | None
+    teammate: str | None
+
+
+def describe(rule: Rule, event: Event, title: str | None = None) -> Match:
+    """Turn a matched event into the words the prompt will carry and a dedup key.
+
+    The dedup key is the event's own identity (a tool part's ID and status, or the event
+    ID), so the same fact seen twice (a replay after reconnect) is one trigger.
+    """
+    props = event.properties
+    part = props.get("part") if isinstance(props.get("part"), dict) else None
+    team = teammate = None
+    words = rule.description or f"event {event.type}"
+    if part and part.get("type") == "tool":
+        tool = str(part.get("tool", ""))
+        state = part.get("state") if isinstance(part.get("state"), dict) else {}
+        inp = state.get("input") if isinstance(state.get("input"), dict) else {}
+        team = _str(inp.get("team_name"))
+        teammate = _str(inp.get("sender")) or _str(inp.get("from"))
+        recipient = _str(inp.get("recipient"))
+        summary = _str(inp.get("summary")) or _str(inp.get("content"))
+        bits = [f"tool {tool}"]
+        if team:
+            bits.append(f"team {team}")
+        if recipient:
+            bits.append(f"to {recipient}")
+        if summary:
+            bits.append(f'"{_shorten(summary, 120)}"')
+        words += " (" + ", ".join(bits) + ")"
+        dedup = f"{rule.name}:{part.get('id')}:{state.get('status')}"
+    else:
+        dedup = f"{rule.name}:{event.id}" if event.id else f"{rule.name}:{event.type}:{event.session_id}:{id(event)}"
+        if event.type == "session.error":
+            err = props.get("error")
+            if isinstance(err, dict):
+                name = err.get("name") or ""
+                data = err.get("data") if isinstance(err.get("data"), dict) else {}
+                msg = data.get("message") or ""
+                words += f" ({_shorten(f'{name}: {msg}'.strip(': '), 160)})"
+    if title and not teammate:
+        teammate = title
+    where = f"session {event.session_id}" if event.session_id else "the server"
+    if title:
+        where += f" ({title})"
+    return Match(rule=rule.name, kind="event", dedup=dedup, detail=f"{words} in {where} [{event.type}]",
+                 team=team, teammate=teammate)
+
+
+def match_all(rules: Iterable[Rule], event: Event, own_session: str | None,
+              title_of: Callable[[str], str | None] | None = None) -> list[Match]:
+    """Every rule that matches ``event``; ``title_of`` names a session (its teammate)."""
+    matched = [r for r in rules if rule_matches(r, event, own_session)]
+    if not matched:
+        return []
+    title = title_of(event.session_id) if title_of and event.session_id else None
+    return [describe(r, event, title) for r in matched]
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,129 @@
+"""The worker base class: one thread per concern, guarded iterations, a heartbeat.
+
+Each worker runs ``step()`` in a loop. A step returns how long to wait before the next
+one; the wait ends early on ``wake()`` or ``stop()``. An exception in a step is logged
+with the worker's name and followed by a capped backoff, never a dead thread. Every
+step stamps a monotonic heartbeat that the supervisor reads to decide whether to pet
+the systemd watchdog.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable
+
+from . import logs
+
+Clock = Callable[[], float]
+
+
+class Worker:
+    """Subclasses implement ``step()``; ``setup()`` and ``teardown()`` are optional."""
+
+    name = "worker"
+    #: a heartbeat older than this means the worker is hung (seconds)
+    stall_after = 30.0
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
+        self.log = logs.get(self.name)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.heartbeat = clock()
+        self.errors = 0
+        self.thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.heartbeat = self.clock()
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Ask the worker to stop; ``join`` waits for it."""
+        self._stop.set()
+        self._wake.set()
+        self.interrupt()
+
+    def interrupt(self) -> None:
+        """Break out of a blocking call (subclasses close their sockets here)."""
+
+    def join(self, timeout: float) -> bool:
+        if self.thread is None:
+            return True
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def fresh(self, now: float | None = None) -> bool:
+        """True while the heartbeat is recent enough for the watchdog."""
+        return ((now if now is not None else self.clock()) - self.heartbeat) <= self.stall_after
+
+    def beat(self) -> None:
+        self.heartbeat = self.clock()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, returning early on wake or stop."""
+        if seconds > 0 and not self._stop.is_set():
+            self._wake.wait(seconds)
+        self._wake.clear()
+
+    # -- the loop --------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Open per-thread resources (a ledger connection) inside the thread."""
+
+    def teardown(self) -> None:
+        """Close what ``setup`` opened; runs even after a failed step."""
+
+    def step(self) -> float:
+        """Do one iteration; return seconds until the next."""
+        raise NotImplementedError
+
+    def _test_hang(self) -> None:
+        """Test hook: ORCHESTRATORD_TEST_HANG=<worker name> makes this worker hang."""
+        if os.environ.get("ORCHESTRATORD_TEST_HANG") == self.name:
+            self.log.warning(logs.kv("test-hang", worker=self.name))
+            threading.Event().wait()
+
+    def run_once(self) -> float:
+        """One guarded iteration: what the loop and the tests call."""
+        self.beat()
+        try:
+            delay = self.step()
+            self.errors = 0
+            return delay
+        except Exception as exc:
+            self.errors += 1
+            backoff = min(30.0, 0.5 * 2 ** min(self.errors, 6))
+            self.log.error(logs.kv("worker-error", worker=self.name, error=f"{type(exc).__name__}: {exc}",
+                                   retry_in=f"{backoff:g}s"), exc_info=self.errors == 1)
+            return backoff
+
+    def _run(self) -> None:
+        try:
+            self.setup()
+            self._test_hang()
+            while not self._stop.is_set():
+                delay = self.run_once()
+                self.wait(delay)
+        except Exception as exc:
+            self.log.critical(logs.kv("worker-died", worker=self.name, error=f"{type(exc).__name__}: {exc}"), exc_info=True)
+        finally:
+            try:
+                self.teardown()
+            except Exception as exc:
+                self.log.error(logs.kv("worker-teardown-failed", worker=self.name, error=str(exc)))

@@ -1,0 +1,277 @@
+"""The dispatcher, one step at a time, with an injected clock and a fake server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestratord.dispatch import DispatchSettings, Dispatcher, outcome, render_prompt
+from orchestratord.ledger import COMPLETED, PENDING, SENT, TIMEOUT, Ledger
+from orchestratord.opencode import NotFound, Unreachable
+from orchestratord.state import Shared
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeServer:
+    """Just enough of opencode's API for the dispatcher."""
+
+    def __init__(self) -> None:
+        self.sessions = {"ses_existing"}
+        self.prompts: list[dict[str, Any]] = []
+        self.status: dict[str, Any] = {}
+        self.messages_by_session: dict[str, list[dict[str, Any]]] = {}
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise Unreachable("connection refused")
+
+    def create_session(self, title: str, permission: Any = None) -> dict[str, Any]:
+        self._check()
+        self.created = getattr(self, "created", 0) + 1
+        sid = f"ses_new{self.created}"
+        self.sessions.add(sid)
+        self.permission = permission
+        return {"id": sid, "title": title}
+
+    def get_session(self, sid: str) -> dict[str, Any]:
+        self._check()
+        if sid not in self.sessions:
+            raise NotFound(sid)
+        return {"id": sid}
+
+    def session_status(self) -> dict[str, Any]:
+        self._check()
+        return dict(self.status)
+
+    def prompt_async(self, sid: str, text: str, message_id: str, agent: Any = None, model: Any = None) -> None:
+        self._check()
+        if sid not in self.sessions:
+            raise NotFound(sid)
+        self.prompts.append({"session": sid, "text": text, "id": message_id})
+        self.messages_by_session.setdefault(sid, []).append({"info": {"id": message_id, "role": "user"}, "parts": []})
+
+    def get_message(self, sid: str, mid: str) -> dict[str, Any]:
+        self._check()
+        for m in self.messages_by_session.get(sid, []):
+            if m["info"]["id"] == mid:
+                return m
+        raise NotFound(mid)
+
+    def messages(self, sid: str, limit: int | None = None) -> list[dict[str, Any]]:
+        self._check()
+        if sid not in self.sessions:
+            raise NotFound(sid)
+        return self.messages_by_session.get(sid, [])[-(limit or 1000):]
+
+    def reply(self, sid: str, parent: str, text: str, finish: str = "stop") -> None:
+        self.messages_by_session[sid].append({
+            "info": {"id": f"msg_r{len(self.messages_by_session[sid])}", "role": "assistant", "parentID": parent,
+                     "time": {"created": 1, "completed": 2}, "finish": finish},
+            "parts": [{"type": "tool", "tool": "claude-teams_read_inbox",
+                       "state": {"status": "completed", "input": {}, "output": "[]"}},
+                      {"type": "text", "text": text}]})
+
+    def close(self) -> None:
+        pass
+
+
+def settings(**kw: Any) -> DispatchSettings:
+    base = dict(prompt="Teams {teams}, lead {lead}.\n{triggers}", debounce=0.5, min_interval=5.0, max_per_hour=3,
+                sweep_interval=0.0, busy_timeout=60.0, completion_timeout=120.0, session_title="orchestrator",
+                session_id=None, agent=None, model=None, teams=("my-team",), teams_base_dir="/x", lead="team-lead")
+    base.update(kw)
+    return DispatchSettings(**base)
+
+
+@pytest.fixture
+def rig(tmp_path: Path):
+    clock = Clock()
+    server = FakeServer()
+    shared = Shared(server_url="http://x", clock=clock)
+    path = str(tmp_path / "ledger.db")
+
+    def make(**kw: Any) -> Dispatcher:
+        d = Dispatcher(shared=shared, make_client=lambda: server, ledger_path=path, settings=settings(**kw),
+                       server_url="http://x", clock=clock, wall=lambda: clock.t)
+        d.setup()
+        return d
+
+    return clock, server, shared, path, make
+
+
+def add_triggers(path: str, n: int, teammate: str = "worker-1") -> None:
+    led = Ledger(path)
+    for i in range(n):
+        led.add_trigger("event", f"thing {i}", rule="teammate-message", teammate=teammate, dedup=f"{teammate}-{i}-{id(led)}")
+    led.close()
+
+
+def test_no_trigger_no_prompt(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make()
+    for _ in range(10):
+        clock.t += d.run_once()
+    assert server.prompts == []
+    assert d.session_id is not None and server.permission  # created once, with the ruleset
+
+
+def test_burst_is_one_prompt_after_the_quiet_period(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make()
+    add_triggers(path, 10)
+    wait = d.run_once()
+    assert server.prompts == [] and 0 < wait <= 0.5
+    clock.t += wait
+    d.run_once()
+    assert len(server.prompts) == 1
+    text = server.prompts[0]["text"]
+    assert "teammate worker-1" in text and text.count("thing ") == 10 and "my-team" in text
+
+
+def test_busy_session_waits_then_one_prompt(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make()
+    d.run_once()
+    server.status = {d.session_id: {"type": "busy"}}
+    add_triggers(path, 10)
+    for _ in range(5):
+        clock.t += max(d.run_once(), 0.1)
+    assert server.prompts == []
+    server.status = {}
+    clock.t += d.run_once()
+    d.run_once()
+    assert len(server.prompts) == 1
+
+
+def test_follow_records_outcome_then_next_prompt_respects_min_interval(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make()
+    add_triggers(path, 1)
+    clock.t += d.run_once()
+    d.run_once()
+    [p] = server.prompts
+    server.reply(p["session"], p["id"], "step one", finish="tool-calls")
+    d.run_once()
+    assert Ledger(path).open_dispatches()[0].state == SENT  # tool-calls is not the end
+    server.reply(p["session"], p["id"], "all quiet")
+    d.run_once()
+    [done] = Ledger(path).dispatches()
+    assert done.state == COMPLETED and "all quiet" in (done.reply_text or "")
+    assert [c["tool"] for c in done.tool_calls] == ["claude-teams_read_inbox", "claude-teams_read_inbox"]
+    add_triggers(path, 1, teammate="worker-2")
+    clock.t += 1.0
+    clock.t += d.run_once()  # the quiet period first
+    wait = d.run_once()
+    assert len(server.prompts) == 1 and 3.4 < wait <= 3.5
+    clock.t += wait
+    d.run_once()
+    assert len(server.prompts) == 2
+
+
+def test_hourly_cap(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make(min_interval=0.0, debounce=0.0)
+    for i in range(5):
+        add_triggers(path, 1, teammate=f"w{i}")
+        d.run_once()
+        p = server.prompts[-1]
+        server.reply(p["session"], p["id"], "ok")
+        d.run_once()
+    assert len(server.prompts) == 3
+    clock.t += 3600
+    d.run_once()
+    assert len(server.prompts) == 4
+
+
+def test_crash_after_post_is_not_sent_again(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make()
+    d.run_once()
+    led = Ledger(path)
+    t = led.add_trigger("event", "x")
+    led.create_dispatch("msg_landed", d.session_id, "p", [t])
+    server.messages_by_session.setdefault(d.session_id, []).append({"info": {"id": "msg_landed", "role": "user"}})
+    fresh = make()
+    fresh.run_once()
+    assert server.prompts == [] and led.open_dispatches()[0].state == SENT
+
+
+def test_crash_before_post_is_sent_with_the_same_id(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make()
+    d.run_once()
+    led = Ledger(path)
+    t = led.add_trigger("event", "x")
+    led.create_dispatch("msg_lost", d.session_id, "p", [t])
+    fresh = make()
+    fresh.run_once()
+    assert [p["id"] for p in server.prompts] == ["msg_lost"]
+
+
+def test_unreachable_post_stays_pending_and_is_looked_up(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make(debounce=0.0)
+    d.run_once()
+    add_triggers(path, 1)
+    real = server.prompt_async
+
+    def fail(*a: Any, **k: Any) -> None:
+        raise Unreachable("reset")
+
+    server.prompt_async = fail  # type: ignore[method-assign]
+    d.run_once()
+    assert Ledger(path).open_dispatches()[0].state == PENDING
+    server.prompt_async = real  # type: ignore[method-assign]
+    d.run_once()
+    assert len(server.prompts) == 1 and Ledger(path).open_dispatches()[0].state == SENT
+
+
+def test_deleted_session_is_recreated_and_triggers_kept(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make(debounce=0.0)
+    d.run_once()
+    first = d.session_id
+    server.sessions.discard(first)
+    add_triggers(path, 2)
+    d.run_once()  # POST 404: triggers go back to the queue
+    d.run_once()  # new session
+    d.run_once()
+    assert d.session_id != first and len(server.prompts) == 1
+    assert server.prompts[0]["session"] == d.session_id and server.prompts[0]["text"].count("thing") == 2
+
+
+def test_completion_timeout(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make(debounce=0.0, completion_timeout=10.0)
+    add_triggers(path, 1)
+    d.run_once()
+    d.run_once()
+    clock.t += 11
+    d.run_once()
+    assert Ledger(path).dispatches()[0].state == TIMEOUT
+
+
+def test_sweep_only_when_configured(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make(sweep_interval=30.0, debounce=0.0)
+    d.run_once()
+    clock.t += 31
+    d.run_once()
+    d.run_once()
+    assert len(server.prompts) == 1 and "periodic check" in server.prompts[0]["text"]
+
+
+def test_render_and_outcome_helpers() -> None:
+    text = render_prompt("{teams}|{lead}|{triggers}", [], (), "/base", "lead")
+    assert text == "every team under /base|lead|- (periodic check)"
+    assert outcome([], "msg_x")[0] is False

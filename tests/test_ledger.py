@@ -1,0 +1,110 @@
+"""The ledger: schema, triggers tied to prompts, dedup, state, pruning."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from orchestratord.ledger import COMPLETED, PENDING, SCHEMA_VERSION, SENT, EventRow, Ledger, LedgerError
+
+
+def test_schema_version_and_wal(tmp_path: Path) -> None:
+    led = Ledger(str(tmp_path / "sub" / "l.db"))
+    assert led.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert led.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    led.close()
+
+
+def test_newer_schema_is_refused_with_a_fix(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(LedgerError, match="upgrade orchestratord"):
+        Ledger(str(path))
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LedgerError, match="ledger.path"):
+        Ledger(str(path))
+
+
+def test_trigger_dedup_and_dispatch_ties_triggers(tmp_path: Path) -> None:
+    led = Ledger(str(tmp_path / "l.db"))
+    a = led.add_trigger("event", "x", dedup="k1")
+    assert a is not None
+    assert led.add_trigger("event", "x again", dedup="k1") is None
+    b = led.add_trigger("event", "y")
+    assert [t.id for t in led.pending_triggers()] == [a, b]
+    d = led.create_dispatch("msg_1", "ses_1", "prompt", [a, b])
+    assert led.pending_triggers() == [] and [t.id for t in led.triggers_for(d)] == [a, b]
+    assert [x.state for x in led.open_dispatches()] == [PENDING]
+    led.mark_sent(d)
+    assert led.get_dispatch(d).state == SENT
+    led.finish_dispatch(d, COMPLETED, reply_text="ok", tool_calls=[{"tool": "t", "status": "completed"}])
+    assert led.open_dispatches() == []
+    got = led.get_dispatch(d)
+    assert got.reply_text == "ok" and got.tool_calls == [{"tool": "t", "status": "completed"}]
+    assert led.dispatch_totals()["sent_total"] == 1 and led.dispatch_totals()["last_outcome"] == COMPLETED
+
+
+def test_release_triggers_puts_them_back(tmp_path: Path) -> None:
+    led = Ledger(str(tmp_path / "l.db"))
+    t = led.add_trigger("event", "x")
+    d = led.create_dispatch("msg_2", "ses_1", "p", [t])
+    led.release_triggers(d)
+    assert [x.id for x in led.pending_triggers()] == [t]
+
+
+def test_two_threads_two_connections(tmp_path: Path) -> None:
+    path = str(tmp_path / "l.db")
+    Ledger(path).close()
+
+    def writer(n: int) -> None:
+        led = Ledger(path)
+        for i in range(200):
+            led.add_events([EventRow(float(i), f"evt_{n}_{i}", "t", None, None, "{}")])
+            led.add_trigger("event", f"{n}-{i}", dedup=f"{n}-{i}")
+        led.close()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    led = Ledger(path)
+    assert led.db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 400
+    assert led.count_pending_triggers() == 400
+    assert led.integrity_ok()
+
+
+def test_prune_keeps_open_work(tmp_path: Path) -> None:
+    led = Ledger(str(tmp_path / "l.db"))
+    led.add_events([EventRow(1.0, "old", "t", None, None, "{}"), EventRow(1000.0, "new", "t", None, None, "{}")])
+    old_done = led.add_trigger("event", "old done", now=1.0)
+    d1 = led.create_dispatch("msg_a", "s", "p", [old_done], now=1.0)
+    led.finish_dispatch(d1, COMPLETED)
+    old_open = led.add_trigger("event", "old open", now=1.0)
+    d2 = led.create_dispatch("msg_b", "s", "p", [old_open], now=1.0)
+    old_pending = led.add_trigger("event", "never sent", now=1.0)
+    led.prune(before=500.0)
+    assert [e["event_id"] for e in led.events()] == ["new"]
+    assert led.get_dispatch(d1) is None and led.get_dispatch(d2) is not None
+    assert [t.id for t in led.pending_triggers()] == [old_pending]
+
+
+def test_state_and_readonly_view(tmp_path: Path) -> None:
+    path = str(tmp_path / "l.db")
+    led = Ledger(path)
+    led.set_state({"server": {"healthy": True}})
+    ro = Ledger(path, readonly=True)
+    assert ro.get_state() == {"server": {"healthy": True}}
+    with pytest.raises(sqlite3.OperationalError):
+        ro.set_meta("x", "y")
+    with pytest.raises(LedgerError, match="does not exist"):
+        Ledger(str(tmp_path / "missing.db"), readonly=True)

@@ -1,0 +1,98 @@
+"""systemd notification over a real datagram socket, and the log line format."""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+
+from orchestratord import logs
+from orchestratord.notify import Notifier, watchdog_interval
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(2.0)
+    yield path, sock
+    sock.close()
+
+
+def test_messages_reach_the_socket(notify_socket) -> None:
+    path, sock = notify_socket
+    n = Notifier(path)
+    assert n.ready("ok") and n.status("busy") and n.reloading() and n.watchdog() and n.stopping()
+    got = [sock.recv(4096).decode() for _ in range(5)]
+    assert got[0] == "READY=1\nSTATUS=ok"
+    assert got[1] == "STATUS=busy"
+    assert got[2].startswith("RELOADING=1\nMONOTONIC_USEC=") and int(got[2].split("=")[-1]) > 0
+    assert got[3:] == ["WATCHDOG=1", "STOPPING=1"]
+
+
+def test_no_socket_is_a_noop() -> None:
+    n = Notifier("")
+    assert not n.enabled and n.ready() is False
+
+
+def test_failure_logged_once_and_state_message_resent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = str(tmp_path / "later.sock")
+    n = Notifier(path)
+    with caplog.at_level(logging.ERROR, logger="orchestratord"):
+        logs.get("x").propagate = True
+        logging.getLogger("orchestratord").propagate = True
+        try:
+            assert n.ready() is False
+            assert n.watchdog() is False
+            assert n.status("s") is False
+        finally:
+            logging.getLogger("orchestratord").propagate = False
+    assert sum("notify-failed" in r.getMessage() for r in caplog.records) == 1
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(2.0)
+    try:
+        assert n.stopping()
+        # READY was kept and goes first; WATCHDOG and STATUS were not worth keeping.
+        assert sock.recv(4096) == b"READY=1"
+        assert sock.recv(4096) == b"STOPPING=1"
+    finally:
+        sock.close()
+
+
+def test_watchdog_interval() -> None:
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "10000000"}) == 5.0
+    assert watchdog_interval({"WATCHDOG_USEC": "10000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "junk"}) is None
+
+
+def test_kv_quotes_and_drops_none() -> None:
+    assert logs.kv("e", a="x", b="two words", c=None, d='q"uote', e="") == 'e a=x b="two words" d="q\\"uote" e=""'
+    assert "\n" not in logs.kv("e", text="line1\nline2")
+
+
+@pytest.mark.parametrize("level,prefix", [(logging.CRITICAL, "<2>"), (logging.ERROR, "<3>"), (logging.WARNING, "<4>"),
+                                          (logs.NOTICE, "<5>"), (logging.INFO, "<6>"), (logging.DEBUG, "<7>")])
+def test_journal_prefixes(level: int, prefix: str) -> None:
+    rec = logging.LogRecord("orchestratord.t", level, __file__, 1, "server-up url=x", None, None)
+    assert logs.LineFormatter(journal=True).format(rec).startswith(prefix + "server-up url=x")
+    plain = logs.LineFormatter(journal=False).format(rec)
+    assert not plain.startswith("<") and "server-up url=x" in plain
+
+
+def test_setup_writes_one_line_per_event() -> None:
+    buf = io.StringIO()
+    logger = logging.getLogger("orchestratord")
+    saved = logger.handlers[:]
+    logger.handlers.clear()
+    try:
+        logs.setup("debug", stream=buf, journal=True)
+        logs.get("t").warning(logs.kv("x", why="a\nb"))
+        assert buf.getvalue().count("\n") == 1 and buf.getvalue().startswith("<4>x why=")
+    finally:
+        logger.handlers[:] = saved

@@ -27,7 +27,7 @@ class HealthWatch(Worker):
         self.interval = interval
         self.timeout = timeout
         self.on_up = on_up
-        self.stall_after = max(30.0, 3 * (interval + timeout))
+        self.stall_after = max(10.0, 3 * (interval + timeout))
         self.ledger: Ledger | None = None
         self.client: OpencodeClient | None = None
         self.healthy: bool | None = None

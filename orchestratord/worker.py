@@ -102,6 +102,7 @@ class Worker:
     def run_once(self) -> float:
         """One guarded iteration: what the loop and the tests call."""
         self.beat()
+        self._test_hang()
         try:
             delay = self.step()
             self.errors = 0
@@ -116,7 +117,6 @@ class Worker:
     def _run(self) -> None:
         try:
             self.setup()
-            self._test_hang()
             while not self._stop.is_set():
                 delay = self.run_once()
                 self.wait(delay)

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping
-
+from orchestratord.config import DEFAULT_TRIGGERS, TriggerRule as R
 from orchestratord.stream import Event
 from orchestratord.triggers import match_all, rule_matches
 
-
-@dataclass
-class R:
-    name: str
-    event: str
-    match: Mapping[str, Any] = field(default_factory=dict)
-    sessions: str = "others"
-    enabled: bool = True
-    description: str = ""
-
-
-SEND = R("teammate-message", "message.part.updated",
-         {"part.type": "tool", "part.tool": "claude-teams_send_message", "part.state.status": "completed"},
-         description="a teammate sent a message")
+SEND = DEFAULT_TRIGGERS[0]
 
 
 def tool_event(status: str = "completed", session: str = "ses_worker", tool: str = "claude-teams_send_message") -> Event:

@@ -1,0 +1,515 @@
+"""The TOML config: parsed whole, validated whole, frozen.
+
+Every problem in a file is collected before anything is rejected, so one run of
+``orchestratord check-config`` (or one SIGHUP) names every mistake at once, each as
+``file:line: key: what is wrong``. Unknown keys are errors: a typo must not fall back
+silently to a default. Relative paths are taken relative to the config file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import string
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import tomli_w
+
+DEFAULT_CONFIG_PATH = "/etc/opencode-orchestrator/orchestrator.toml"
+
+DEFAULT_PROMPT = """\
+You are the orchestrator of the agent team(s) {teams}; the team lead is {lead}.
+Something happened that needs your attention:
+{triggers}
+
+Read the new messages with claude-teams_read_inbox and check what each teammate is doing.
+Answer questions, unblock or redirect teammates with claude-teams_send_message, and stop a
+teammate that goes off course (a shutdown_request). Do not run destructive commands.
+End with a short summary of what you found and what you did."""
+
+PROMPT_FIELDS = ("teams", "lead", "triggers")
+
+
+class ConfigError(Exception):
+    """The config cannot be used; ``problems`` lists every error, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    url: str = "http://127.0.0.1:4096"
+    username: str = "opencode"
+    password_file: str | None = None
+    timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    path: str = "/var/lib/opencode-orchestrator/ledger.sqlite3"
+    store_events: str = "default"
+    retention_days: float = 14.0
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval_seconds: float = 2.0
+    timeout_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    stream: str = "global"
+    directory: str | None = None
+    read_timeout_seconds: float = 25.0
+    max_event_bytes: int = 4 * 1024 * 1024
+    reconnect_max_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    title: str = "orchestrator"
+    id: str | None = None
+    agent: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class TeamsConfig:
+    base_dir: str = "~/.claude"
+    names: tuple[str, ...] = ()
+    lead: str = "team-lead"
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    prompt: str = DEFAULT_PROMPT
+    debounce_seconds: float = 0.5
+    min_interval_seconds: float = 5.0
+    max_per_hour: int = 60
+    sweep_interval_seconds: float = 0.0
+    busy_timeout_seconds: float = 900.0
+    completion_timeout_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
+class TriggerRule:
+    name: str
+    event: str
+    match: Mapping[str, Any] = field(default_factory=dict)
+    sessions: str = "others"
+    enabled: bool = True
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+DEFAULT_TRIGGERS: tuple[TriggerRule, ...] = (
+    TriggerRule(name="teammate-message", event="message.part.updated",
+                match={"part.type": "tool", "part.tool": "claude-teams_send_message",
+                       "part.state.status": "completed"},
+                description="a teammate sent a message"),
+    TriggerRule(name="teammate-error", event="session.error", description="a teammate's session failed"),
+    TriggerRule(name="teammate-idle", event="session.idle", description="a teammate's session went idle"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    ledger: LedgerConfig = LedgerConfig()
+    health: HealthConfig = HealthConfig()
+    events: EventsConfig = EventsConfig()
+    session: SessionConfig = SessionConfig()
+    teams: TeamsConfig = TeamsConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    triggers: tuple[TriggerRule, ...] = DEFAULT_TRIGGERS
+    log: LogConfig = LogConfig()
+    source: str = field(default="<defaults>", compare=False)
+
+
+# -- value checkers: each returns the converted value or raises ValueError(message) --
+
+Check = Callable[[Any], Any]
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_type(value)}")
+    return value
+
+
+def _nonempty(value: Any) -> str:
+    if not _str(value).strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _opt_str(value: Any) -> str | None:
+    return _nonempty(value)
+
+
+def _seconds(minimum: float = 0.0, strict: bool = True) -> Check:
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number of seconds (fractions allowed, e.g. 0.5), not {_type(value)}")
+        if strict and value <= minimum:
+            raise ValueError(f"must be greater than {minimum:g}")
+        if not strict and value < minimum:
+            raise ValueError(f"must be at least {minimum:g}")
+        return float(value)
+    return check
+
+
+def _int(minimum: int) -> Check:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a whole number, not {_type(value)}")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+    return check
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, not {_type(value)}")
+    return value
+
+
+def _choice(*options: str) -> Check:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(repr(o) for o in options)}, not {value!r}")
+        return value
+    return check
+
+
+def _url(value: Any) -> str:
+    text = _nonempty(value).rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", text):
+        raise ValueError(f"must be an http:// or https:// URL such as http://127.0.0.1:4096, not {value!r}")
+    return text
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError("must be a list of non-empty strings, e.g. [\"my-team\"]")
+    return tuple(value)
+
+
+def _level(value: Any) -> str:
+    return _choice("debug", "info", "notice", "warning", "error")(str(value).lower() if isinstance(value, str) else value)
+
+
+def _prompt(value: Any) -> str:
+    text = _nonempty(value)
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"is not a valid template ({exc}); write a literal brace as {{{{ or }}}}") from None
+    unknown = [n for n in names if n not in PROMPT_FIELDS]
+    if unknown:
+        raise ValueError(f"uses unknown placeholder {{{unknown[0]}}}; the placeholders are "
+                         + ", ".join("{" + f + "}" for f in PROMPT_FIELDS) + " (write a literal brace as {{ or }})")
+    return text
+
+
+def _type(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+# key -> checker, per section; the dataclass gives the defaults.
+SCHEMA: dict[str, tuple[type, dict[str, Check]]] = {
+    "server": (ServerConfig, {"url": _url, "username": _nonempty, "password_file": _opt_str,
+                              "timeout_seconds": _seconds()}),
+    "ledger": (LedgerConfig, {"path": _nonempty, "store_events": _choice("default", "all", "none"),
+                              "retention_days": _seconds()}),
+    "health": (HealthConfig, {"interval_seconds": _seconds(), "timeout_seconds": _seconds()}),
+    "events": (EventsConfig, {"stream": _choice("global", "instance"), "directory": _opt_str,
+                              "read_timeout_seconds": _seconds(1.0, strict=False),
+                              "max_event_bytes": _int(4096), "reconnect_max_seconds": _seconds()}),
+    "session": (SessionConfig, {"title": _nonempty, "id": _opt_str, "agent": _opt_str, "model": _opt_str}),
+    "teams": (TeamsConfig, {"base_dir": _nonempty, "names": _names, "lead": _nonempty}),
+    "dispatch": (DispatchConfig, {"prompt": _prompt, "debounce_seconds": _seconds(0.0, strict=False),
+                                  "min_interval_seconds": _seconds(0.0, strict=False),
+                                  "max_per_hour": _int(1), "sweep_interval_seconds": _seconds(0.0, strict=False),
+                                  "busy_timeout_seconds": _seconds(), "completion_timeout_seconds": _seconds()}),
+    "log": (LogConfig, {"level": _level}),
+}
+TRIGGER_KEYS: dict[str, Check] = {
+    "name": _nonempty, "event": _nonempty, "sessions": _choice("others", "own", "any"), "enabled": _bool,
+    "description": _str,
+}
+PATH_KEYS = {("ledger", "path"), ("server", "password_file"), ("teams", "base_dir"), ("events", "directory")}
+TOP_KEYS = (*SCHEMA, "triggers")
+
+
+# -- line numbers ------------------------------------------------------------------
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"'.]+(?:\s*\.\s*[A-Za-z0-9_\-\"']+)*)\s*=")
+
+
+def locate_keys(text: str) -> dict[str, int]:
+    """Best-effort map from a dotted key path to its line (``triggers.1.event`` for arrays).
+
+    tomllib gives no positions, so this reads the lines itself; it only has to be right
+    for the plain layouts people write, and errors fall back to naming the key alone.
+    """
+    where: dict[str, int] = {}
+    prefix = ""
+    arrays: dict[str, int] = {}
+    in_multiline: str | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if in_multiline:
+            if line.count(in_multiline) % 2 == 1:
+                in_multiline = None
+            continue
+        header = _HEADER.match(line)
+        if header:
+            name = header.group(2).replace('"', "").replace(" ", "")
+            if header.group(1) == "[[":
+                arrays[name] = arrays.get(name, -1) + 1
+                prefix = f"{name}.{arrays[name]}"
+            else:
+                prefix = name
+            where.setdefault(prefix, number)
+            continue
+        key = _KEY.match(line)
+        if key:
+            name = re.sub(r"\s+", "", key.group(1)).replace('"', "").replace("'", "")
+            path = f"{prefix}.{name}" if prefix else name
+            where.setdefault(path, number)
+            rest = line[key.end():]
+            for quote in ('"""', "'''"):
+                if rest.count(quote) == 1:
+                    in_multiline = quote
+    return where
+
+
+# -- parsing -------------------------------------------------------------------------
+
+class _Problems:
+    def __init__(self, source: str, lines: dict[str, int]) -> None:
+        self.source = source
+        self.lines = lines
+        self.items: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        line = self._line(key)
+        where = f"{self.source}:{line}" if line else self.source
+        self.items.append(f"{where}: {key}: {message}")
+
+    def _line(self, key: str) -> int | None:
+        parts = key.split(".")
+        while parts:
+            found = self.lines.get(".".join(parts))
+            if found:
+                return found
+            parts.pop()
+        return None
+
+    def unknown(self, key: str, known: list[str]) -> None:
+        leaf = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(leaf, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+        self.add(key, f"unknown key{hint}")
+
+
+def _resolve_path(value: str, base_dir: Path) -> str:
+    path = Path(os.path.expanduser(value))
+    if not path.is_absolute():
+        path = base_dir / path
+    return str(path)
+
+
+def _section(name: str, raw: Any, problems: _Problems, base_dir: Path) -> Any:
+    cls, checks = SCHEMA[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.add(name, f"must be a table ([{name}]), not {_type(raw)}")
+        return cls()
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        check = checks.get(key)
+        if check is None:
+            problems.unknown(f"{name}.{key}", list(checks))
+            continue
+        try:
+            converted = check(value)
+        except ValueError as exc:
+            problems.add(f"{name}.{key}", str(exc))
+            continue
+        if (name, key) in PATH_KEYS and isinstance(converted, str):
+            converted = _resolve_path(converted, base_dir)
+        values[key] = converted
+    if name == "teams" and "base_dir" not in values:
+        values["base_dir"] = _resolve_path(TeamsConfig.base_dir, base_dir)
+    return cls(**values)
+
+
+def _match_table(key: str, raw: Any, problems: _Problems) -> dict[str, Any] | None:
+    if not isinstance(raw, dict):
+        problems.add(key, f"must be a table of dotted event paths to values, not {_type(raw)}")
+        return None
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        # ``match = { part = { tool = "x" } }`` and ``match = { "part.tool" = "x" }`` mean the same.
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+            return
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, (str, int, float, bool)) for v in items):
+            problems.add(f"{key}.{prefix}", "must be a string (glob), number, boolean, or a list of them")
+            return
+        out[prefix] = tuple(value) if isinstance(value, list) else value
+
+    walk("", raw)
+    return out
+
+
+def _triggers(raw: Any, problems: _Problems) -> tuple[TriggerRule, ...]:
+    rules = {r.name: r for r in DEFAULT_TRIGGERS}
+    if raw is None:
+        return tuple(rules.values())
+    if not isinstance(raw, list):
+        problems.add("triggers", "must be an array of tables ([[triggers]])")
+        return tuple(rules.values())
+    seen: set[str] = set()
+    for index, entry in enumerate(raw):
+        key = f"triggers.{index}"
+        if not isinstance(entry, dict):
+            problems.add(key, "must be a table")
+            continue
+        values: dict[str, Any] = {}
+        ok = True
+        for k, v in entry.items():
+            if k == "match":
+                m = _match_table(f"{key}.match", v, problems)
+                ok = ok and m is not None
+                values["match"] = m or {}
+                continue
+            check = TRIGGER_KEYS.get(k)
+            if check is None:
+                problems.unknown(f"{key}.{k}", [*TRIGGER_KEYS, "match"])
+                ok = False
+                continue
+            try:
+                values[k] = check(v)
+            except ValueError as exc:
+                problems.add(f"{key}.{k}", str(exc))
+                ok = False
+        name = values.get("name")
+        if name is None:
+            if "name" not in entry:
+                problems.add(key, "needs a name (a default rule's name to change it, or a new one)")
+            continue
+        if name in seen:
+            problems.add(f"{key}.name", f"rule {name!r} is defined twice")
+            continue
+        seen.add(name)
+        if not ok:
+            continue
+        if name in rules:
+            rules[name] = replace(rules[name], **values)
+        elif "event" not in values:
+            problems.add(key, f"new rule {name!r} needs an event type (e.g. event = \"session.error\")")
+        else:
+            rules[name] = TriggerRule(**values)
+    return tuple(rules.values())
+
+
+def parse_config(text: str, source: str = "<config>", base_dir: str | Path | None = None) -> Config:
+    """Parse and validate a whole config; raise ConfigError listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        where = f"{source}:{match.group(1)}" if match else source
+        raise ConfigError([f"{where}: not valid TOML: {exc}"]) from None
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    problems = _Problems(source, locate_keys(text))
+    for key in data:
+        if key not in TOP_KEYS:
+            problems.unknown(key, list(TOP_KEYS))
+    sections = {name: _section(name, data.get(name), problems, base) for name in SCHEMA}
+    triggers = _triggers(data.get("triggers"), problems)
+    cfg = Config(**sections, triggers=triggers, source=source)
+    if not problems.items:
+        _cross_checks(cfg, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return cfg
+
+
+def _cross_checks(cfg: Config, problems: _Problems) -> None:
+    if cfg.health.timeout_seconds > max(cfg.health.interval_seconds, 1.0) * 10:
+        problems.add("health.timeout_seconds", "is much longer than health.interval_seconds; a hung probe "
+                     "would hide an outage (keep it at most ten intervals)")
+    if cfg.events.stream == "global" and cfg.events.directory:
+        problems.add("events.directory", "only applies to events.stream = \"instance\"")
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the file at ``path``; errors say which file and what to fix."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: no such file; create it (an example ships as "
+                           "etc/opencode-orchestrator/orchestrator.toml) or pass --config"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{p}: cannot read: {exc}"]) from None
+    return parse_config(text, str(p), p.resolve().parent)
+
+
+def dump_config(cfg: Config) -> str:
+    """The effective config as TOML (every key, defaults filled in)."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        if f.name in ("source", "triggers"):
+            continue
+        section = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(getattr(cfg, f.name)).items()
+                   if v is not None}
+        out[f.name] = section
+    out["triggers"] = [
+        {k: ({p: (list(x) if isinstance(x, tuple) else x) for p, x in v.items()} if k == "match" else v)
+         for k, v in asdict(rule).items() if not (k == "match" and not v)}
+        for rule in cfg.triggers
+    ]
+    return tomli_w.dumps(out)
+
+
+def summarize(cfg: Config) -> str:
+    """A few lines for ``check-config``: where it connects, what it watches, what it triggers on."""
+    teams = ", ".join(cfg.teams.names) if cfg.teams.names else "(every team)"
+    rules = ", ".join(r.name + ("" if r.enabled else " (disabled)") for r in cfg.triggers)
+    auth = f"basic auth as {cfg.server.username}" if cfg.server.password_file else "no password file"
+    session = cfg.session.id or f"titled {cfg.session.title!r}"
+    lines = [
+        f"server    {cfg.server.url} ({auth})",
+        f"ledger    {cfg.ledger.path} (events: {cfg.ledger.store_events}, kept {cfg.ledger.retention_days:g} days)",
+        f"events    {cfg.events.stream} stream; health every {cfg.health.interval_seconds:g}s",
+        f"session   {session}",
+        f"teams     {teams} under {cfg.teams.base_dir}, lead {cfg.teams.lead}",
+        f"dispatch  debounce {cfg.dispatch.debounce_seconds:g}s, at least {cfg.dispatch.min_interval_seconds:g}s "
+        f"apart, at most {cfg.dispatch.max_per_hour}/hour, sweep "
+        + (f"every {cfg.dispatch.sweep_interval_seconds:g}s" if cfg.dispatch.sweep_interval_seconds else "off"),
+        f"triggers  {rules}",
+        f"log       {cfg.log.level}",
+    ]
+    return "\n".join(lines)

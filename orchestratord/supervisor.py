@@ -1,0 +1,328 @@
+"""The main thread: start the workers, watch them, reload, stop.
+
+Signal handlers only queue the signal; everything else happens in :meth:`Supervisor.tick`,
+which the main loop runs after each signal or every ``TICK`` seconds. That is where the
+systemd watchdog is petted, and only while every worker's heartbeat is fresh, so a hung
+thread gets the service restarted by systemd.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from . import logs
+from .config import Config, ConfigError, load_config
+from .dispatch import Dispatcher, DispatchSettings
+from .events import EventReader
+from .health import HealthWatch
+from .ledger import Ledger, LedgerError
+from .notify import Notifier, watchdog_interval
+from .opencode import OpencodeClient, read_password
+from .state import DaemonState, Shared
+from .worker import Worker
+
+log = logs.get("supervisor")
+
+TICK = 1.0
+STATE_EVERY = 5.0
+PRUNE_EVERY = 3600.0
+STOP_TIMEOUT = 5.0
+
+# Which config sections each worker depends on: a reload restarts only the workers
+# whose sections changed.
+WORKER_SECTIONS: dict[str, tuple[str, ...]] = {
+    "health": ("server", "health", "ledger"),
+    "events": ("server", "events", "triggers", "ledger"),
+    "dispatch": ("server", "dispatch", "session", "teams", "ledger"),
+}
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to fix."""
+
+
+def changed_sections(old: Config, new: Config) -> set[str]:
+    return {name for name in ("server", "ledger", "health", "events", "session", "teams", "dispatch", "triggers", "log")
+            if getattr(old, name) != getattr(new, name)}
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, config_path: str, notifier: Notifier | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.clock = clock
+        self.shared = Shared(server_url=cfg.server.url, clock=clock)
+        self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+        self.workers: dict[str, Worker] = {}
+        self.restarts: dict[str, list[float]] = {}
+        self.password: str | None = None
+        self.ledger: Ledger | None = None
+        self.watchdog_every = watchdog_interval()
+        self.last_pet = 0.0
+        self.hung: set[str] = set()
+        self.last_status = ""
+        self.last_state_write = 0.0
+        self.last_prune = clock()
+        self.stop_requested = False
+
+    # -- start -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the ledger, start the workers and tell systemd we are ready."""
+        self.password = self._password(self.cfg)
+        try:
+            self.ledger = Ledger(self.cfg.ledger.path)
+        except LedgerError as exc:
+            raise StartupError(str(exc)) from exc
+        self.ledger.set_state({"daemon": {"pid": os.getpid(), "state": "starting", "started_at": time.time(),
+                                          "config": self.config_path}})
+        self.shared.update(session_id=self.ledger.get_meta(f"session:{self.cfg.server.url}") or self.cfg.session.id)
+        for name in WORKER_SECTIONS:
+            self._start_worker(name)
+        self.shared.update(state=DaemonState.READY)
+        log.log(logs.NOTICE, logs.kv("started", config=self.config_path, server=self.cfg.server.url,
+                                     ledger=self.cfg.ledger.path, pid=os.getpid()))
+        self.notifier.ready(self.shared.status_line())
+        self._write_state(force=True)
+
+    def _password(self, cfg: Config) -> str | None:
+        try:
+            return read_password(cfg.server.password_file)
+        except OSError as exc:
+            raise StartupError(f"cannot read server.password_file {cfg.server.password_file}: "
+                               f"{exc.strerror or exc}; fix the path or its permissions") from exc
+
+    def _client(self) -> OpencodeClient:
+        return OpencodeClient(self.cfg.server.url, self.cfg.server.username, self.password,
+                              self.cfg.server.timeout_seconds)
+
+    def _build(self, name: str) -> Worker:
+        cfg = self.cfg
+        if name == "health":
+            return HealthWatch(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
+                               interval=cfg.health.interval_seconds, timeout=cfg.health.timeout_seconds,
+                               on_up=self._server_up, clock=self.clock)
+        if name == "events":
+            return EventReader(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
+                               stream=cfg.events.stream, directory=cfg.events.directory,
+                               read_timeout=cfg.events.read_timeout_seconds, max_event_bytes=cfg.events.max_event_bytes,
+                               reconnect_max=cfg.events.reconnect_max_seconds, store=cfg.ledger.store_events,
+                               rules=cfg.triggers, on_trigger=self._wake("dispatch"),
+                               on_own_activity=self._wake("dispatch"), clock=self.clock)
+        if name == "dispatch":
+            d = cfg.dispatch
+            settings = DispatchSettings(
+                prompt=d.prompt, debounce=d.debounce_seconds, min_interval=d.min_interval_seconds,
+                max_per_hour=d.max_per_hour, sweep_interval=d.sweep_interval_seconds,
+                busy_timeout=d.busy_timeout_seconds, completion_timeout=d.completion_timeout_seconds,
+                session_title=cfg.session.title, session_id=cfg.session.id, agent=cfg.session.agent,
+                model=cfg.session.model, teams=cfg.teams.names, teams_base_dir=cfg.teams.base_dir, lead=cfg.teams.lead)
+            return Dispatcher(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
+                              settings=settings, server_url=cfg.server.url, clock=self.clock)
+        raise KeyError(name)
+
+    def _wake(self, name: str) -> Callable[[], None]:
+        def wake() -> None:
+            worker = self.workers.get(name)
+            if worker is not None:
+                worker.wake()
+        return wake
+
+    def _server_up(self) -> None:
+        events = self.workers.get("events")
+        if isinstance(events, EventReader):
+            events.wake_reconnect()
+        self._wake("dispatch")()
+
+    def _start_worker(self, name: str) -> None:
+        worker = self._build(name)
+        self.workers[name] = worker
+        worker.start()
+
+    def _stop_workers(self, names: list[str]) -> None:
+        workers = [self.workers[n] for n in names if n in self.workers]
+        for w in workers:
+            w.stop()
+        deadline = self.clock() + STOP_TIMEOUT
+        for w in workers:
+            if not w.join(max(0.1, deadline - self.clock())):
+                log.error(logs.kv("worker-stop-timeout", worker=w.name, seconds=STOP_TIMEOUT))
+
+    # -- the main loop -------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # No logging, no locks: only queue it for the main loop.
+        self.signals.put(signum)
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code."""
+        while not self.stop_requested:
+            try:
+                signum: int | None = self.signals.get(timeout=TICK if self.watchdog_every is None
+                                                      else min(TICK, self.watchdog_every))
+            except queue.Empty:
+                signum = None
+            if signum is not None:
+                self.handle_signal(signum)
+            self.tick()
+        return self.shutdown()
+
+    def handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            if self.stop_requested:
+                return
+            self.reload()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            log.info(logs.kv("stop-requested", signal=signal.Signals(signum).name))
+            self.stop_requested = True
+
+    def tick(self, now: float | None = None) -> None:
+        """One supervision pass: restart dead workers, pet the watchdog, publish status."""
+        now = self.clock() if now is None else now
+        for name, worker in list(self.workers.items()):
+            if not worker.alive() and not worker.stopping and not self.stop_requested:
+                self._restart(name, now)
+        stale = {name for name, w in self.workers.items() if not w.fresh(now)}
+        for name in stale - self.hung:
+            log.error(logs.kv("worker-hung", worker=name, seconds=int(now - self.workers[name].heartbeat),
+                              action="no more watchdog pings; systemd will restart the service"))
+        for name in self.hung - stale:
+            log.info(logs.kv("worker-recovered", worker=name))
+        self.hung = stale
+        if self.watchdog_every is not None and not stale and now - self.last_pet >= self.watchdog_every * 0.9:
+            if self.notifier.watchdog():
+                self.last_pet = now
+        snap = self.shared.snapshot()
+        degraded = snap.server_healthy is False or not snap.stream_connected or bool(stale)
+        if self.shared.state in (DaemonState.READY, DaemonState.DEGRADED):
+            self.shared.update(state=DaemonState.DEGRADED if degraded else DaemonState.READY)
+        line = self.shared.status_line()
+        if line != self.last_status:
+            self.last_status = line
+            self.notifier.status(line)
+        self._write_state(now=now)
+        if now - self.last_prune >= PRUNE_EVERY:
+            self.last_prune = now
+            self._prune()
+
+    def _restart(self, name: str, now: float) -> None:
+        history = [t for t in self.restarts.get(name, []) if now - t < 300]
+        if history and now - history[-1] < min(60.0, 2.0 ** len(history)):
+            return  # back off between restarts
+        history.append(now)
+        self.restarts[name] = history
+        log.error(logs.kv("worker-restart", worker=name, restarts_5min=len(history)))
+        self._start_worker(name)
+
+    def _write_state(self, now: float | None = None, force: bool = False) -> None:
+        now = self.clock() if now is None else now
+        if self.ledger is None or (not force and not self.shared.changed.is_set() and now - self.last_state_write < STATE_EVERY):
+            return
+        self.shared.changed.clear()
+        self.last_state_write = now
+        s = self.shared.snapshot()
+        try:
+            self.ledger.set_state({
+                "daemon": {"pid": os.getpid(), "state": s.state, "config": self.config_path,
+                           "status_line": self.shared.status_line()},
+                "server": {"url": s.server_url, "healthy": s.server_healthy, "version": s.server_version},
+                "stream": {"connected": s.stream_connected, "events_total": s.events_total,
+                           "last_event_at": s.last_event_at},
+                "session": {"id": s.session_id, "busy": s.session_busy, "busy_sessions": s.busy_sessions},
+            })
+        except Exception as exc:
+            log.error(logs.kv("ledger-write-failed", what="status", error=str(exc),
+                              fix="check free space and permissions of ledger.path"))
+
+    def _prune(self) -> None:
+        assert self.ledger is not None
+        before = time.time() - self.cfg.ledger.retention_days * 86400
+        try:
+            removed = self.ledger.prune(before)
+            if removed:
+                log.info(logs.kv("ledger-pruned", rows=removed, retention_days=self.cfg.ledger.retention_days))
+        except Exception as exc:
+            log.error(logs.kv("ledger-prune-failed", error=str(exc)))
+
+    # -- reload and stop -------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Load the config file again; keep the old one on any error."""
+        self.shared.update(state=DaemonState.RELOADING)
+        self.notifier.reloading()
+        try:
+            try:
+                new = load_config(self.config_path)
+                password = self._password(new)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error(logs.kv("config-rejected", problem=problem))
+                log.error(logs.kv("config-reload-failed", config=self.config_path, errors=len(exc.problems),
+                                  action="still running on the previous config"))
+                return False
+            except StartupError as exc:
+                log.error(logs.kv("config-rejected", problem=str(exc)))
+                log.error(logs.kv("config-reload-failed", config=self.config_path, errors=1,
+                                  action="still running on the previous config"))
+                return False
+            if new.ledger.path != self.cfg.ledger.path:
+                try:
+                    Ledger(new.ledger.path).close()
+                except LedgerError as exc:
+                    log.error(logs.kv("config-rejected", problem=str(exc)))
+                    return False
+            changed = changed_sections(self.cfg, new)
+            if password != self.password:
+                changed.add("server")
+            old = self.cfg
+            self.cfg, self.password = new, password
+            if "log" in changed:
+                logs.set_level(new.log.level)
+            if "ledger" in changed and new.ledger.path != old.ledger.path:
+                assert self.ledger is not None
+                self.ledger.close()
+                self.ledger = Ledger(new.ledger.path)
+            if "server" in changed:
+                self.shared.update(server_url=new.server.url, server_healthy=None, server_version=None,
+                                   session_id=None)
+            restart = [name for name, sections in WORKER_SECTIONS.items() if changed & set(sections)]
+            self._stop_workers(restart)
+            for name in restart:
+                self._start_worker(name)
+            log.log(logs.NOTICE, logs.kv("config-reloaded", config=self.config_path,
+                                         changed=",".join(sorted(changed)) or "nothing",
+                                         restarted=",".join(restart) or "none"))
+            return True
+        finally:
+            self.shared.update(state=DaemonState.READY)
+            self.notifier.ready(self.shared.status_line())
+
+    def shutdown(self) -> int:
+        self.shared.update(state=DaemonState.STOPPING)
+        self.notifier.stopping()
+        log.info(logs.kv("stopping", workers=",".join(self.workers)))
+        self._stop_workers(list(self.workers))
+        if self.ledger is not None:
+            try:
+                self.ledger.set_state({"daemon": {"pid": os.getpid(), "state": "stopped", "stopped_at": time.time(),
+                                                  "config": self.config_path}})
+            except Exception as exc:
+                log.error(logs.kv("ledger-write-failed", what="final state", error=str(exc)))
+            self.ledger.close()
+        log.log(logs.NOTICE, logs.kv("stopped"))
+        return 0
+
+
+def threads_alive() -> list[str]:
+    return [t.name for t in threading.enumerate() if t is not threading.main_thread()]

@@ -2,7 +2,6 @@
 #
 #   make test     create .venv, install the package with its test extras,
 #                 install the pinned opencode server, run the test suite
-#   make bench    run the benchmarks
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -104,18 +104,16 @@ def test_401_names_the_setting_to_fix_and_recovers_with_the_password(tmp_path: P
         lines = d.wait_log("401")
         assert any("server.password_file" in line for line in lines)
         assert d.proc is not None and d.proc.poll() is None
+        pw = tmp_path / "password"
+        pw.write_text("s3cret\n")
+        write_config(tmp_path / "orchestrator.toml", server_url=fake.url, ledger=tmp_path / "ledger.db",
+                     teams_base=tmp_path, password_file=pw)
+        d.signal(signal.SIGHUP)
+        d.wait_log("config-reloaded")
+        d.wait_log("server-up")
+        d.wait_log("stream-connected")
     finally:
         d.close()
-    pw = tmp_path / "password"
-    pw.write_text("s3cret\n")
-    write_config(tmp_path / "orchestrator.toml", server_url=fake.url, ledger=tmp_path / "ledger.db",
-                 teams_base=tmp_path, password_file=pw)
-    d2 = Daemon(tmp_path / "orchestrator.toml", tmp_path).start()
-    try:
-        d2.wait_log("stream-connected")
-        d2.wait_log("server-up")
-    finally:
-        d2.close()
 
 
 def test_silent_stream_times_out_and_reconnects(tmp_path: Path, fake: FakeOpencode) -> None:

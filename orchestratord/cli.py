@@ -161,6 +161,19 @@ def cmd_dispatches(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_messages(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    rows = _open_ledger(cfg).messages(limit=args.limit, team=args.team)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for m in reversed(rows):
+        what = m["summary"] or " ".join(m["text"].split())
+        kind = "" if m["type"] == "message" else f"[{m['type']}] "
+        print(f"{m['timestamp']}  {m['team']}  {m['sender']} -> {m['recipient']}  {kind}{what[:80]}")
+    return EXIT_OK
+
+
 # -- parsing -----------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("events", cmd_events, "list recorded server events")
     p.add_argument("--json", action="store_true")
     p.add_argument("--type", help="only events of this type")
+    p.add_argument("--limit", type=int, default=50)
+    p = add("messages", cmd_messages, "list teammate messages read from the team inboxes")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--team", help="only this team")
     p.add_argument("--limit", type=int, default=50)
     p = add("dispatches", cmd_dispatches, "list prompts sent to the orchestrator session and their outcomes")
     p.add_argument("--json", action="store_true")

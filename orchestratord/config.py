@@ -85,6 +85,9 @@ class TeamsConfig:
     base_dir: str = "~/.claude"
     names: tuple[str, ...] = ()
     lead: str = "team-lead"
+    watch_members: bool = False
+    poll_interval_seconds: float = 5.0
+    report_existing: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,7 +243,8 @@ SCHEMA: dict[str, tuple[type, dict[str, Check]]] = {
                               "read_timeout_seconds": _seconds(1.0, strict=False),
                               "max_event_bytes": _int(4096), "reconnect_max_seconds": _seconds()}),
     "session": (SessionConfig, {"title": _nonempty, "id": _opt_str, "agent": _opt_str, "model": _opt_str}),
-    "teams": (TeamsConfig, {"base_dir": _nonempty, "names": _names, "lead": _nonempty}),
+    "teams": (TeamsConfig, {"base_dir": _nonempty, "names": _names, "lead": _nonempty, "watch_members": _bool,
+                            "poll_interval_seconds": _seconds(), "report_existing": _bool}),
     "dispatch": (DispatchConfig, {"prompt": _prompt, "debounce_seconds": _seconds(0.0, strict=False),
                                   "min_interval_seconds": _seconds(0.0, strict=False),
                                   "max_per_hour": _int(1), "sweep_interval_seconds": _seconds(0.0, strict=False),

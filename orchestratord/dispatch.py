@@ -20,7 +20,7 @@ from . import logs
 from .ledger import COMPLETED, FAILED, PENDING, TIMEOUT, Dispatch, Ledger, Trigger
 from .opencode import AuthError, NotFound, OpencodeClient, OpencodeError, Unreachable, new_message_id
 from .state import Shared
-from .worker import Worker
+from .worker import Worker, crash_point
 
 # The orchestrator session may use the team tools and read; it may not run shell
 # commands, edit files or fetch from the web unless the config widens this.
@@ -281,7 +281,7 @@ class Dispatcher(Worker):
 
     def _post(self, d: Dispatch, first: bool) -> float:
         assert self.ledger is not None and self.client is not None
-        _crash_point("before-post")
+        crash_point("before-post")
         try:
             self.client.prompt_async(d.session_id, d.prompt, d.message_id, agent=self.s.agent, model=self.s.model)
         except NotFound:
@@ -299,7 +299,7 @@ class Dispatcher(Worker):
             self.ledger.finish_dispatch(d.id, FAILED, error=str(exc), now=self.wall())
             self.log.error(logs.kv("prompt-rejected", message_id=d.message_id, error=str(exc)))
             return 0.0
-        _crash_point("after-post")
+        crash_point("after-post")
         self.ledger.mark_sent(d.id, now=self.wall())
         now = self.clock()
         self.last_sent = now
@@ -358,10 +358,3 @@ class Dispatcher(Worker):
 def _shorten(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _crash_point(name: str) -> None:
-    """Test hook: ORCHESTRATORD_TEST_CRASH=<name> kills the process here, like a power cut."""
-    if os.environ.get("ORCHESTRATORD_TEST_CRASH") == name:
-        os._exit(137)
-

@@ -239,7 +239,7 @@ class EventReader(Worker):
             for m in matches:
                 tid = self.ledger.add_trigger(m.kind, m.detail, rule=m.rule, dedup=m.dedup, team=m.team,
                                               teammate=m.teammate, session_id=event.session_id,
-                                              event_type=event.type, event_id=event.id, now=wall)
+                                              event_type=event.type, event_id=event.id, ckey=m.ckey, now=wall)
                 if tid is not None:
                     added += 1
                     self.log.info(logs.kv("trigger", rule=m.rule, session=event.session_id, teammate=m.teammate,

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -79,6 +79,31 @@ CREATE TABLE IF NOT EXISTS triggers (
 CREATE INDEX IF NOT EXISTS triggers_dispatch ON triggers(dispatch_id);
 """
 
+# v2: teammate messages read from the inboxes, and a content key on triggers so a
+# message seen on the event stream and in the inbox file is one trigger.
+_SCHEMA_V2 = """
+ALTER TABLE triggers ADD COLUMN ckey TEXT;
+CREATE INDEX IF NOT EXISTS triggers_ckey ON triggers(ckey, at);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    ident TEXT NOT NULL UNIQUE,
+    team TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    sent_at TEXT NOT NULL,
+    type TEXT NOT NULL,
+    summary TEXT,
+    text TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    reported_at REAL,
+    trigger_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS messages_unreported ON messages(reported_at) WHERE reported_at IS NULL;
+CREATE INDEX IF NOT EXISTS messages_team ON messages(team, id);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
+
 # Dispatch states: recorded before the POST, sent after it, then one of the final three.
 PENDING, SENT, COMPLETED, FAILED, TIMEOUT = "pending", "sent", "completed", "failed", "timeout"
 OPEN_STATES = (PENDING, SENT)
@@ -125,6 +150,18 @@ class Dispatch:
             "completed_at": self.completed_at, "prompt": self.prompt, "reply_text": self.reply_text,
             "tool_calls": self.tool_calls, "error": self.error, "attempts": self.attempts,
         }
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    ident: str
+    team: str
+    recipient: str
+    sender: str
+    sent_at: str
+    type: str
+    summary: str | None
+    text: str
 
 
 @dataclass(frozen=True)
@@ -177,9 +214,10 @@ class Ledger:
         if version < SCHEMA_VERSION:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        self.db.execute(statement)
+                for script in MIGRATIONS[version:]:
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            self.db.execute(statement)
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self.db.execute("COMMIT")
             except BaseException:
@@ -247,14 +285,29 @@ class Ledger:
 
     def add_trigger(self, kind: str, detail: str, *, rule: str | None = None, dedup: str | None = None,
                     team: str | None = None, teammate: str | None = None, session_id: str | None = None,
-                    event_type: str | None = None, event_id: str | None = None, now: float | None = None) -> int | None:
-        """Record a trigger once; returns its id, or None when ``dedup`` was seen before."""
-        cur = self.db.execute(
-            "INSERT OR IGNORE INTO triggers(at, kind, rule, dedup, team, teammate, session_id, event_type, event_id, detail) "
-            "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (now if now is not None else time.time(), kind, rule, dedup, team, teammate, session_id,
-             event_type, event_id, detail))
-        return cur.lastrowid if cur.rowcount else None
+                    event_type: str | None = None, event_id: str | None = None, ckey: str | None = None,
+                    window: float = 600.0, now: float | None = None) -> int | None:
+        """Record a trigger once; returns its id, or None when it was seen before.
+
+        Seen before means the same ``dedup`` key ever, or the same ``ckey`` (a teammate
+        message's content key) within ``window`` seconds: the inbox file and the event
+        stream report the same message, and one message is one trigger.
+        """
+        at = now if now is not None else time.time()
+        with self._tx():
+            if ckey is not None and self.db.execute(
+                    "SELECT 1 FROM triggers WHERE ckey=? AND at >= ? LIMIT 1", (ckey, at - window)).fetchone():
+                return None
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO triggers(at, kind, rule, dedup, team, teammate, session_id, event_type, "
+                "event_id, detail, ckey) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (at, kind, rule, dedup, team, teammate, session_id, event_type, event_id, detail, ckey))
+            return cur.lastrowid if cur.rowcount else None
+
+    def trigger_for_ckey(self, ckey: str, since: float) -> int | None:
+        row = self.db.execute("SELECT id FROM triggers WHERE ckey=? AND at >= ? ORDER BY id LIMIT 1",
+                              (ckey, since)).fetchone()
+        return row[0] if row else None
 
     def pending_triggers(self) -> list[Trigger]:
         """Triggers not yet covered by any prompt, oldest first."""
@@ -320,6 +373,50 @@ class Ledger:
                                OPEN_STATES).fetchone()
         return {"sent_total": sent[0], "last_sent_at": sent[1], "last_outcome": last[0] if last else None}
 
+    # -- teammate messages ------------------------------------------------------
+
+    def record_messages(self, rows: Sequence[MessageRow], reported: bool, now: float | None = None) -> list[int]:
+        """Insert the messages not seen before (by identity), in one transaction; their ids.
+
+        ``reported`` marks them reported at once (messages already there on a first start).
+        """
+        at = now if now is not None else time.time()
+        new: list[int] = []
+        with self._tx():
+            for r in rows:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO messages(ident, team, recipient, sender, sent_at, type, summary, text, "
+                    "first_seen, reported_at) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (r.ident, r.team, r.recipient, r.sender, r.sent_at, r.type, r.summary, r.text, at,
+                     at if reported else None))
+                if cur.rowcount:
+                    new.append(int(cur.lastrowid or 0))
+        return new
+
+    def known_idents(self, idents: Iterable[str]) -> set[str]:
+        found: set[str] = set()
+        items = list(idents)
+        for i in range(0, len(items), 500):
+            chunk = items[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self.db.execute(f"SELECT ident FROM messages WHERE ident IN ({marks})", chunk))
+        return found
+
+    def unreported_messages(self) -> list[dict[str, Any]]:
+        cur = self.db.execute(_MESSAGE_COLUMNS + " WHERE reported_at IS NULL ORDER BY id")
+        return [_message(r) for r in cur.fetchall()]
+
+    def mark_reported(self, message_id: int, trigger_id: int | None, now: float | None = None) -> None:
+        self.db.execute("UPDATE messages SET reported_at=?, trigger_id=COALESCE(?, trigger_id) WHERE id=?",
+                        (now if now is not None else time.time(), trigger_id, message_id))
+
+    def messages(self, limit: int = 50, team: str | None = None) -> list[dict[str, Any]]:
+        if team:
+            cur = self.db.execute(_MESSAGE_COLUMNS + " WHERE team=? ORDER BY id DESC LIMIT ?", (team, limit))
+        else:
+            cur = self.db.execute(_MESSAGE_COLUMNS + " ORDER BY id DESC LIMIT ?", (limit,))
+        return [_message(r) for r in cur.fetchall()]
+
     # -- housekeeping -----------------------------------------------------------
 
     def prune(self, before: float) -> int:
@@ -327,6 +424,10 @@ class Ledger:
         with self._tx():
             n = self.db.execute("DELETE FROM events WHERE at < ?", (before,)).rowcount
             n += self.db.execute("DELETE FROM transitions WHERE at < ?", (before,)).rowcount
+            # Message identities are what stops a second report: keep them well past the
+            # point where an inbox could still hold the message.
+            n += self.db.execute("DELETE FROM messages WHERE first_seen < ? AND reported_at IS NOT NULL",
+                                 (before - 30 * 86400,)).rowcount
             n += self.db.execute(
                 "DELETE FROM triggers WHERE at < ? AND dispatch_id IN "
                 "(SELECT id FROM dispatches WHERE state NOT IN (?, ?))", (before, *OPEN_STATES)).rowcount
@@ -344,6 +445,16 @@ _TRIGGER_COLUMNS = ("SELECT id, at, kind, rule, team, teammate, session_id, even
                     "FROM triggers")
 _DISPATCH_COLUMNS = ("SELECT id, message_id, session_id, state, created_at, sent_at, completed_at, prompt, "
                      "reply_text, tool_calls, error, attempts FROM dispatches")
+
+
+_MESSAGE_COLUMNS = ("SELECT id, team, recipient, sender, sent_at, type, summary, text, first_seen, reported_at, "
+                    "trigger_id FROM messages")
+_MESSAGE_KEYS = ("id", "team", "recipient", "sender", "timestamp", "type", "summary", "text", "first_seen",
+                 "reported_at", "trigger_id")
+
+
+def _message(row: Sequence[Any]) -> dict[str, Any]:
+    return dict(zip(_MESSAGE_KEYS, row))
 
 
 def _dispatch(row: Sequence[Any]) -> Dispatch:

@@ -20,6 +20,7 @@ from .config import Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchSettings
 from .events import EventReader
 from .health import HealthWatch
+from .inbox import InboxWatcher
 from .ledger import Ledger, LedgerError
 from .notify import Notifier, watchdog_interval
 from .opencode import OpencodeClient, read_password
@@ -39,6 +40,7 @@ WORKER_SECTIONS: dict[str, tuple[str, ...]] = {
     "health": ("server", "health", "ledger"),
     "events": ("server", "events", "triggers", "ledger"),
     "dispatch": ("server", "dispatch", "session", "teams", "ledger"),
+    "inbox": ("teams", "ledger"),
 }
 
 
@@ -126,6 +128,11 @@ class Supervisor:
                 model=cfg.session.model, teams=cfg.teams.names, teams_base_dir=cfg.teams.base_dir, lead=cfg.teams.lead)
             return Dispatcher(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
                               settings=settings, server_url=cfg.server.url, clock=self.clock)
+        if name == "inbox":
+            t = cfg.teams
+            return InboxWatcher(ledger_path=cfg.ledger.path, base_dir=t.base_dir, teams=t.names, lead=t.lead,
+                                watch_members=t.watch_members, poll_interval=t.poll_interval_seconds,
+                                report_existing=t.report_existing, on_trigger=self._wake("dispatch"), clock=self.clock)
         raise KeyError(name)
 
     def _wake(self, name: str) -> Callable[[], None]:

@@ -12,6 +12,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
+from .inbox import content_key
 from .stream import Event
 
 
@@ -69,6 +70,7 @@ class Match:
     detail: str
     team: str | None
     teammate: str | None
+    ckey: str | None = None
 
 
 def describe(rule: Rule, event: Event, title: str | None = None) -> Match:
@@ -98,7 +100,9 @@ def describe(rule: Rule, event: Event, title: str | None = None) -> Match:
             bits.append(f'"{_shorten(summary, 120)}"')
         words += " (" + ", ".join(bits) + ")"
         dedup = f"{rule.name}:{part.get('id')}:{state.get('status')}"
+        ckey = _message_ckey(tool, inp)
     else:
+        ckey = None
         dedup = f"{rule.name}:{event.id}" if event.id else f"{rule.name}:{event.type}:{event.session_id}:{id(event)}"
         if event.type == "session.error":
             err = props.get("error")
@@ -113,7 +117,20 @@ def describe(rule: Rule, event: Event, title: str | None = None) -> Match:
     if title:
         where += f" ({title})"
     return Match(rule=rule.name, kind="event", dedup=dedup, detail=f"{words} in {where} [{event.type}]",
-                 team=team, teammate=teammate)
+                 team=team, teammate=teammate, ckey=ckey)
+
+
+def _message_ckey(tool: str, inp: Mapping[str, Any]) -> str | None:
+    """The content key of a send_message call, as the inbox watcher computes it from the file."""
+    if not tool.endswith("send_message"):
+        return None
+    team, recipient, content = inp.get("team_name"), inp.get("recipient"), inp.get("content")
+    kind = inp.get("type") or "message"
+    if not all(isinstance(v, str) and v for v in (team, recipient, kind)) or not isinstance(content, str):
+        return None
+    if kind == "message":
+        return content_key(team, recipient, content)
+    return content_key(team, recipient, f"{kind}:{content}")
 
 
 def match_all(rules: Iterable[Rule], event: Event, own_session: str | None,

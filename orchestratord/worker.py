@@ -19,6 +19,12 @@ from . import logs
 Clock = Callable[[], float]
 
 
+def crash_point(name: str) -> None:
+    """Test hook: ORCHESTRATORD_TEST_CRASH=<name> ends the process here at once, like a power cut."""
+    if os.environ.get("ORCHESTRATORD_TEST_CRASH") == name:
+        os._exit(137)
+
+
 class Worker:
     """Subclasses implement ``step()``; ``setup()`` and ``teardown()`` are optional."""
 

@@ -101,7 +101,7 @@ def test_401_names_the_setting_to_fix_and_recovers_with_the_password(tmp_path: P
     fake.require_auth = "Basic " + base64.b64encode(b"opencode:s3cret").decode()
     d = start(tmp_path, fake)
     try:
-        lines = d.wait_log("401")
+        lines = d.wait_log(r"auth-failed .*401")
         assert any("server.password_file" in line for line in lines)
         assert d.proc is not None and d.proc.poll() is None
         pw = tmp_path / "password"

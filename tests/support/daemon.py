@@ -34,6 +34,17 @@ def wait_for(predicate: Callable[[], T], timeout: float = 15.0, what: str = "con
         time.sleep(interval)
 
 
+def holds(predicate: Callable[[], bool], seconds: float, what: str, interval: float = 0.1) -> None:
+    """Check that ``predicate`` stays true for ``seconds``: how a test shows something does not happen."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if not predicate():
+            raise AssertionError(f"no longer true: {what}")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
 class NotifyListener:
     """A datagram socket standing in for systemd's notification socket."""
 

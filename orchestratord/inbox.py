@@ -1,0 +1,479 @@
+"""claude-teams inboxes on disk: reading them safely and telling messages apart.
+
+Layout (under ``teams.base_dir``)::
+
+    teams/<team>/config.json           name, leadAgentId, members[]
+    teams/<team>/inboxes/<agent>.json  JSON array of {from, text, timestamp, read, summary?}
+    teams/<team>/inboxes/.lock         writers hold an exclusive flock while rewriting
+
+Writers rewrite an inbox in place, so a reader can catch a half-written file. We take a
+*shared* flock on ``.lock`` for the few milliseconds of one read when we can get it at
+once, and otherwise read without it and treat a parse error as "retry soon", never as an
+empty inbox. Nothing here writes to the team directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import logs
+from .ledger import Ledger, MessageRow
+from .worker import Worker, crash_point
+
+MAX_INBOX_BYTES = 8 * 1024 * 1024
+LOCK_TRIES = 5
+LOCK_PAUSE = 0.01
+
+STRUCTURED_TYPES = ("shutdown_request", "shutdown_approved", "shutdown_rejected", "shutdown_response",
+                    "idle_notification", "task_assignment", "task_completed", "plan_approval_request",
+                    "plan_approval_response", "broadcast")
+
+
+class InboxError(Exception):
+    """The file is not a usable inbox; ``transient`` means it may be mid-rewrite."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+@dataclass(frozen=True)
+class TeamMessage:
+    team: str
+    recipient: str
+    sender: str
+    timestamp: str
+    text: str
+    summary: str | None
+    type: str
+    read: bool
+
+    @property
+    def identity(self) -> str:
+        """Stable across rewrites: not the position in the file, not the ``read`` flag."""
+        h = hashlib.sha256()
+        for part in (self.team, self.recipient, self.sender, self.timestamp, self.text):
+            h.update(part.encode("utf-8", "surrogatepass"))
+            h.update(b"\0")
+        return h.hexdigest()[:32]
+
+    def short(self, limit: int = 120) -> str:
+        """One line for the log: the summary, or the start of the text."""
+        base = self.summary or self.text
+        if self.type != "message":
+            base = f"[{self.type}] {self.summary or _structured_gist(self.text)}"
+        one = " ".join(base.split())
+        return one if len(one) <= limit else one[: limit - 1] + "…"
+
+
+def content_key(team: str, recipient: str, text: str) -> str:
+    """What the event stream and the file both know about a message: who it is for and what it says."""
+    h = hashlib.sha256(f"{team}\0{recipient}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
+    return h[:32]
+
+
+def message_type(text: str) -> str:
+    """``message`` for plain text, else the ``type`` of a structured JSON message."""
+    stripped = text.lstrip()
+    if not stripped.startswith("{"):
+        return "message"
+    try:
+        doc = json.loads(stripped)
+    except ValueError:
+        return "message"
+    kind = doc.get("type") if isinstance(doc, dict) else None
+    return kind if isinstance(kind, str) and kind else "message"
+
+
+def _structured_gist(text: str) -> str:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(doc, dict):
+        for key in ("reason", "content", "message", "summary", "subject", "taskId", "requestId"):
+            if isinstance(doc.get(key), str) and doc[key]:
+                return doc[key]
+    return ""
+
+
+def parse_inbox(data: bytes, team: str, recipient: str) -> tuple[list[TeamMessage], list[str]]:
+    """The messages in one inbox file, and a note for each entry that had to be skipped.
+
+    Raises InboxError when the file as a whole is unusable. Unparseable JSON is marked
+    transient: the caller re-reads before it believes the file is broken.
+    """
+    if len(data) > MAX_INBOX_BYTES:
+        raise InboxError(f"file is {len(data)} bytes, over the {MAX_INBOX_BYTES}-byte limit for an inbox")
+    if not data.strip():
+        raise InboxError("file is empty (an empty inbox is [])", transient=True)
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InboxError(f"not valid JSON: {exc}", transient=True) from None
+    if not isinstance(doc, list):
+        raise InboxError(f"must be a JSON array of messages, not a JSON {type(doc).__name__}")
+    messages: list[TeamMessage] = []
+    skipped: list[str] = []
+    for index, entry in enumerate(doc):
+        problem = _check(entry)
+        if problem:
+            skipped.append(f"message {index}: {problem}")
+            continue
+        summary = entry.get("summary")
+        messages.append(TeamMessage(
+            team=team, recipient=recipient, sender=entry["from"], timestamp=entry["timestamp"], text=entry["text"],
+            summary=summary if isinstance(summary, str) and summary else None,
+            type=message_type(entry["text"]), read=bool(entry.get("read", False))))
+    return messages, skipped
+
+
+def _check(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return f"must be an object, not {type(entry).__name__}"
+    for key in ("from", "text", "timestamp"):
+        if key not in entry:
+            return f"has no {key!r}"
+        if not isinstance(entry[key], str):
+            return f"{key!r} must be a string"
+    if not entry["from"]:
+        return "'from' is empty"
+    return None
+
+
+def read_inbox_file(path: Path, lock_path: Path | None = None) -> bytes:
+    """The file's bytes, read under a shared lock on ``.lock`` if it is free right now.
+
+    We never wait on the lock for long: a writer holds it only while rewriting, and a
+    reader must not hold up a teammate. Without the lock, the caller's parse decides.
+    """
+    fd = None
+    if lock_path is not None:
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            fd = None
+    locked = False
+    try:
+        if fd is not None:
+            for _ in range(LOCK_TRIES):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    locked = True
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        break
+                    time.sleep(LOCK_PAUSE)
+        with open(path, "rb") as fh:
+            return fh.read(MAX_INBOX_BYTES + 1)
+    finally:
+        if fd is not None:
+            if locked:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+# -- the watcher -------------------------------------------------------------------
+
+RETRY_DELAY = 0.05
+#: a file that stays unparseable this long (unchanged) is broken, not half-written
+SETTLE_SECONDS = 1.0
+CKEY_WINDOW = 600.0
+
+
+def message_ckey(m: TeamMessage) -> str:
+    """The content key the event stream can compute too (see triggers.describe)."""
+    if m.type == "message":
+        return content_key(m.team, m.recipient, m.text)
+    return content_key(m.team, m.recipient, f"{m.type}:{_structured_gist(m.text)}")
+
+
+@dataclass
+class _FileState:
+    signature: tuple[int, int, int] | None = None  # (inode, size, mtime_ns) last parsed or rejected
+    broken: str | None = None  # why the file at ``signature`` was rejected
+    first_failure: float | None = None
+    skipped_logged: tuple[int, int, int] | None = None
+
+
+class InboxWatcher(Worker):
+    """Reads the team inboxes when they change; records and reports each new message once."""
+
+    name = "inbox"
+    stall_after = 60.0
+
+    def __init__(self, *, ledger_path: str, base_dir: str, teams: Sequence[str], lead: str, watch_members: bool,
+                 poll_interval: float, report_existing: bool, on_trigger: Callable[[], None],
+                 notify: bool = True, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        super().__init__(clock)
+        self.ledger_path = ledger_path
+        self.base = Path(base_dir)
+        self.teams = tuple(teams)
+        self.lead = lead
+        self.watch_members = watch_members
+        self.poll_interval = poll_interval
+        self.report_existing = report_existing
+        self.on_trigger = on_trigger
+        self.use_notify = notify
+        self.wall = wall
+        self.ledger: Ledger | None = None
+        self.files: dict[Path, _FileState] = {}
+        self.dirty: set[Path] = set()
+        self.dirty_lock = threading.Lock()
+        self.retry_at: float | None = None
+        self.next_scan = 0.0
+        self.observer: Any = None
+        self.watching: Path | None = None
+        self.initialized = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.ledger = Ledger(self.ledger_path)
+        self.initialized = self.ledger.get_meta("inbox.initialized") is not None
+        self._watch()
+
+    def teardown(self) -> None:
+        self._unwatch()
+        if self.ledger:
+            self.ledger.close()
+
+    def _watch(self) -> None:
+        """Ask the OS to tell us about changes under teams/ (or the base dir until teams/ exists)."""
+        if not self.use_notify:
+            return
+        target = self.base / "teams"
+        if not target.is_dir():
+            target = self.base
+        if self.watching == target:
+            return
+        self._unwatch()
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError as exc:  # pragma: no cover - watchdog is a dependency
+            self.log.warning(logs.kv("inbox-notify-unavailable", error=str(exc), action="polling"))
+            self.use_notify = False
+            return
+        watcher = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: Any) -> None:
+                for path in (getattr(event, "src_path", None), getattr(event, "dest_path", None)):
+                    if path:
+                        watcher._changed(Path(os.fsdecode(path)))
+
+        try:
+            observer = Observer()
+            observer.schedule(Handler(), str(target), recursive=target.name == "teams")
+            observer.daemon = True
+            observer.start()
+        except OSError as exc:
+            self.log.warning(logs.kv("inbox-notify-unavailable", path=str(target), error=str(exc),
+                                     action=f"stat rescan every {self.poll_interval:g}s",
+                                     fix="raise fs.inotify.max_user_watches if it is exhausted"))
+            return
+        self.observer, self.watching = observer, target
+        self.log.debug(logs.kv("inbox-watching", path=str(target)))
+
+    def _unwatch(self) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.stop()
+                self.observer.join(2)
+            except Exception:  # noqa: BLE001 - shutting down, nothing to add
+                pass
+        self.observer, self.watching = None, None
+
+    def _changed(self, path: Path) -> None:
+        """Called on the observer's thread: note the file and wake the worker."""
+        if path.suffix == ".json" and path.parent.name == "inboxes":
+            with self.dirty_lock:
+                self.dirty.add(path)
+            self.wake()
+        elif path.name in ("teams", "inboxes") or path.parent.name == "teams" or path.name == "config.json":
+            self.next_scan = 0.0  # a team came or went: rescan now
+            self.wake()
+
+    # -- the loop ----------------------------------------------------------------
+
+    def step(self) -> float:
+        now = self.clock()
+        if now >= self.next_scan:
+            self.next_scan = now + self.poll_interval
+            self._watch()
+            self._rescan()
+        if self.retry_at is not None and now >= self.retry_at:
+            self.retry_at = None
+        with self.dirty_lock:
+            batch, self.dirty = self.dirty, set()
+        for path in sorted(batch):
+            self._read(path)
+        if not self.initialized:
+            assert self.ledger is not None
+            self.ledger.set_meta("inbox.initialized", str(self.wall()))
+            self.initialized = True
+        self._report()
+        waits = [self.next_scan - self.clock()]
+        if self.retry_at is not None:
+            waits.append(self.retry_at - self.clock())
+        return max(0.0, min(waits))
+
+    def inbox_paths(self) -> list[Path]:
+        """Every inbox file we look after, as things stand on disk now."""
+        teams_dir = self.base / "teams"
+        try:
+            names = self.teams or tuple(sorted(p.name for p in teams_dir.iterdir() if p.is_dir()))
+        except OSError:
+            return []
+        paths: list[Path] = []
+        for team in names:
+            inboxes = teams_dir / team / "inboxes"
+            if self.watch_members:
+                try:
+                    paths.extend(sorted(p for p in inboxes.iterdir() if p.suffix == ".json"))
+                except OSError:
+                    continue
+            else:
+                lead = inboxes / f"{self.lead}.json"
+                if lead.exists():
+                    paths.append(lead)
+        return paths
+
+    def _rescan(self) -> None:
+        """The safety net: stat every inbox and read the ones whose signature moved."""
+        for path in self.inbox_paths():
+            sig = _signature(path)
+            state = self.files.get(path)
+            if sig is not None and (state is None or state.signature != sig):
+                with self.dirty_lock:
+                    self.dirty.add(path)
+
+    def _wanted(self, path: Path) -> tuple[str, str] | None:
+        """(team, recipient) if ``path`` is an inbox we look after."""
+        try:
+            team = path.parent.parent.name
+            if path.parent.parent.parent != self.base / "teams":
+                return None
+        except (IndexError, ValueError):
+            return None
+        if self.teams and team not in self.teams:
+            return None
+        recipient = path.stem
+        if not self.watch_members and recipient != self.lead:
+            return None
+        return team, recipient
+
+    def _read(self, path: Path) -> None:
+        wanted = self._wanted(path)
+        if wanted is None:
+            return
+        team, recipient = wanted
+        state = self.files.setdefault(path, _FileState())
+        sig = _signature(path)
+        if sig is None:
+            self.files.pop(path, None)
+            return
+        if state.broken is not None and state.signature == sig:
+            return  # still the same broken file; wait for it to change
+        try:
+            data = read_inbox_file(path, path.parent / ".lock")
+            messages, skipped = parse_inbox(data, team, recipient)
+        except InboxError as exc:
+            self._failed(path, state, sig, exc)
+            return
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                self.files.pop(path, None)
+                return
+            self._failed(path, state, sig, InboxError(f"cannot read: {exc}"))
+            return
+        if state.broken is not None:
+            self.log.info(logs.kv("inbox-readable-again", path=str(path)))
+        state.broken, state.first_failure = None, None
+        state.signature = sig
+        if skipped and state.skipped_logged != sig:
+            state.skipped_logged = sig
+            self.log.warning(logs.kv("inbox-entries-skipped", path=str(path), count=len(skipped), first=skipped[0],
+                                     fix="each message needs string 'from', 'text' and 'timestamp'"))
+        self._record(messages)
+
+    def _failed(self, path: Path, state: _FileState, sig: tuple[int, int, int], exc: InboxError) -> None:
+        now = self.clock()
+        if exc.transient:
+            # Maybe mid-rewrite: look again shortly, and only call it broken once the
+            # file has stayed the same and unparseable for a while.
+            if state.first_failure is None or state.signature != sig:
+                state.first_failure, state.signature = now, sig
+            if now - state.first_failure < SETTLE_SECONDS:
+                with self.dirty_lock:
+                    self.dirty.add(path)
+                self.retry_at = now + RETRY_DELAY if self.retry_at is None else min(self.retry_at, now + RETRY_DELAY)
+                return
+        state.signature, state.broken, state.first_failure = sig, str(exc), None
+        self.log.error(logs.kv("inbox-unreadable", path=str(path), error=str(exc),
+                               action="skipped until the file changes",
+                               fix="the file must be a JSON array of {from, text, timestamp} messages"))
+
+    def _record(self, messages: Sequence[TeamMessage]) -> None:
+        assert self.ledger is not None
+        if not messages:
+            return
+        by_ident = {m.identity: m for m in messages}
+        known = self.ledger.known_idents(by_ident)
+        new = [m for ident, m in by_ident.items() if ident not in known]
+        if not new:
+            return
+        baseline = not self.initialized and not self.report_existing
+        rows = [MessageRow(ident=m.identity, team=m.team, recipient=m.recipient, sender=m.sender, sent_at=m.timestamp,
+                           type=m.type, summary=m.summary, text=m.text) for m in new]
+        self.ledger.record_messages(rows, reported=baseline, now=self.wall())
+        if baseline:
+            self.log.info(logs.kv("inbox-baseline", team=new[0].team, inbox=new[0].recipient, messages=len(new),
+                                  note="already there on first start; not reported (teams.report_existing)"))
+        crash_point("after-record")
+
+    def _report(self) -> None:
+        """Log each recorded but unreported message once, and trigger on the lead's."""
+        assert self.ledger is not None
+        triggered = False
+        for m in self.ledger.unreported_messages():
+            msg = TeamMessage(team=m["team"], recipient=m["recipient"], sender=m["sender"], timestamp=m["timestamp"],
+                              text=m["text"], summary=m["summary"], type=m["type"], read=False)
+            trigger_id = None
+            if msg.recipient == self.lead:
+                ckey = message_ckey(msg)
+                trigger_id = self.ledger.add_trigger(
+                    "inbox", f'message from {msg.sender} to {msg.recipient}: "{msg.short()}"',
+                    rule="teammate-message", dedup=f"inbox:{msg.identity}", team=msg.team, teammate=msg.sender,
+                    ckey=ckey, window=CKEY_WINDOW, now=self.wall())
+                if trigger_id is None:
+                    trigger_id = self.ledger.trigger_for_ckey(ckey, self.wall() - CKEY_WINDOW)
+                else:
+                    triggered = True
+            self.log.log(logs.NOTICE, logs.kv("teammate-message", team=msg.team, **{"from": msg.sender},
+                                              to=msg.recipient, type=None if msg.type == "message" else msg.type,
+                                              summary=msg.short()))
+            self.ledger.mark_reported(m["id"], trigger_id, now=self.wall())
+        if triggered:
+            self.on_trigger()
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+

@@ -1,0 +1,242 @@
+"""Inbox parsing, message identity, and the watcher driven one step at a time."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from orchestratord import logs
+from orchestratord.inbox import (MAX_INBOX_BYTES, InboxError, InboxWatcher, TeamMessage, content_key, message_ckey,
+                                 message_type, parse_inbox, read_inbox_file)
+from orchestratord.ledger import Ledger
+from orchestratord.triggers import _message_ckey
+
+TEAM = "my-team"
+
+
+def msg(sender: str, text: str, ts: str = "2026-11-23T19:40:00.000Z", read: bool = False, **extra: Any) -> dict[str, Any]:
+    return {"from": sender, "text": text, "timestamp": ts, "read": read, **extra}
+
+
+def test_identity_ignores_position_and_read_flag() -> None:
+    a = parse_inbox(json.dumps([msg("w1", "hi"), msg("w2", "yo")]).encode(), TEAM, "team-lead")[0]
+    b = parse_inbox(json.dumps([msg("w2", "yo", read=True), msg("w1", "hi", read=True)]).encode(), TEAM, "team-lead")[0]
+    assert {m.identity for m in a} == {m.identity for m in b}
+    assert a[0].identity != parse_inbox(json.dumps([msg("w1", "hi!")]).encode(), TEAM, "team-lead")[0][0].identity
+
+
+def test_structured_messages_are_typed() -> None:
+    text = json.dumps({"type": "shutdown_request", "reason": "Unsafe output; shutting you down."})
+    (m,), _ = parse_inbox(json.dumps([msg("team-lead", text)]).encode(), TEAM, "worker-1")
+    assert m.type == "shutdown_request"
+    assert m.short() == "[shutdown_request] Unsafe output; shutting you down."
+    assert message_type("{not json") == "message" and message_type("plain") == "message"
+
+
+@pytest.mark.parametrize("data,transient", [
+    (b"", True), (b"[{\"from\": ", True), (b"{}", False), (b"\"x\"", False),
+])
+def test_unusable_files(data: bytes, transient: bool) -> None:
+    with pytest.raises(InboxError) as info:
+        parse_inbox(data, TEAM, "team-lead")
+    assert info.value.transient is transient
+
+
+def test_bad_entries_are_skipped_with_a_note() -> None:
+    messages, skipped = parse_inbox(json.dumps([msg("w1", "ok"), {"text": "no sender", "timestamp": "t"}, 7]).encode(),
+                                    TEAM, "team-lead")
+    assert [m.text for m in messages] == ["ok"]
+    assert skipped == ["message 1: has no 'from'", "message 2: must be an object, not int"]
+
+
+def test_oversized_file_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.json"
+    big.write_bytes(b"[" + b" " * (MAX_INBOX_BYTES + 10) + b"]")
+    with pytest.raises(InboxError, match="over the"):
+        parse_inbox(read_inbox_file(big), TEAM, "team-lead")
+
+
+def test_stream_and_file_agree_on_the_content_key() -> None:
+    plain = TeamMessage(TEAM, "team-lead", "worker-1", "t", "parser done", None, "message", False)
+    assert message_ckey(plain) == _message_ckey("claude-teams_send_message", {
+        "team_name": TEAM, "type": "message", "recipient": "team-lead", "content": "parser done"})
+    text = json.dumps({"type": "shutdown_request", "reason": "stop now", "from": "team-lead"})
+    structured = TeamMessage(TEAM, "worker-1", "team-lead", "t", text, None, "shutdown_request", False)
+    assert message_ckey(structured) == _message_ckey("claude-teams_send_message", {
+        "team_name": TEAM, "type": "shutdown_request", "recipient": "worker-1", "content": "stop now"})
+    assert content_key(TEAM, "a", "x") != content_key(TEAM, "b", "x")
+
+
+def test_read_does_not_wait_for_a_writer_holding_the_lock(tmp_path: Path) -> None:
+    inbox, lock = tmp_path / "team-lead.json", tmp_path / ".lock"
+    inbox.write_text("[]")
+    lock.touch()
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert read_inbox_file(inbox, lock) == b"[]"  # gave up on the lock quickly, read anyway
+    finally:
+        os.close(fd)
+
+
+# -- the watcher, one step at a time --------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class World:
+    def __init__(self, tmp: Path, **kw: Any) -> None:
+        self.base = tmp / "claude"
+        self.inboxes = self.base / "teams" / TEAM / "inboxes"
+        self.inboxes.mkdir(parents=True)
+        (self.inboxes / ".lock").touch()
+        (self.base / "teams" / TEAM / "config.json").write_text(json.dumps({"name": TEAM, "members": []}))
+        self.ledger_path = str(tmp / "ledger.db")
+        self.clock = Clock()
+        self.woken = 0
+        self.kw = kw
+        self.watcher = self.make()
+
+    def make(self) -> InboxWatcher:
+        def wake() -> None:
+            self.woken += 1
+        w = InboxWatcher(ledger_path=self.ledger_path, base_dir=str(self.base), teams=(), lead="team-lead",
+                         watch_members=self.kw.get("watch_members", False), poll_interval=5.0,
+                         report_existing=self.kw.get("report_existing", False), on_trigger=wake, notify=False,
+                         clock=self.clock, wall=self.clock)
+        w.setup()
+        return w
+
+    def write(self, name: str, messages: list[dict[str, Any]]) -> None:
+        path = self.inboxes / f"{name}.json"
+        with open(path, "a+") as fh:  # in place, as the writers do
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps(messages))
+        self.clock.now += 0.01
+
+    def step(self) -> float:
+        self.watcher.next_scan = 0.0  # a rescan, as the poll would do
+        return self.watcher.run_once()
+
+    def ledger(self) -> Ledger:
+        return Ledger(self.ledger_path)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+@pytest.fixture
+def caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog that also sees the package logger (which does not propagate once set up)."""
+    logger = logging.getLogger(logs.ROOT)
+    old_propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(caplog.handler)
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(old)
+        logger.propagate = old_propagate
+
+
+def test_first_start_records_existing_messages_without_reporting(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    w = World(tmp_path)
+    w.watcher.teardown()
+    w.write("team-lead", [msg("w1", "old news")])
+    w.watcher = w.make()
+    w.step()
+    rows = w.ledger().messages()
+    assert len(rows) == 1 and rows[0]["reported_at"] is not None
+    assert w.ledger().pending_triggers() == [] and w.woken == 0
+    w.write("team-lead", [msg("w1", "old news"), msg("w1", "fresh", ts="2026-11-23T19:41:00.000Z")])
+    w.step()
+    assert [t.detail for t in w.ledger().pending_triggers()] == ['message from w1 to team-lead: "fresh"']
+    assert w.woken == 1
+
+
+def test_report_existing_reports_them(tmp_path: Path) -> None:
+    w = World(tmp_path, report_existing=True)
+    w.write("team-lead", [msg("w1", "old news")])
+    w.step()
+    assert len(w.ledger().pending_triggers()) == 1
+
+
+def test_each_message_once_even_when_read_flips(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    world.step()  # first start: empty team
+    world.write("team-lead", [msg("w1", "a"), msg("w2", "b", ts="x2")])
+    world.step()
+    world.write("team-lead", [msg("w1", "a", read=True), msg("w2", "b", ts="x2", read=True)])
+    world.step()
+    world.step()
+    reported = [r for r in caplog.messages if r.startswith("teammate-message")]
+    assert len(reported) == 2
+    assert 'teammate-message team=my-team from=w1 to=team-lead summary=a' in reported[0]
+    assert len(world.ledger().pending_triggers()) == 2
+
+
+def test_half_written_file_is_retried_not_taken_for_empty(world: World) -> None:
+    world.step()
+    path = world.inboxes / "team-lead.json"
+    path.write_text('[{"from": "w1", "text": "hel')
+    delay = world.step()
+    assert delay <= 0.05 and world.watcher.dirty  # will look again shortly
+    assert world.ledger().messages() == []
+    path.write_text(json.dumps([msg("w1", "hello")]))
+    world.clock.now += 0.05
+    world.watcher.run_once()
+    assert [m["text"] for m in world.ledger().messages()] == ["hello"]
+
+
+def test_broken_file_is_logged_once_and_skipped_until_it_changes(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    world.step()
+    path = world.inboxes / "team-lead.json"
+    path.write_text("this is not json")
+    for _ in range(3):
+        world.step()
+        world.clock.now += 0.6
+    errors = [r for r in caplog.messages if r.startswith("inbox-unreadable")]
+    assert len(errors) == 1 and "not valid JSON" in errors[0] and "fix=" in errors[0]
+    world.write("team-lead", [msg("w1", "fixed")])
+    world.step()
+    assert [m["text"] for m in world.ledger().messages()] == ["fixed"]
+
+
+def test_members_inboxes_only_when_configured(tmp_path: Path) -> None:
+    w = World(tmp_path, watch_members=True)
+    w.step()
+    w.write("worker-1", [msg("team-lead", "do x")])
+    w.write("team-lead", [msg("worker-1", "did x")])
+    w.step()
+    assert sorted(m["recipient"] for m in w.ledger().messages()) == ["team-lead", "worker-1"]
+    assert [t.teammate for t in w.ledger().pending_triggers()] == ["worker-1"], "only the lead's messages trigger"
+
+
+def test_stream_first_then_file_is_one_trigger(world: World) -> None:
+    world.step()
+    led = world.ledger()
+    ck = content_key(TEAM, "team-lead", "parser done")
+    assert led.add_trigger("event", "from the stream", dedup="teammate-message:prt_1:completed", ckey=ck,
+                           now=world.clock.now) is not None
+    world.write("team-lead", [msg("worker-1", "parser done")])
+    world.step()
+    assert len(led.pending_triggers()) == 1
+    assert led.messages()[0]["trigger_id"] == led.pending_triggers()[0].id
+    # ...and the stream's event after the file is also no second trigger.
+    assert led.add_trigger("event", "again", dedup="teammate-message:prt_2:completed", ckey=ck,
+                           now=world.clock.now) is None

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from .worker import crash_point
+
 SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
@@ -391,6 +393,8 @@ class Ledger:
                      at if reported else None))
                 if cur.rowcount:
                     new.append(int(cur.lastrowid or 0))
+                if len(new) == 1:
+                    crash_point("mid-batch")  # test hook: a crash inside the transaction
         return new
 
     def known_idents(self, idents: Iterable[str]) -> set[str]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import faulthandler
 import json
 import os
+import signal
 import sys
 from typing import Any, Callable, Sequence
 
@@ -64,6 +66,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             logs.get("config").error(logs.kv("config-invalid", problem=problem))
         return EXIT_ERROR
     logs.setup(cfg.log.level)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): how to see
+    # where a hung worker is stuck without stopping the service.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     sup = Supervisor(cfg, os.path.abspath(args.config))
     sup.install_signals()
     try:

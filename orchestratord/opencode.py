@@ -184,10 +184,20 @@ class OpencodeClient:
         return data if isinstance(data, list) else []
 
     def open_stream(self, path: str, read_timeout: float, connect_timeout: float | None = None) -> requests.Response:
-        """Open an SSE stream; the caller iterates ``iter_content`` and closes it."""
-        return self._request("GET", path, stream=True,
-                             timeout=(connect_timeout or self.timeout, read_timeout),
+        """Open an SSE stream; the caller iterates ``iter_content`` and closes it.
+
+        The response headers must come within the ordinary request timeout: a server that
+        is still starting can accept the connection and say nothing, and waiting the whole
+        stream read timeout for it would delay the reconnect by that much. Once the
+        headers are in, the socket gets the (longer) stream read timeout.
+        """
+        first = min(read_timeout, connect_timeout or self.timeout)
+        resp = self._request("GET", path, stream=True, timeout=(connect_timeout or self.timeout, first),
                              headers={"Accept": "text/event-stream"})
+        sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
+        if sock is not None:
+            sock.settimeout(read_timeout)
+        return resp
 
 
 def iter_chunks(resp: requests.Response, size: int = 65536) -> Iterator[bytes]:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.support.daemon import Daemon, ledger_rows, wait_for, write_config
+from tests.support.daemon import Daemon, holds, ledger_rows, wait_for, write_config
 from tests.support.fakeserver import FakeOpencode
 
 SEND_DONE = {
@@ -145,5 +145,37 @@ def test_stream_closed_by_server_reconnects(tmp_path: Path, fake: FakeOpencode) 
         wait_for(lambda: triggers(tmp_path) == 1, what="a trigger on the new stream")
         d.signal(signal.SIGTERM)
         assert d.wait_exit(10) == 0
+    finally:
+        d.close()
+
+
+def test_a_server_that_accepts_but_never_answers_is_retried_quickly(tmp_path: Path, fake: FakeOpencode) -> None:
+    """A starting server may accept the stream and send no headers: give up on the
+    headers after server.timeout_seconds, not after the stream's read timeout."""
+    fake.stream_mode = "no-headers"
+    cfg = write_config(tmp_path / "orchestrator.toml", server_url=fake.url, ledger=tmp_path / "ledger.db",
+                       teams_base=tmp_path)
+    cfg.write_text(cfg.read_text().replace("timeout_seconds = 5", "timeout_seconds = 1"))
+    d = Daemon(cfg, tmp_path).start()
+    try:
+        d.wait_log("stream-connect-failed .*timed out", timeout=10)
+        fake.stream_mode = "frames"
+        d.wait_log("stream-connected", timeout=10)
+    finally:
+        d.close()
+
+
+def test_heartbeats_keep_a_quiet_stream_open_past_the_request_timeout(tmp_path: Path, fake: FakeOpencode) -> None:
+    """Between heartbeats the stream is silent for longer than server.timeout_seconds;
+    only events.read_timeout_seconds may end it."""
+    fake.heartbeat_every = 1.5
+    cfg = write_config(tmp_path / "orchestrator.toml", server_url=fake.url, ledger=tmp_path / "ledger.db",
+                       teams_base=tmp_path)
+    cfg.write_text(cfg.read_text().replace("timeout_seconds = 5", "timeout_seconds = 0.5")
+                   .replace("read_timeout_seconds = 25", "read_timeout_seconds = 4"))
+    d = Daemon(cfg, tmp_path).start()
+    try:
+        d.wait_log("stream-connected")
+        holds(lambda: not d.grep("stream-disconnected"), 5, "the stream stays connected")
     finally:
         d.close()

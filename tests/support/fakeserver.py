@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -18,7 +19,8 @@ class FakeOpencode:
     def __init__(self) -> None:
         self.health_status = 200
         self.require_auth: str | None = None  # "Basic ..." header value when set
-        self.stream_mode = "frames"  # "frames" | "silent"
+        self.stream_mode = "frames"  # "frames" | "silent" | "no-headers"
+        self.heartbeat_every: float | None = None
         self.frames: "queue.Queue[bytes | None]" = queue.Queue()
         self.requests: list[tuple[str, str]] = []
         self.stream_connects = 0
@@ -86,6 +88,10 @@ class FakeOpencode:
             def _stream(self) -> None:
                 with fake._lock:
                     fake.stream_connects += 1
+                while fake.stream_mode == "no-headers" and not fake._stop.is_set():
+                    fake._stop.wait(0.05)  # a server still starting: accepts, says nothing
+                if fake._stop.is_set():
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
@@ -95,10 +101,14 @@ class FakeOpencode:
                         fake._stop.wait()
                         return
                     self._chunk(b'data: {"payload":{"id":"evt_0","type":"server.connected","properties":{}}}\n\n')
+                    last = time.monotonic()
                     while not fake._stop.is_set():
                         try:
                             item = fake.frames.get(timeout=0.2)
                         except queue.Empty:
+                            if fake.heartbeat_every and time.monotonic() - last >= fake.heartbeat_every:
+                                last = time.monotonic()
+                                self._chunk(b'data: {"payload":{"type":"server.heartbeat","properties":{}}}\n\n')
                             continue
                         if item is None:  # close this stream
                             break

@@ -1,0 +1,208 @@
+"""The real ``opencode serve`` for tests: own HOME, own project dir, scripted model, test claude-teams.
+
+Started on 127.0.0.1 and a free port; stopped with SIGTERM, a wait, then SIGKILL (the
+server sometimes sits on the first SIGTERM for many seconds). ``kill()`` and ``start()``
+again on the same port and the same data simulate an outage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+OPENCODE_BIN = ROOT / "tests" / "opencode" / "node_modules" / ".bin" / "opencode"
+TEAMS_SERVER = Path(__file__).resolve().parent / "teams_server.py"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def opencode_config(model_url: str, teams_dir: Path, permission: dict[str, Any] | None = None) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "$schema": "https://opencode.ai/config.json",
+        "autoupdate": False,
+        "share": "disabled",
+        "provider": {"scripted": {
+            "npm": "@ai-sdk/openai-compatible",
+            "name": "Scripted",
+            "options": {"baseURL": f"{model_url}/v1", "apiKey": "test"},
+            "models": {"scripted-model": {"name": "Scripted model", "tool_call": True,
+                                          "limit": {"context": 200000, "output": 8000}}},
+        }},
+        "model": "scripted/scripted-model",
+        "small_model": "scripted/scripted-model",
+        "mcp": {"claude-teams": {
+            "type": "local",
+            "command": [sys.executable, str(TEAMS_SERVER)],
+            "environment": {"CLAUDE_TEAMS_BASE_DIR": str(teams_dir)},
+            "enabled": True,
+        }},
+    }
+    if permission is not None:
+        cfg["permission"] = permission
+    return cfg
+
+
+class OpencodeServer:
+    def __init__(self, root: Path, model_url: str, teams_dir: Path, password: str | None = None,
+                 permission: dict[str, Any] | None = None) -> None:
+        if not OPENCODE_BIN.exists():
+            raise RuntimeError(f"{OPENCODE_BIN} is missing: run `make opencode` (part of `make test`)")
+        self.root = root
+        self.home = root / "home"
+        self.project = root / "project"
+        self.log_path = root / "opencode.log"
+        self.password = password
+        self.username = "opencode"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        for d in (self.home, self.project):
+            d.mkdir(parents=True, exist_ok=True)
+        (self.project / "opencode.json").write_text(json.dumps(opencode_config(model_url, teams_dir, permission), indent=2))
+        self.http = requests.Session()
+        if password:
+            self.http.auth = (self.username, password)
+
+    # -- process ----------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        keep = ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS")
+        env = {k: v for k, v in os.environ.items() if k in keep}
+        env.update({
+            "HOME": str(self.home),
+            "XDG_CONFIG_HOME": str(self.home / ".config"),
+            "XDG_DATA_HOME": str(self.home / ".local" / "share"),
+            "XDG_CACHE_HOME": str(self.home / ".cache"),
+            "XDG_STATE_HOME": str(self.home / ".local" / "state"),
+            "TMPDIR": str(self.root),
+            "OPENCODE_DISABLE_AUTOUPDATE": "1",
+            "OPENCODE_DISABLE_LSP_DOWNLOAD": "true",
+            "OPENCODE_DISABLE_MODELS_FETCH": "true",
+        })
+        if self.password:
+            env["OPENCODE_SERVER_PASSWORD"] = self.password
+        return env
+
+    def start(self, timeout: float = 60.0) -> "OpencodeServer":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [str(OPENCODE_BIN), "serve", "--hostname", "127.0.0.1", "--port", str(self.port)],
+            cwd=self.project, env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"opencode exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.healthy():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"opencode not healthy after {timeout:g}s:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            r = self.http.get(f"{self.url}/global/health", timeout=1)
+            return r.ok and bool(r.json().get("healthy"))
+        except (requests.RequestException, ValueError):
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _signal_group(self, signum: int) -> None:
+        """Signal the server and the children it started (its MCP servers), by process group."""
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace: float = 3.0) -> None:
+        """SIGTERM, a wait, then SIGKILL."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._reap_group()
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            self.proc.wait(10)
+        self._reap_group()
+
+    def kill(self) -> None:
+        """An outage: SIGKILL the server and its children at once."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._signal_group(signal.SIGKILL)
+            self.proc.wait(10)
+        self._reap_group()
+
+    def _reap_group(self) -> None:
+        # Children left in the group (MCP servers) go with it.
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    # -- API helpers --------------------------------------------------------------------
+
+    def create_session(self, title: str, permission: list[dict[str, str]] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"title": title}
+        if permission is not None:
+            body["permission"] = permission
+        r = self.http.post(f"{self.url}/session", json=body, timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def prompt_async(self, session_id: str, text: str) -> None:
+        r = self.http.post(f"{self.url}/session/{session_id}/prompt_async",
+                           json={"parts": [{"type": "text", "text": text}]}, timeout=10)
+        assert r.status_code == 204, (r.status_code, r.text)
+
+    def messages(self, session_id: str) -> list[dict[str, Any]]:
+        r = self.http.get(f"{self.url}/session/{session_id}/message", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def sessions(self) -> list[dict[str, Any]]:
+        r = self.http.get(f"{self.url}/session", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def session_status(self) -> dict[str, Any]:
+        r = self.http.get(f"{self.url}/session/status", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def wait_idle(self, session_id: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until the session's last assistant message has completed; return the messages."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msgs = self.messages(session_id)
+            last = msgs[-1]["info"] if msgs else {}
+            done = last.get("role") == "assistant" and last.get("time", {}).get("completed") and \
+                last.get("finish") not in ("tool-calls", "unknown", None) or (last.get("error") is not None)
+            if done and session_id not in self.session_status():
+                return msgs
+            if time.monotonic() > deadline:
+                raise AssertionError(f"session {session_id} not idle after {timeout:g}s: {json.dumps(msgs)[-1500:]}")
+            time.sleep(0.1)

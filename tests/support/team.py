@@ -1,0 +1,112 @@
+"""A claude-teams team on disk, laid out and written the way claude-teams does it.
+
+``teams/<team>/config.json``, ``teams/<team>/inboxes/<agent>.json`` and the ``.lock``
+file writers hold an exclusive flock on while they rewrite an inbox in place (truncate
+and write the same inode, not an atomic rename). The test MCP server uses these same
+functions, so tests and the "real" tools agree on the format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def now_iso() -> str:
+    """ISO 8601 with milliseconds and Z, as claude-teams writes timestamps."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def team_dir(base: Path | str, team: str) -> Path:
+    return Path(base) / "teams" / team
+
+
+def inbox_path(base: Path | str, team: str, agent: str) -> Path:
+    return team_dir(base, team) / "inboxes" / f"{agent}.json"
+
+
+@contextlib.contextmanager
+def locked(base: Path | str, team: str) -> Iterator[None]:
+    """Hold the team's inbox lock exclusively, as a writer does."""
+    lock = team_dir(base, team) / "inboxes" / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def make_team(base: Path | str, team: str, members: list[str] | None = None, lead: str = "team-lead",
+              cwd: str = "/srv/project") -> Path:
+    """Lay out a team with empty inboxes for the lead and every member."""
+    members = members or []
+    root = team_dir(base, team)
+    (root / "inboxes").mkdir(parents=True, exist_ok=True)
+    (root / "inboxes" / ".lock").touch()
+    joined = int(dt.datetime.now().timestamp() * 1000)
+
+    def member(name: str, kind: str) -> dict[str, Any]:
+        return {"agentId": f"{name}@{team}", "name": name, "agentType": kind, "model": "scripted",
+                "joinedAt": joined, "tmuxPaneId": "", "cwd": cwd, "subscriptions": []}
+
+    config = {"name": team, "description": "", "createdAt": joined, "leadAgentId": f"{lead}@{team}",
+              "leadSessionId": "", "members": [member(lead, "team-lead")] + [
+                  {**member(m, "general-purpose"), "prompt": "", "color": "blue", "planModeRequired": False,
+                   "backendType": "opencode", "isActive": True} for m in members]}
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    for name in [lead, *members]:
+        path = inbox_path(base, team, name)
+        if not path.exists():
+            path.write_text("[]")
+    return root
+
+
+def read_inbox(base: Path | str, team: str, agent: str) -> list[dict[str, Any]]:
+    path = inbox_path(base, team, agent)
+    with locked(base, team):
+        return json.loads(path.read_text()) if path.exists() else []
+
+
+def rewrite_in_place(path: Path, messages: list[dict[str, Any]]) -> None:
+    """Truncate and write the same file (same inode), as claude-teams does."""
+    with open(path, "a+", encoding="utf-8") as fh:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps(messages, indent=2))
+        fh.flush()
+
+
+def append_message(base: Path | str, team: str, recipient: str, sender: str, text: str,
+                   summary: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Add one message to ``recipient``'s inbox under the lock; returns the message."""
+    message: dict[str, Any] = {"from": sender, "text": text, "timestamp": now_iso(), "read": False}
+    if summary:
+        message["summary"] = summary
+    message.update(extra)
+    path = inbox_path(base, team, recipient)
+    with locked(base, team):
+        current = json.loads(path.read_text()) if path.exists() and path.stat().st_size else []
+        current.append(message)
+        rewrite_in_place(path, current)
+    return message
+
+
+def mark_read(base: Path | str, team: str, agent: str, unread_only: bool = True) -> list[dict[str, Any]]:
+    """What ``read_inbox(mark_as_read=true)`` does: return the messages and flip ``read``."""
+    path = inbox_path(base, team, agent)
+    with locked(base, team):
+        current = json.loads(path.read_text()) if path.exists() and path.stat().st_size else []
+        picked = [dict(m) for m in current if not (unread_only and m.get("read"))]
+        if picked:
+            for m in current:
+                m["read"] = True
+            rewrite_in_place(path, current)
+    return picked

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -88,9 +89,13 @@ class EventReader(Worker):
         with self._resp_lock:
             resp = self._resp
         if resp is not None:
+            # close() alone does not wake a thread blocked in recv(); shutdown() does.
+            sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
             try:
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
                 resp.close()
-            except Exception:
+            except Exception:  # noqa: BLE001 - already closed or never opened: nothing to stop
                 pass
 
     def wake_reconnect(self) -> None:

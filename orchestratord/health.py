@@ -59,9 +59,11 @@ class HealthWatch(Worker):
     def _record(self, healthy: bool, version: str | None, error: str | None) -> None:
         assert self.ledger is not None
         url = self.shared.server_url
+        auth = bool(error) and ("HTTP 401" in (error or "") or "HTTP 403" in (error or ""))
+        if auth and error != self.last_error:
+            # Wrong or missing credentials is a config error, not an outage: name it on its own.
+            self.log.error(logs.kv("server-auth-failed", url=url, error=error))
         if healthy == self.healthy:
-            if not healthy and error != self.last_error and error and "401" in error:
-                self.log.error(logs.kv("server-auth-failed", url=url, error=error))
             self.last_error = error
             if healthy and version != self.shared.server_version:
                 self.shared.update(server_version=version)
@@ -74,6 +76,6 @@ class HealthWatch(Worker):
             self.on_up()
         else:
             self.ledger.record_transition("server", "down", error)
-            level = self.log.error if error and ("401" in error or "403" in error) else self.log.warning
+            level = self.log.error if auth else self.log.warning
             if previous is None or previous:
                 level(logs.kv("server-down", url=url, error=error))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,19 @@ import sseclient
 
 from orchestratord.stream import FrameGuard, from_sync, normalize
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "opencode-1.18.33"
+
+def _reference_dir() -> Path:
+    """Recorded streams of opencode 1.18.33: $ORCHESTRATORD_REFERENCE, a sibling ``shared/``, or /work/shared."""
+    candidates = [os.environ.get("ORCHESTRATORD_REFERENCE", ""),
+                  str(Path(__file__).resolve().parents[2] / "shared" / "reference"),
+                  "/work/shared/reference"]
+    for c in candidates:
+        if c and (Path(c) / "opencode-1.18.33").is_dir():
+            return Path(c) / "opencode-1.18.33"
+    return Path(candidates[1]) / "opencode-1.18.33"
+
+
+REF = _reference_dir()
 
 
 def parse(chunks: list[bytes], max_bytes: int = 1 << 20) -> tuple[list[str], FrameGuard]:

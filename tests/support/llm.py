@@ -29,6 +29,7 @@ class Reply:
     delay: float = 0.0  # between chunks
     status: int = 500
     until: threading.Event | None = None
+    then: "Reply | None" = None  # what a hang answers once released
 
     @staticmethod
     def text(content: str, delay: float = 0.0) -> "Reply":
@@ -51,8 +52,9 @@ class Reply:
         return Reply("error", status=status, content=message)
 
     @staticmethod
-    def hang(until: threading.Event) -> "Reply":
-        return Reply("hang", until=until)
+    def hang(until: threading.Event, then: "Reply | None" = None) -> "Reply":
+        """Answer nothing until ``until`` is set, then ``then`` (default: text "released")."""
+        return Reply("hang", until=until, then=then)
 
 Answer = Union[Reply, Callable[[dict[str, Any]], Reply]]
 Predicate = Callable[[dict[str, Any]], bool]
@@ -68,6 +70,23 @@ def flat_text(req: dict[str, Any]) -> str:
         elif isinstance(content, list):
             parts.extend(c.get("text", "") for c in content if isinstance(c, dict))
     return "\n".join(parts)
+
+
+def last_user_text(req: dict[str, Any]) -> str:
+    """The text of the request's last user message (``flat_text`` sees the whole history)."""
+    for m in reversed(req.get("messages", [])):
+        if m.get("role") == "user":
+            content = m.get("content")
+            if isinstance(content, list):
+                return "\n".join(c.get("text", "") for c in content if isinstance(c, dict))
+            return str(content or "")
+    return ""
+
+
+def last_is_tool_result(req: dict[str, Any]) -> bool:
+    """True for opencode's follow-up call that carries a tool's result."""
+    msgs = req.get("messages") or []
+    return bool(msgs) and msgs[-1].get("role") == "tool"
 
 
 def is_title_request(req: dict[str, Any]) -> bool:
@@ -91,7 +110,8 @@ class ScriptedModel:
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, name="scripted-model", daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="scripted-model",
+                                        daemon=True)
         self._thread.start()
 
     # -- scripting ----------------------------------------------------------------
@@ -104,6 +124,34 @@ class ScriptedModel:
         """First matching rule wins; rules are tried before the queue."""
         with self._lock:
             self.rules.append((predicate, answer))
+
+    def script(self, marker: str, first: Answer, then: Answer) -> None:
+        """For requests mentioning ``marker``: answer ``first``; once a tool result is back, ``then``.
+
+        The usual two-step turn: a tool call, then (opencode calls the model again with the
+        tool's result as the last message) the closing text.
+        """
+        self.add_rule(lambda r: marker in flat_text(r) and not last_is_tool_result(r), first)
+        self.add_rule(lambda r: marker in flat_text(r) and last_is_tool_result(r), then)
+
+    def script_tool_then_text(self, name: str, args: dict[str, Any], text: str = "done",
+                              marker: str | None = None) -> None:
+        """A tool call, then ``text`` once its result is back.
+
+        With ``marker``: by rule, for requests mentioning it (several sessions at once).
+        Without: the two replies go on the FIFO queue, for the next turn of any session.
+        """
+        if marker is None:
+            self.enqueue(Reply.tool_call(name, args), Reply.text(text))
+        else:
+            self.script(marker, Reply.tool_call(name, args), Reply.text(text))
+
+    def reset(self) -> None:
+        """Forget rules, queue and default answer (not the requests seen): for a shared model."""
+        with self._lock:
+            self.rules.clear()
+            self.queue.clear()
+            self.default = Reply.text("ok")
 
     def chat_requests(self) -> list[dict[str, Any]]:
         """Requests other than title generation."""
@@ -182,7 +230,7 @@ class ScriptedModel:
                     if model._release.is_set():
                         self.close_connection = True
                         return
-                    reply = Reply.text("released")
+                    reply = reply.then or Reply.text("released")
                 if reply.kind == "error":
                     self._json(reply.status, {"error": {"message": reply.content, "type": "server_error"}})
                     return

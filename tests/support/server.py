@@ -7,10 +7,13 @@ again on the same port and the same data simulate an outage.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -22,6 +25,16 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 OPENCODE_BIN = ROOT / "tests" / "opencode" / "node_modules" / ".bin" / "opencode"
 TEAMS_SERVER = Path(__file__).resolve().parent / "teams_server.py"
+
+
+_BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+_ids = itertools.count()
+
+
+def new_message_id() -> str:
+    """A client-made ``msg_`` ID in opencode's own shape (the server checks only the prefix)."""
+    stamp = (int(time.time() * 1000) * 0x1000 + next(_ids) % 0x1000) & 0xFFFFFFFFFFFF
+    return f"msg_{stamp:012x}" + "".join(random.choice(_BASE62) for _ in range(14))
 
 
 def free_port() -> int:
@@ -70,6 +83,8 @@ class OpencodeServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_seconds = 0.0  # of the last start(), until healthy
+        self._last_prompt: dict[str, str] = {}  # session -> messageID of its last prompt_async
         for d in (self.home, self.project):
             d.mkdir(parents=True, exist_ok=True)
         (self.project / "opencode.json").write_text(json.dumps(opencode_config(model_url, teams_dir, permission), indent=2))
@@ -92,23 +107,34 @@ class OpencodeServer:
             "OPENCODE_DISABLE_AUTOUPDATE": "1",
             "OPENCODE_DISABLE_LSP_DOWNLOAD": "true",
             "OPENCODE_DISABLE_MODELS_FETCH": "true",
+            # opencode installs @opencode-ai/plugin into its config dir with a built-in npm at
+            # startup, and the first prompt waits for it. Offline, that fails at once and
+            # harmlessly; online it reaches the registry and, while running, keeps the server
+            # from exiting on SIGTERM. Tests never need it: keep it off the network.
+            "npm_config_offline": "true",
+            "npm_config_update_notifier": "false",
         })
         if self.password:
             env["OPENCODE_SERVER_PASSWORD"] = self.password
         return env
 
     def start(self, timeout: float = 60.0) -> "OpencodeServer":
+        """Start (again, after ``kill()``/``stop()``: same port, same data) and wait until healthy."""
+        if self.running:
+            return self
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [str(OPENCODE_BIN), "serve", "--hostname", "127.0.0.1", "--port", str(self.port)],
             cwd=self.project, env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         log.close()
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"opencode exited with {self.proc.returncode}:\n{self.log_tail()}")
             if self.healthy():
+                self.startup_seconds = time.monotonic() - started
                 return self
             time.sleep(0.1)
         self.stop()
@@ -122,10 +148,15 @@ class OpencodeServer:
             return False
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        """The end of the server's output and of its own log file (under the temp HOME)."""
+        out = []
+        for path in [self.log_path, *sorted((self.home / ".local" / "share" / "opencode" / "log").glob("*.log"))]:
+            try:
+                text = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+            except OSError:
+                continue
+            out.append(f"--- {path} ---\n{text}")
+        return "\n".join(out) or "(no log)"
 
     def _signal_group(self, signum: int) -> None:
         """Signal the server and the children it started (its MCP servers), by process group."""
@@ -163,6 +194,19 @@ class OpencodeServer:
             except (ProcessLookupError, PermissionError):
                 pass
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def restart(self, timeout: float = 60.0) -> "OpencodeServer":
+        """An outage and a recovery: SIGKILL, then start again on the same port and data."""
+        self.kill()
+        return self.start(timeout)
+
     # -- API helpers --------------------------------------------------------------------
 
     def create_session(self, title: str, permission: list[dict[str, str]] | None = None) -> dict[str, Any]:
@@ -173,10 +217,15 @@ class OpencodeServer:
         r.raise_for_status()
         return r.json()
 
-    def prompt_async(self, session_id: str, text: str) -> None:
+    def prompt_async(self, session_id: str, text: str, message_id: str | None = None, **body: Any) -> str:
+        """Post a prompt (204 at once); returns its messageID, made here so a reply can be matched."""
+        message_id = message_id or new_message_id()
         r = self.http.post(f"{self.url}/session/{session_id}/prompt_async",
-                           json={"parts": [{"type": "text", "text": text}]}, timeout=10)
+                           json={"messageID": message_id, "parts": [{"type": "text", "text": text}], **body},
+                           timeout=10)
         assert r.status_code == 204, (r.status_code, r.text)
+        self._last_prompt[session_id] = message_id
+        return message_id
 
     def messages(self, session_id: str) -> list[dict[str, Any]]:
         r = self.http.get(f"{self.url}/session/{session_id}/message", timeout=10)
@@ -193,14 +242,30 @@ class OpencodeServer:
         r.raise_for_status()
         return r.json()
 
-    def wait_idle(self, session_id: str, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Wait until the session's last assistant message has completed; return the messages."""
+    def abort(self, session_id: str) -> None:
+        r = self.http.post(f"{self.url}/session/{session_id}/abort", timeout=10)
+        r.raise_for_status()
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        r = self.http.get(f"{self.url}/session/{session_id}", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def wait_idle(self, session_id: str, timeout: float = 30.0, message_id: str | None = None) -> list[dict[str, Any]]:
+        """Wait until the prompt ``message_id`` (default: the last one sent with ``prompt_async``)
+        is answered and the session is idle; return the session's messages.
+
+        Answered: the last message is an assistant message whose parent is the prompt, and it
+        is completed with a final finish (not ``tool-calls``), failed, or was aborted.
+        """
+        message_id = message_id or self._last_prompt.get(session_id)
         deadline = time.monotonic() + timeout
         while True:
             msgs = self.messages(session_id)
             last = msgs[-1]["info"] if msgs else {}
-            done = last.get("role") == "assistant" and last.get("time", {}).get("completed") and \
-                last.get("finish") not in ("tool-calls", "unknown", None) or (last.get("error") is not None)
+            done = last.get("role") == "assistant" and (message_id is None or last.get("parentID") == message_id) and (
+                (bool(last.get("time", {}).get("completed")) and last.get("finish") not in ("tool-calls", "unknown"))
+                or last.get("error") is not None)
             if done and session_id not in self.session_status():
                 return msgs
             if time.monotonic() > deadline:

@@ -75,7 +75,7 @@ def read_inbox(base: Path | str, team: str, agent: str) -> list[dict[str, Any]]:
         return json.loads(path.read_text()) if path.exists() else []
 
 
-def rewrite_in_place(path: Path, messages: list[dict[str, Any]]) -> None:
+def rewrite_in_place(path: Path, messages: Any) -> None:
     """Truncate and write the same file (same inode), as claude-teams does."""
     with open(path, "a+", encoding="utf-8") as fh:
         fh.seek(0)
@@ -104,9 +104,22 @@ def mark_read(base: Path | str, team: str, agent: str, unread_only: bool = True)
     path = inbox_path(base, team, agent)
     with locked(base, team):
         current = json.loads(path.read_text()) if path.exists() and path.stat().st_size else []
-        picked = [dict(m) for m in current if not (unread_only and m.get("read"))]
-        if picked:
-            for m in current:
+        picked = [m for m in current if not (unread_only and m.get("read"))]
+        if any(not m.get("read") for m in picked):
+            for m in picked:
                 m["read"] = True
             rewrite_in_place(path, current)
-    return picked
+    return [dict(m) for m in picked]
+
+
+def tasks_dir(base: Path | str, team: str) -> Path:
+    return Path(base) / "tasks" / team
+
+
+def read_config(base: Path | str, team: str) -> dict[str, Any]:
+    return json.loads((team_dir(base, team) / "config.json").read_text())
+
+
+def write_config(base: Path | str, team: str, config: dict[str, Any]) -> None:
+    with locked(base, team):
+        rewrite_in_place(team_dir(base, team) / "config.json", config)  # type: ignore[arg-type]

@@ -2,64 +2,178 @@
 
 opencode starts it as a ``local`` MCP server named ``claude-teams``, so the model sees
 ``claude-teams_read_inbox``, ``claude-teams_send_message`` and the rest, exactly as in
-production. The base directory comes from ``CLAUDE_TEAMS_BASE_DIR``; the caller's name
-(the ``from`` of what it sends) from ``CLAUDE_TEAMS_AGENT_NAME`` (default ``team-lead``),
-or per call from the optional ``sender`` argument, since one server here serves every
-session of the opencode under test.
+production. Tool names, argument names and result shapes follow the real server (see
+/work/shared/reference/README.md and the recorded session): ``team_create``,
+``team_delete``, ``spawn_teammate`` (config and inbox only: no process is started),
+``send_message`` (``message``, ``broadcast``, ``shutdown_request``, ``shutdown_response``,
+``plan_approval_response``), ``read_inbox``, ``read_config``, ``task_create``,
+``task_update``, ``task_list``, ``task_get``, ``force_kill_teammate``,
+``process_shutdown_approved``, ``check_teammate``.
 
-Run by path: ``python tests/support/teams_server.py``.
+The base directory comes from ``CLAUDE_TEAMS_BASE_DIR`` (default ``~/.claude``). The
+caller's name (the ``from`` of what it sends) is the ``sender`` argument, as on the real
+server, defaulting to ``CLAUDE_TEAMS_AGENT_NAME`` or ``team-lead``: one server here serves
+every session of the opencode under test.
+
+Run by path (no import of the ``tests`` package): ``python tests/support/teams_server.py``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mcp.server.fastmcp import FastMCP  # noqa: E402
+from mcp.server.fastmcp.exceptions import ToolError  # noqa: E402
 
 import team as store  # noqa: E402  (tests/support/team.py, by path)
 
 BASE = Path(os.environ.get("CLAUDE_TEAMS_BASE_DIR") or os.path.expanduser("~/.claude"))
 ME = os.environ.get("CLAUDE_TEAMS_AGENT_NAME", "team-lead")
 
-server = FastMCP("claude-teams")
+server = FastMCP("claude-teams", instructions="Agent teams: team config, inboxes, tasks (test server).")
+
+
+def _out(value: Any) -> str:
+    """Tool results as compact JSON, as the real server's output reads in opencode."""
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _config(team_name: str) -> dict[str, Any]:
     path = store.team_dir(BASE, team_name) / "config.json"
     if not path.exists():
-        raise ValueError(f"team {team_name!r} does not exist")
+        raise ToolError(f"Team {team_name!r} not found")
     return json.loads(path.read_text())
 
 
-def _members(team_name: str) -> list[str]:
-    return [m["name"] for m in _config(team_name).get("members", [])]
+def _member(team_name: str, name: str) -> dict[str, Any] | None:
+    return next((m for m in _config(team_name).get("members", []) if m.get("name") == name), None)
+
+
+def _lead(team_name: str) -> str:
+    return str(_config(team_name).get("leadAgentId", "team-lead@")).split("@")[0] or "team-lead"
+
+
+def _require_member(team_name: str, name: str) -> dict[str, Any]:
+    if not name:
+        raise ToolError("recipient must not be empty")
+    member = _member(team_name, name)
+    if member is None:
+        raise ToolError(f"Recipient {name!r} is not a member of team {team_name!r}")
+    return member
+
+
+def _structured(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def _remove_member(team_name: str, agent_name: str) -> None:
+    config = _config(team_name)
+    config["members"] = [m for m in config.get("members", []) if m.get("name") != agent_name]
+    store.write_config(BASE, team_name, config)
+    for task in _tasks(team_name):
+        if task.get("owner") == agent_name and task.get("status") != "completed":
+            task["owner"] = None
+            task["status"] = "pending"
+            _write_task(team_name, {k: v for k, v in task.items() if v is not None})
+
+
+# -- teams ------------------------------------------------------------------------------
 
 
 @server.tool()
 def team_create(team_name: str, description: str = "") -> str:
-    """Create a team with an empty roster (the caller is its lead)."""
+    """Create a new agent team (config, inboxes, task directory); the caller is its lead."""
+    if (store.team_dir(BASE, team_name) / "config.json").exists():
+        raise ToolError(f"Team {team_name!r} already exists")
     store.make_team(BASE, team_name, members=[], lead=ME)
-    return json.dumps({"team_name": team_name, "lead": ME})
+    if description:
+        config = _config(team_name)
+        config["description"] = description
+        store.write_config(BASE, team_name, config)
+    store.tasks_dir(BASE, team_name).mkdir(parents=True, exist_ok=True)
+    return _out({"team_name": team_name, "team_file_path": str(store.team_dir(BASE, team_name) / "config.json"),
+                 "lead_agent_id": f"{ME}@{team_name}"})
 
 
 @server.tool()
 def team_delete(team_name: str) -> str:
-    """Delete a team's directory."""
-    import shutil
+    """Delete a team and its tasks. Fails while teammates are still active."""
+    config = _config(team_name)
+    active = [m["name"] for m in config.get("members", []) if m.get("isActive") and m.get("agentType") != "team-lead"]
+    if active:
+        raise ToolError(f"Team {team_name!r} still has active teammates: {', '.join(active)}")
     shutil.rmtree(store.team_dir(BASE, team_name), ignore_errors=True)
-    return json.dumps({"deleted": team_name})
+    shutil.rmtree(store.tasks_dir(BASE, team_name), ignore_errors=True)
+    return _out({"success": True, "message": f"Team {team_name!r} deleted", "team_name": team_name})
+
+
+@server.tool()
+def spawn_teammate(team_name: str, name: str, prompt: str, model: str = "balanced", backend: str = "",
+                   subagent_type: str = "general-purpose", plan_mode_required: bool = False) -> str:
+    """Add a teammate to the team and put its prompt in its inbox (the test server starts no process)."""
+    if name == "team-lead":
+        raise ToolError("Agent name 'team-lead' is reserved")
+    config = _config(team_name)
+    if any(m.get("name") == name for m in config.get("members", [])):
+        raise ToolError(f"Member {name!r} already exists in team {team_name!r}")
+    now = int(time.time() * 1000)
+    config.setdefault("members", []).append({
+        "agentId": f"{name}@{team_name}", "name": name, "agentType": subagent_type, "model": model,
+        "prompt": prompt, "color": "blue", "planModeRequired": plan_mode_required, "joinedAt": now,
+        "tmuxPaneId": "", "cwd": os.getcwd(), "subscriptions": [], "backendType": backend or "opencode",
+        "isActive": False})
+    store.write_config(BASE, team_name, config)
+    inbox = store.inbox_path(BASE, team_name, name)
+    if not inbox.exists():
+        inbox.write_text("[]")
+    store.append_message(BASE, team_name, name, _lead(team_name), prompt)
+    return _out({"agent_id": f"{name}@{team_name}", "name": name, "team_name": team_name})
 
 
 @server.tool()
 def read_config(team_name: str) -> str:
-    """The team's config.json."""
-    return json.dumps(_config(team_name))
+    """Read the team configuration including all members."""
+    return _out(_config(team_name))
+
+
+@server.tool()
+def force_kill_teammate(team_name: str, agent_name: str) -> str:
+    """Remove a teammate from the team at once and reset its tasks."""
+    if _member(team_name, agent_name) is None:
+        raise ToolError(f"Teammate {agent_name!r} not found in team {team_name!r}")
+    _remove_member(team_name, agent_name)
+    return _out({"success": True, "message": f"{agent_name} has been stopped."})
+
+
+@server.tool()
+def process_shutdown_approved(team_name: str, agent_name: str) -> str:
+    """After a shutdown_approved in the lead's inbox: remove the teammate and reset its tasks."""
+    if agent_name == _lead(team_name):
+        raise ToolError("Cannot process shutdown for team-lead")
+    _remove_member(team_name, agent_name)
+    return _out({"success": True, "message": f"{agent_name} removed from team."})
+
+
+@server.tool()
+def check_teammate(team_name: str, agent_name: str) -> str:
+    """Whether a teammate is still in the team and marked active."""
+    member = _member(team_name, agent_name)
+    if member is None:
+        raise ToolError(f"Teammate {agent_name!r} not found in team {team_name!r}")
+    unread = [m for m in store.read_inbox(BASE, team_name, agent_name) if not m.get("read")]
+    return _out({"agent_name": agent_name, "alive": bool(member.get("isActive")),
+                 "backend": member.get("backendType", ""), "their_unread_count": len(unread)})
+
+
+# -- messages ---------------------------------------------------------------------------
 
 
 @server.tool()
@@ -70,40 +184,150 @@ def read_inbox(team_name: str, agent_name: str, unread_only: bool = True, mark_a
         messages = store.mark_read(BASE, team_name, agent_name, unread_only)
     else:
         messages = [m for m in store.read_inbox(BASE, team_name, agent_name) if not (unread_only and m.get("read"))]
-    return json.dumps(messages)
+    return _out(messages)
 
 
 @server.tool()
 def send_message(team_name: str, type: str, recipient: str = "", content: str = "", summary: str = "",
-                 request_id: str = "", approve: bool = False, sender: str = "") -> str:
-    """Send a message, a broadcast, or a shutdown request/response to teammates' inboxes."""
+                 request_id: str = "", approve: bool | None = None, sender: str = "") -> str:
+    """Send a message to a teammate or answer a protocol request.
+
+    type 'message': a direct message (recipient, content, summary). 'broadcast': to every
+    other member. 'shutdown_request': ask a teammate to shut down (recipient; content is
+    the reason). 'shutdown_response': answer a shutdown request (request_id, approve).
+    'plan_approval_response': answer a plan (recipient, request_id, approve).
+    """
     me = sender or ME
-    members = _members(team_name)
+    config = _config(team_name)
     if type == "message":
-        if recipient not in members:
-            raise ValueError(f"no member {recipient!r} in team {team_name!r}")
+        if not content:
+            raise ToolError("Message content must not be empty")
+        _require_member(team_name, recipient)
         store.append_message(BASE, team_name, recipient, me, content, summary or None)
-        return json.dumps({"sent": True, "recipient": recipient})
+        return _out({"success": True, "message": f"Message sent to {recipient}",
+                     "routing": {"sender": me, "target": recipient, "summary": summary, "content": content}})
     if type == "broadcast":
-        sent = [m for m in members if m != me]
-        for m in sent:
-            store.append_message(BASE, team_name, m, me, content, summary or None)
-        return json.dumps({"sent": True, "recipients": sent})
+        targets = [m["name"] for m in config.get("members", []) if m.get("name") != me]
+        for name in targets:
+            store.append_message(BASE, team_name, name, me, content, summary or None)
+        return _out({"success": True, "message": f"Broadcast sent to {len(targets)} teammate(s)"})
     if type == "shutdown_request":
-        if recipient not in members:
-            raise ValueError(f"no member {recipient!r} in team {team_name!r}")
-        ts = store.now_iso()
-        rid = request_id or f"shutdown-{ts}@{recipient}"
-        doc = {"type": "shutdown_request", "requestId": rid, "from": me, "reason": content, "timestamp": ts}
-        store.append_message(BASE, team_name, recipient, me, json.dumps(doc, separators=(",", ":")))
-        return json.dumps({"sent": True, "request_id": rid})
+        _require_member(team_name, recipient)
+        if recipient == _lead(team_name):
+            raise ToolError("Cannot send shutdown request to team-lead")
+        now = store.now_iso()
+        rid = request_id or f"shutdown-{int(time.time() * 1000)}@{recipient}"
+        doc = {"type": "shutdown_request", "requestId": rid, "from": me, "reason": content, "timestamp": now}
+        store.append_message(BASE, team_name, recipient, me, _structured(doc))
+        return _out({"success": True, "message": f"Shutdown request sent to {recipient}", "request_id": rid,
+                     "target": recipient})
     if type == "shutdown_response":
-        kind = "shutdown_approved" if approve else "shutdown_rejected"
-        doc = {"type": kind, "requestId": request_id, "from": me, "reason": content, "timestamp": store.now_iso()}
-        lead = _config(team_name).get("leadAgentId", "team-lead@").split("@")[0]
-        store.append_message(BASE, team_name, recipient or lead, me, json.dumps(doc, separators=(",", ":")))
-        return json.dumps({"sent": True})
-    raise ValueError(f"unknown message type {type!r}")
+        lead = recipient or _lead(team_name)
+        if approve:
+            member = _member(team_name, me) or {}
+            doc = {"type": "shutdown_approved", "requestId": request_id, "from": me, "timestamp": store.now_iso(),
+                   "paneId": member.get("tmuxPaneId", ""), "backendType": member.get("backendType", "opencode")}
+            store.append_message(BASE, team_name, lead, me, _structured(doc))
+            return _out({"success": True, "message": f"Shutdown approved for request {request_id}"})
+        store.append_message(BASE, team_name, lead, me, content or "Shutdown rejected", "shutdown_rejected")
+        return _out({"success": True, "message": f"Shutdown rejected for request {request_id}"})
+    if type == "plan_approval_response":
+        _require_member(team_name, recipient)
+        if approve:
+            store.append_message(BASE, team_name, recipient, me,
+                                 _structured({"type": "plan_approval_response", "requestId": request_id,
+                                              "approved": True}), "plan_approved")
+        else:
+            store.append_message(BASE, team_name, recipient, me, content or "Plan rejected", "plan_rejected")
+        return _out({"success": True,
+                     "message": f"Plan {'approved' if approve else 'rejected'} for {recipient}"})
+    raise ToolError(f"Unknown message type: {type}")
+
+
+# -- tasks ------------------------------------------------------------------------------
+
+
+def _tasks(team_name: str) -> list[dict[str, Any]]:
+    folder = store.tasks_dir(BASE, team_name)
+    out = []
+    for path in folder.glob("*.json") if folder.exists() else []:
+        try:
+            out.append(json.loads(path.read_text()))
+        except ValueError:
+            continue
+    return sorted(out, key=lambda t: int(t["id"]) if str(t.get("id", "")).isdigit() else 0)
+
+
+def _write_task(team_name: str, task: dict[str, Any]) -> None:
+    folder = store.tasks_dir(BASE, team_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    store.rewrite_in_place(folder / f"{task['id']}.json", task)
+
+
+def _task(team_name: str, task_id: str) -> dict[str, Any]:
+    path = store.tasks_dir(BASE, team_name) / f"{task_id}.json"
+    if not path.exists():
+        raise ToolError(f"Task {task_id!r} not found in team {team_name!r}")
+    return json.loads(path.read_text())
+
+
+@server.tool()
+def task_create(team_name: str, subject: str, description: str, active_form: str = "",
+                metadata: dict[str, Any] | None = None) -> str:
+    """Create a task for the team; tasks get incrementing IDs."""
+    _config(team_name)
+    with store.locked(BASE, team_name):
+        ids = [int(t["id"]) for t in _tasks(team_name) if str(t.get("id", "")).isdigit()]
+        task: dict[str, Any] = {"id": str(max(ids, default=0) + 1), "subject": subject, "description": description,
+                                "activeForm": active_form, "status": "pending", "blocks": [], "blockedBy": []}
+        if metadata:
+            task["metadata"] = metadata
+        _write_task(team_name, task)
+    return _out(task)
+
+
+@server.tool()
+def task_update(team_name: str, task_id: str, status: str | None = None, owner: str | None = None,
+                subject: str | None = None, description: str | None = None, active_form: str | None = None,
+                add_blocks: list[str] | None = None, add_blocked_by: list[str] | None = None,
+                metadata: dict[str, Any] | None = None) -> str:
+    """Update a task. Setting an owner notifies it by inbox; status 'deleted' removes the task."""
+    if status not in (None, "pending", "in_progress", "completed", "deleted"):
+        raise ToolError(f"Invalid status {status!r}")
+    task = _task(team_name, task_id)
+    if status == "deleted":
+        (store.tasks_dir(BASE, team_name) / f"{task_id}.json").unlink()
+        task["status"] = "deleted"
+        return _out(task)
+    for key, value in (("status", status), ("owner", owner), ("subject", subject), ("description", description),
+                       ("activeForm", active_form)):
+        if value is not None:
+            task[key] = value
+    task["blocks"] = sorted(set(task.get("blocks", [])) | set(add_blocks or []))
+    task["blockedBy"] = sorted(set(task.get("blockedBy", [])) | set(add_blocked_by or []))
+    if metadata:
+        merged = {**task.get("metadata", {}), **metadata}
+        task["metadata"] = {k: v for k, v in merged.items() if v is not None}
+    _write_task(team_name, task)
+    if owner:
+        doc = {"type": "task_assignment", "taskId": task_id, "subject": task["subject"],
+               "description": task["description"], "assignedBy": ME, "timestamp": store.now_iso()}
+        if _member(team_name, owner) is not None:
+            store.append_message(BASE, team_name, owner, ME, _structured(doc))
+    return _out(task)
+
+
+@server.tool()
+def task_list(team_name: str) -> str:
+    """Every task of the team with its status and owner."""
+    _config(team_name)
+    return _out(_tasks(team_name))
+
+
+@server.tool()
+def task_get(team_name: str, task_id: str) -> str:
+    """One task by ID."""
+    return _out(_task(team_name, task_id))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import faulthandler
 import json
 import os
 import signal
+import sqlite3
 import sys
 from typing import Any, Callable, Sequence
 
@@ -106,7 +107,17 @@ def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
                     "busy": bool(session.get("busy")) and running},
         "dispatch": {"pending_triggers": ledger.count_pending_triggers(), **totals},
         "last_dispatch": (lambda d: d[0].as_dict() if d else None)(ledger.dispatches(limit=1)),
+        "escalations": _escalation_totals(ledger),
     }
+
+
+def _escalation_totals(ledger: Ledger) -> dict[str, Any]:
+    try:
+        last = ledger.escalations(limit=1)
+        return {"total": ledger.count_escalations(),
+                "last": last[0].as_dict() if last else None}
+    except sqlite3.OperationalError:  # a ledger from before escalations, opened read-only
+        return {"total": 0, "last": None}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -128,6 +139,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("triggers", f"{d['pending_triggers']} pending"),
         ("prompts", f"{d['sent_total']} sent, last {_when(d['last_sent_at'])}, outcome {d['last_outcome'] or '-'}"),
     ]
+    esc = data["escalations"]
+    rows.append(("escalations", f"{esc['total']}" + (
+        f", last {_when(esc['last']['at'])} {esc['last']['rule']} by {esc['last']['teammate'] or esc['last']['session_id'] or '-'}"
+        if esc["last"] else "")))
     if last.get("reply_text"):
         rows.append(("last reply", " ".join(last["reply_text"].split())[:100]))
     width = max(len(k) for k, _ in rows)
@@ -179,6 +194,25 @@ def cmd_messages(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_escalations(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    try:
+        rows = _open_ledger(cfg).escalations(limit=args.limit)
+    except sqlite3.OperationalError:
+        print(f"orchestratord: the ledger {cfg.ledger.path} predates escalations; start the daemon once to "
+              "upgrade it", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps([e.as_dict() for e in rows], indent=2))
+        return EXIT_OK
+    for e in reversed(rows):
+        who = e.teammate or e.session_id or "-"
+        done = ",".join(a.split(":")[0] for a in e.done if a != "hooks") or "-"
+        print(f"{_when(e.at)}  {e.severity:<8} {e.rule:<16} {e.source:<10} {who:<20} done={done:<12} "
+              f"{' '.join(e.what.split())[:70]}")
+    return EXIT_OK
+
+
 # -- parsing -----------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("messages", cmd_messages, "list teammate messages read from the team inboxes")
     p.add_argument("--json", action="store_true")
     p.add_argument("--team", help="only this team")
+    p.add_argument("--limit", type=int, default=50)
+    p = add("escalations", cmd_escalations, "list what the safety guard escalated and what it did about it")
+    p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=50)
     p = add("dispatches", cmd_dispatches, "list prompts sent to the orchestrator session and their outcomes")
     p.add_argument("--json", action="store_true")

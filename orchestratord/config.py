@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
+import shutil
 import string
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -78,6 +80,8 @@ class SessionConfig:
     id: str | None = None
     agent: str | None = None
     model: str | None = None
+    # Appended to the built-in ruleset of the orchestrator session (the last match wins).
+    permission: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,38 @@ class TriggerRule:
 
 
 @dataclass(frozen=True)
+class SafetyRuleConfig:
+    """A ``[[safety.rules]]`` entry: a new regex rule, or a change to a built-in one by name."""
+
+    name: str
+    applies_to: tuple[str, ...] | None = None
+    pattern: str | None = None
+    severity: str | None = None
+    actions: tuple[str, ...] | None = None
+    enabled: bool = True
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    """A ``[[safety.hooks]]`` entry: run on every escalation, never waited for."""
+
+    name: str
+    command: tuple[str, ...] = ()
+    url: str | None = None
+    timeout_seconds: float = 10.0
+    retries: int = 1
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    enabled: bool = True
+    allow: tuple[str, ...] = ()
+    rules: tuple[SafetyRuleConfig, ...] = ()
+    hooks: tuple[HookConfig, ...] = ()
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -136,6 +172,7 @@ class Config:
     teams: TeamsConfig = TeamsConfig()
     dispatch: DispatchConfig = DispatchConfig()
     triggers: tuple[TriggerRule, ...] = DEFAULT_TRIGGERS
+    safety: SafetyConfig = SafetyConfig()
     log: LogConfig = LogConfig()
     source: str = field(default="<defaults>", compare=False)
 
@@ -227,6 +264,26 @@ def _prompt(value: Any) -> str:
     return text
 
 
+PERMISSION_ACTIONS = ("allow", "deny", "ask")
+
+
+def _permission_rules(value: Any) -> tuple[tuple[str, str, str], ...]:
+    example = '[{ permission = "bash", pattern = "git status*", action = "allow" }]'
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of rules such as {example}")
+    out = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or set(entry) - {"permission", "pattern", "action"} or "permission" not in entry:
+            raise ValueError(f"entry {i + 1} must be a table with permission, pattern and action, e.g. {example}")
+        perm, pattern, action = entry.get("permission"), entry.get("pattern", "*"), entry.get("action")
+        if not all(isinstance(v, str) and v for v in (perm, pattern)):
+            raise ValueError(f"entry {i + 1}: permission and pattern must be non-empty strings")
+        if action not in PERMISSION_ACTIONS:
+            raise ValueError(f"entry {i + 1}: action must be one of {', '.join(PERMISSION_ACTIONS)}, not {action!r}")
+        out.append((perm, pattern, action))
+    return tuple(out)
+
+
 def _type(value: Any) -> str:
     return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
             dict: "a table"}.get(type(value), type(value).__name__)
@@ -242,7 +299,8 @@ SCHEMA: dict[str, tuple[type, dict[str, Check]]] = {
     "events": (EventsConfig, {"stream": _choice("global", "instance"), "directory": _opt_str,
                               "read_timeout_seconds": _seconds(1.0, strict=False),
                               "max_event_bytes": _int(4096), "reconnect_max_seconds": _seconds()}),
-    "session": (SessionConfig, {"title": _nonempty, "id": _opt_str, "agent": _opt_str, "model": _opt_str}),
+    "session": (SessionConfig, {"title": _nonempty, "id": _opt_str, "agent": _opt_str, "model": _opt_str,
+                                "permission": _permission_rules}),
     "teams": (TeamsConfig, {"base_dir": _nonempty, "names": _names, "lead": _nonempty, "watch_members": _bool,
                             "poll_interval_seconds": _seconds(), "report_existing": _bool}),
     "dispatch": (DispatchConfig, {"prompt": _prompt, "debounce_seconds": _seconds(0.0, strict=False),
@@ -256,7 +314,54 @@ TRIGGER_KEYS: dict[str, Check] = {
     "description": _str,
 }
 PATH_KEYS = {("ledger", "path"), ("server", "password_file"), ("teams", "base_dir"), ("events", "directory")}
-TOP_KEYS = (*SCHEMA, "triggers")
+TOP_KEYS = (*SCHEMA, "triggers", "safety")
+
+RULE_KINDS = ("command", "path", "message", "tool")
+RULE_ACTIONS = ("escalate", "reject", "tell", "abort")
+SEVERITIES = ("critical", "high", "medium", "low")
+
+
+def _choices(options: tuple[str, ...]) -> Check:
+    def check(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value or not all(v in options for v in value):
+            raise ValueError(f"must be a non-empty list of {', '.join(repr(o) for o in options)}")
+        return tuple(value)
+    return check
+
+
+def _regex(value: Any) -> str:
+    text = _nonempty(value)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"is not a valid regular expression: {exc}") from None
+    return text
+
+
+def _command(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot be split into words: {exc}") from None
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        argv = list(value)
+    else:
+        raise ValueError('must be a string ("notify-admin --urgent") or a list of strings')
+    if not argv or not argv[0]:
+        raise ValueError("must not be empty")
+    if shutil.which(argv[0]) is None:
+        raise ValueError(f"program {argv[0]!r} not found (give an absolute path, or install it)")
+    return tuple(argv)
+
+
+SAFETY_KEYS: dict[str, Check] = {"enabled": _bool, "allow": _names}
+SAFETY_RULE_KEYS: dict[str, Check] = {
+    "name": _nonempty, "applies_to": _choices(RULE_KINDS), "pattern": _regex,
+    "severity": _choice(*SEVERITIES), "actions": _choices(RULE_ACTIONS), "enabled": _bool, "description": _str,
+}
+HOOK_KEYS: dict[str, Check] = {"name": _nonempty, "command": _command, "url": _url,
+                               "timeout_seconds": _seconds(), "retries": _int(0)}
 
 
 # -- line numbers ------------------------------------------------------------------
@@ -388,53 +493,108 @@ def _match_table(key: str, raw: Any, problems: _Problems) -> dict[str, Any] | No
 
 def _triggers(raw: Any, problems: _Problems) -> tuple[TriggerRule, ...]:
     rules = {r.name: r for r in DEFAULT_TRIGGERS}
+    for where, values in _entries("triggers", raw, TRIGGER_KEYS, problems, nested={"match": _match_table},
+                                  name_hint=" (a default rule's name to change it, or a new one)"):
+        name = values["name"]
+        if name in rules:
+            rules[name] = replace(rules[name], **values)
+        elif "event" not in values:
+            problems.add(where, f"new rule {name!r} needs an event type (e.g. event = \"session.error\")")
+        else:
+            rules[name] = TriggerRule(**values)
+    return tuple(rules.values())
+
+
+Nested = Callable[[str, Any, "_Problems"], Any]
+
+
+def _entries(key: str, raw: Any, checks: dict[str, Check], problems: _Problems,
+             nested: dict[str, Nested] | None = None, name_hint: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Check each named table of an array of tables: (its key, its values) for the usable ones.
+
+    ``nested`` keys have checkers of their own that report problems themselves (and
+    return None on error). A name given twice is an error: the second would silently win.
+    """
     if raw is None:
-        return tuple(rules.values())
+        return []
     if not isinstance(raw, list):
-        problems.add("triggers", "must be an array of tables ([[triggers]])")
-        return tuple(rules.values())
+        problems.add(key, f"must be an array of tables ([[{key}]])")
+        return []
+    nested = nested or {}
+    out = []
     seen: set[str] = set()
     for index, entry in enumerate(raw):
-        key = f"triggers.{index}"
+        where = f"{key}.{index}"
         if not isinstance(entry, dict):
-            problems.add(key, "must be a table")
+            problems.add(where, "must be a table")
             continue
         values: dict[str, Any] = {}
         ok = True
         for k, v in entry.items():
-            if k == "match":
-                m = _match_table(f"{key}.match", v, problems)
-                ok = ok and m is not None
-                values["match"] = m or {}
+            if k in nested:
+                values[k] = nested[k](f"{where}.{k}", v, problems)
+                ok = ok and values[k] is not None
                 continue
-            check = TRIGGER_KEYS.get(k)
+            check = checks.get(k)
             if check is None:
-                problems.unknown(f"{key}.{k}", [*TRIGGER_KEYS, "match"])
+                problems.unknown(f"{where}.{k}", [*checks, *nested])
                 ok = False
                 continue
             try:
                 values[k] = check(v)
             except ValueError as exc:
-                problems.add(f"{key}.{k}", str(exc))
+                problems.add(f"{where}.{k}", str(exc))
                 ok = False
         name = values.get("name")
         if name is None:
             if "name" not in entry:
-                problems.add(key, "needs a name (a default rule's name to change it, or a new one)")
+                problems.add(where, f"needs a name{name_hint}")
             continue
         if name in seen:
-            problems.add(f"{key}.name", f"rule {name!r} is defined twice")
+            problems.add(f"{where}.name", f"{name!r} is defined twice")
             continue
         seen.add(name)
-        if not ok:
+        if ok:
+            out.append((where, values))
+    return out
+
+
+def _safety(raw: Any, problems: _Problems) -> SafetyConfig:
+    from .policy import DEFAULT_RULES  # the built-in rule names
+
+    if raw is None:
+        return SafetyConfig()
+    if not isinstance(raw, dict):
+        problems.add("safety", "must be a table ([safety])")
+        return SafetyConfig()
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("rules", "hooks"):
             continue
-        if name in rules:
-            rules[name] = replace(rules[name], **values)
-        elif "event" not in values:
-            problems.add(key, f"new rule {name!r} needs an event type (e.g. event = \"session.error\")")
-        else:
-            rules[name] = TriggerRule(**values)
-    return tuple(rules.values())
+        check = SAFETY_KEYS.get(key)
+        if check is None:
+            problems.unknown(f"safety.{key}", [*SAFETY_KEYS, "rules", "hooks"])
+            continue
+        try:
+            values[key] = check(value)
+        except ValueError as exc:
+            problems.add(f"safety.{key}", str(exc))
+    builtin = {r.name for r in DEFAULT_RULES}
+    rules: list[SafetyRuleConfig] = []
+    for where, v in _entries("safety.rules", raw.get("rules"), SAFETY_RULE_KEYS, problems,
+                             name_hint=" (a built-in rule's name to change it, or a new one)"):
+        if v["name"] not in builtin and "pattern" not in v and v.get("enabled", True):
+            problems.add(where, f"new rule {v['name']!r} needs a pattern (a regular expression); the built-in "
+                         f"rules are {', '.join(sorted(builtin))}")
+            continue
+        rules.append(SafetyRuleConfig(**v))
+    hooks: list[HookConfig] = []
+    for where, v in _entries("safety.hooks", raw.get("hooks"), HOOK_KEYS, problems):
+        if "command" not in v and "url" not in v:
+            problems.add(where, "needs a command, a url, or both")
+            continue
+        hooks.append(HookConfig(**v))
+    return SafetyConfig(**values, rules=tuple(rules), hooks=tuple(hooks))
 
 
 def parse_config(text: str, source: str = "<config>", base_dir: str | Path | None = None) -> Config:
@@ -452,7 +612,8 @@ def parse_config(text: str, source: str = "<config>", base_dir: str | Path | Non
             problems.unknown(key, list(TOP_KEYS))
     sections = {name: _section(name, data.get(name), problems, base) for name in SCHEMA}
     triggers = _triggers(data.get("triggers"), problems)
-    cfg = Config(**sections, triggers=triggers, source=source)
+    safety = _safety(data.get("safety"), problems)
+    cfg = Config(**sections, triggers=triggers, safety=safety, source=source)
     if not problems.items:
         _cross_checks(cfg, problems)
     if problems.items:
@@ -485,7 +646,7 @@ def dump_config(cfg: Config) -> str:
     """The effective config as TOML (every key, defaults filled in)."""
     out: dict[str, Any] = {}
     for f in fields(cfg):
-        if f.name in ("source", "triggers"):
+        if f.name in ("source", "triggers", "safety"):
             continue
         section = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(getattr(cfg, f.name)).items()
                    if v is not None}
@@ -495,6 +656,16 @@ def dump_config(cfg: Config) -> str:
          for k, v in asdict(rule).items() if not (k == "match" and not v)}
         for rule in cfg.triggers
     ]
+    out["session"]["permission"] = [{"permission": p, "pattern": pat, "action": a}
+                                    for p, pat, a in cfg.session.permission]
+    s = cfg.safety
+    out["safety"] = {
+        "enabled": s.enabled, "allow": list(s.allow),
+        "rules": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items() if v is not None}
+                  for r in s.rules],
+        "hooks": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(h).items() if v is not None}
+                  for h in s.hooks],
+    }
     return tomli_w.dumps(out)
 
 
@@ -514,6 +685,9 @@ def summarize(cfg: Config) -> str:
         f"apart, at most {cfg.dispatch.max_per_hour}/hour, sweep "
         + (f"every {cfg.dispatch.sweep_interval_seconds:g}s" if cfg.dispatch.sweep_interval_seconds else "off"),
         f"triggers  {rules}",
+        f"safety    " + ("off" if not cfg.safety.enabled else
+                         f"{len(cfg.safety.rules)} rule change(s), {len(cfg.safety.hooks)} hook(s), "
+                         f"{len(cfg.safety.allow)} allowed pattern(s)"),
         f"log       {cfg.log.level}",
     ]
     return "\n".join(lines)

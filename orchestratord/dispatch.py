@@ -31,6 +31,13 @@ SESSION_PERMISSION: list[dict[str, str]] = [
     {"permission": "claude-teams_*", "pattern": "*", "action": "allow"},
 ]
 
+
+
+def session_permission(extra: Sequence[tuple[str, str, str]] = ()) -> list[dict[str, str]]:
+    """The orchestrator session's ruleset: the safe defaults, then ``session.permission``."""
+    return SESSION_PERMISSION + [{"permission": p, "pattern": pat, "action": a} for p, pat, a in extra]
+
+
 MAX_LISTED = 25
 FOLLOW_POLL = 2.0
 IDLE_WAIT = 60.0
@@ -54,11 +61,14 @@ class DispatchSettings:
     teams: Sequence[str]
     teams_base_dir: str
     lead: str
+    permission: Sequence[tuple[str, str, str]] = ()
 
 
 def render_prompt(template: str, triggers: Sequence[Trigger], teams: Sequence[str], base_dir: str, lead: str) -> str:
     """The prompt text: the template with the teams, the lead and a list of what happened."""
     lines = []
+    # Escalations first, whatever their age: they are what the orchestrator must act on.
+    triggers = sorted(triggers, key=lambda t: (t.kind != "escalation", t.id))
     for t in triggers[:MAX_LISTED]:
         who = f" teammate {t.teammate}" if t.teammate else ""
         team = f" team {t.team}" if t.team else ""
@@ -179,14 +189,19 @@ class Dispatcher(Worker):
             return
         key = f"session:{self.server_url}"
         known = self.ledger.get_meta(key)
+        ruleset = session_permission(self.s.permission)
         if known:
             try:
-                self.client.get_session(known)
+                info = self.client.get_session(known)
+                if info.get("permission") != ruleset:
+                    # The config may have changed since it was created: restate the rules.
+                    self.client.set_session_permission(known, ruleset)
+                    self.log.info(logs.kv("session-permission-updated", session=known, rules=len(ruleset)))
                 self._use_session(known)
                 return
             except NotFound:
                 self.log.warning(logs.kv("session-missing", session=known, action="creating a new one"))
-        info = self.client.create_session(self.s.session_title, SESSION_PERMISSION)
+        info = self.client.create_session(self.s.session_title, ruleset)
         sid = info["id"]
         self.ledger.set_meta(key, sid)
         self.log.log(logs.NOTICE, logs.kv("session-created", session=sid, title=self.s.session_title))
@@ -223,11 +238,13 @@ class Dispatcher(Worker):
             return IDLE_WAIT
         newest = max(self.seen[t.id] for t in pending)
         oldest = min(self.seen[t.id] for t in pending)
-        # Quiet period after the newest trigger, but never starve a steady trickle.
+        urgent = any(t.kind == "escalation" for t in pending)
+        # Quiet period after the newest trigger, but never starve a steady trickle. An
+        # escalation skips the quiet period and the minimum interval.
         wait = min(newest + self.s.debounce, oldest + max(4 * self.s.debounce, 2.0)) - now
-        if wait > 0:
+        if wait > 0 and not urgent:
             return wait
-        if self.last_sent is not None and now - self.last_sent < self.s.min_interval:
+        if not urgent and self.last_sent is not None and now - self.last_sent < self.s.min_interval:
             return self.last_sent + self.s.min_interval - now
         while self.sends and now - self.sends[0] >= 3600:
             self.sends.popleft()

@@ -17,6 +17,7 @@ import requests
 import sseclient
 
 from . import logs
+from .guard import Judge, seen_in_event, seen_in_permission
 from .ledger import EventRow, Ledger
 from .opencode import AuthError, OpencodeClient, OpencodeError
 from .state import Shared
@@ -34,6 +35,7 @@ class EventReader(Worker):
                  stream: str, directory: str | None, read_timeout: float, max_event_bytes: int,
                  reconnect_max: float, store: str, rules: Sequence[Rule],
                  on_trigger: Callable[[], None], on_own_activity: Callable[[], None],
+                 judge: Judge | None = None, on_escalation: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock)
         self.shared = shared
@@ -49,6 +51,8 @@ class EventReader(Worker):
         self.rules = list(rules)
         self.on_trigger = on_trigger
         self.on_own_activity = on_own_activity
+        self.judge = judge
+        self.on_escalation = on_escalation
         self.stall_after = read_timeout + 15.0
         self.ledger: Ledger | None = None
         self.client: OpencodeClient | None = None
@@ -157,8 +161,24 @@ class EventReader(Worker):
                                           for k, v in statuses.items()})
         except OpencodeError as exc:
             self.log.warning(logs.kv("status-reread-failed", error=str(exc)))
+        self._judge_pending_permissions()
         self._catch_up()
         self.on_own_activity()
+
+    def _judge_pending_permissions(self) -> None:
+        """Requests asked while we were away are not replayed: judge the ones still open."""
+        if self.judge is None or not self.judge.enabled:
+            return
+        assert self.client is not None and self.ledger is not None
+        try:
+            requests_ = self.client.permissions()
+        except OpencodeError as exc:
+            self.log.warning(logs.kv("permission-reread-failed", error=str(exc),
+                                     fix="none needed; new requests are still judged as they come"))
+            return
+        seen = [s for req in requests_ if isinstance(req, dict) for s in seen_in_permission(req)]
+        if seen and self.judge.record(self.ledger, seen, self.shared.session_id, self._title):
+            self.on_escalation()
 
     def _catch_up(self) -> None:
         """Ask for the durable events after the last seq we saw, per session."""
@@ -236,6 +256,10 @@ class EventReader(Worker):
                 self._flush()
         self._observe(event)
         own = self.shared.session_id
+        if self.judge is not None and event.type in ("message.part.updated", "permission.asked"):
+            seen = seen_in_event(event, own)
+            if seen and self.judge.record(self.ledger, seen, own, self._title):
+                self.on_escalation()
         matches = match_all(self.rules, event, own, self._title)
         if matches:
             self._flush()

@@ -214,8 +214,9 @@ class InboxWatcher(Worker):
 
     def __init__(self, *, ledger_path: str, base_dir: str, teams: Sequence[str], lead: str, watch_members: bool,
                  poll_interval: float, report_existing: bool, on_trigger: Callable[[], None],
-                 notify: bool = True, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 judge: Callable[[Ledger, TeamMessage], int] | None = None,
+                 on_escalation: Callable[[], None] = lambda: None, notify: bool = True,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         super().__init__(clock)
         self.ledger_path = ledger_path
         self.base = Path(base_dir)
@@ -225,6 +226,8 @@ class InboxWatcher(Worker):
         self.poll_interval = poll_interval
         self.report_existing = report_existing
         self.on_trigger = on_trigger
+        self.judge = judge
+        self.on_escalation = on_escalation
         self.use_notify = notify
         self.wall = wall
         self.ledger: Ledger | None = None
@@ -465,6 +468,10 @@ class InboxWatcher(Worker):
             self.log.log(logs.NOTICE, logs.kv("teammate-message", team=msg.team, **{"from": msg.sender},
                                               to=msg.recipient, type=None if msg.type == "message" else msg.type,
                                               summary=msg.short()))
+            # Judged before it is marked reported: a crash in between judges it again,
+            # and the escalation's key makes that a no-op.
+            if self.judge is not None and self.judge(self.ledger, msg):
+                self.on_escalation()
             self.ledger.mark_reported(m["id"], trigger_id, now=self.wall())
         if triggered:
             self.on_trigger()

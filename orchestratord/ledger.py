@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 
 from .worker import crash_point
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -104,7 +104,34 @@ CREATE INDEX IF NOT EXISTS messages_unreported ON messages(reported_at) WHERE re
 CREATE INDEX IF NOT EXISTS messages_team ON messages(team, id);
 """
 
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
+# v3: escalations from the safety guard. A row is written by the thread that saw the
+# input (so a crash cannot lose it); ``done`` lists the actions the guard has carried
+# out, and ``handled_at`` is set when nothing is left to do.
+_SCHEMA_V3 = """
+CREATE TABLE IF NOT EXISTS escalations (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    at REAL NOT NULL,
+    rule TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    source TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    session_id TEXT,
+    team TEXT,
+    teammate TEXT,
+    what TEXT NOT NULL,
+    text TEXT NOT NULL,
+    permission_id TEXT,
+    actions TEXT NOT NULL,
+    done TEXT NOT NULL DEFAULT '[]',
+    outcome TEXT NOT NULL DEFAULT '{}',
+    handled_at REAL
+);
+CREATE INDEX IF NOT EXISTS escalations_open ON escalations(handled_at) WHERE handled_at IS NULL;
+CREATE INDEX IF NOT EXISTS escalations_at ON escalations(at);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 
 # Dispatch states: recorded before the POST, sent after it, then one of the final three.
 PENDING, SENT, COMPLETED, FAILED, TIMEOUT = "pending", "sent", "completed", "failed", "timeout"
@@ -164,6 +191,34 @@ class MessageRow:
     type: str
     summary: str | None
     text: str
+
+
+@dataclass(frozen=True)
+class Escalation:
+    id: int
+    key: str
+    at: float
+    rule: str
+    severity: str
+    source: str
+    kind: str
+    session_id: str | None
+    team: str | None
+    teammate: str | None
+    what: str
+    text: str
+    permission_id: str | None
+    actions: tuple[str, ...]
+    done: tuple[str, ...]
+    outcome: dict[str, Any]
+    handled_at: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "at": self.at, "rule": self.rule, "severity": self.severity, "source": self.source,
+                "kind": self.kind, "session_id": self.session_id, "team": self.team, "teammate": self.teammate,
+                "what": self.what, "text": self.text, "permission_id": self.permission_id,
+                "actions": list(self.actions), "done": list(self.done), "outcome": self.outcome,
+                "handled_at": self.handled_at}
 
 
 @dataclass(frozen=True)
@@ -421,6 +476,52 @@ class Ledger:
             cur = self.db.execute(_MESSAGE_COLUMNS + " ORDER BY id DESC LIMIT ?", (limit,))
         return [_message(r) for r in cur.fetchall()]
 
+    # -- escalations -------------------------------------------------------------
+
+    def add_escalation(self, key: str, *, rule: str, severity: str, source: str, kind: str, what: str, text: str,
+                       actions: Sequence[str], session_id: str | None = None, team: str | None = None,
+                       teammate: str | None = None, permission_id: str | None = None,
+                       now: float | None = None) -> tuple[int | None, bool]:
+        """Record an escalation once by ``key``; (its id, whether it is new).
+
+        The same act seen again with a permission request attached (the tool part first,
+        then the server asking whether it may run) reopens the row so the guard can
+        reject that request; nothing else is repeated.
+        """
+        at = now if now is not None else time.time()
+        with self._tx():
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO escalations(key, at, rule, severity, source, kind, session_id, team, teammate, "
+                "what, text, permission_id, actions) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, at, rule, severity, source, kind, session_id, team, teammate, what, text[:4000],
+                 permission_id, json.dumps(list(actions))))
+            if cur.rowcount:
+                return int(cur.lastrowid or 0), True
+            row = self.db.execute("SELECT id, permission_id FROM escalations WHERE key=?", (key,)).fetchone()
+            if row is None:
+                return None, False
+            if permission_id and row[1] != permission_id:
+                self.db.execute("UPDATE escalations SET permission_id=?, handled_at=NULL WHERE id=?",
+                                (permission_id, row[0]))
+            return int(row[0]), False
+
+    def open_escalations(self, limit: int = 100) -> list[Escalation]:
+        cur = self.db.execute(_ESCALATION_COLUMNS + " WHERE handled_at IS NULL ORDER BY id LIMIT ?", (limit,))
+        return [_escalation(r) for r in cur.fetchall()]
+
+    def update_escalation(self, escalation_id: int, done: Sequence[str], outcome: dict[str, Any],
+                          handled: bool, now: float | None = None) -> None:
+        self.db.execute("UPDATE escalations SET done=?, outcome=?, handled_at=? WHERE id=?",
+                        (json.dumps(list(done)), json.dumps(outcome),
+                         (now if now is not None else time.time()) if handled else None, escalation_id))
+
+    def escalations(self, limit: int = 50) -> list[Escalation]:
+        cur = self.db.execute(_ESCALATION_COLUMNS + " ORDER BY id DESC LIMIT ?", (limit,))
+        return [_escalation(r) for r in cur.fetchall()]
+
+    def count_escalations(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM escalations").fetchone()[0]
+
     # -- housekeeping -----------------------------------------------------------
 
     def prune(self, before: float) -> int:
@@ -431,6 +532,8 @@ class Ledger:
             # Message identities are what stops a second report: keep them well past the
             # point where an inbox could still hold the message.
             n += self.db.execute("DELETE FROM messages WHERE first_seen < ? AND reported_at IS NOT NULL",
+                                 (before - 30 * 86400,)).rowcount
+            n += self.db.execute("DELETE FROM escalations WHERE at < ? AND handled_at IS NOT NULL",
                                  (before - 30 * 86400,)).rowcount
             n += self.db.execute(
                 "DELETE FROM triggers WHERE at < ? AND dispatch_id IN "
@@ -455,6 +558,18 @@ _MESSAGE_COLUMNS = ("SELECT id, team, recipient, sender, sent_at, type, summary,
                     "trigger_id FROM messages")
 _MESSAGE_KEYS = ("id", "team", "recipient", "sender", "timestamp", "type", "summary", "text", "first_seen",
                  "reported_at", "trigger_id")
+
+
+_ESCALATION_COLUMNS = ("SELECT id, key, at, rule, severity, source, kind, session_id, team, teammate, what, text, "
+                       "permission_id, actions, done, outcome, handled_at FROM escalations")
+
+
+def _escalation(row: Sequence[Any]) -> Escalation:
+    values = list(row)
+    values[13] = tuple(json.loads(values[13]))
+    values[14] = tuple(json.loads(values[14]))
+    values[15] = json.loads(values[15])
+    return Escalation(*values)
 
 
 def _message(row: Sequence[Any]) -> dict[str, Any]:

@@ -141,6 +141,9 @@ class OpencodeClient:
             body["permission"] = permission
         return self._json("POST", "/session", json=body)
 
+    def set_session_permission(self, session_id: str, permission: list[dict[str, str]]) -> dict[str, Any]:
+        return self._json("PATCH", f"/session/{session_id}", json={"permission": permission})
+
     def get_session(self, session_id: str) -> dict[str, Any]:
         return self._json("GET", f"/session/{session_id}")
 

@@ -300,6 +300,8 @@ def check_credentials(segs: list[list[str]], text: str) -> str | None:
     m = CREDENTIALS.search(text)
     if not m:
         return None
+    if not segs:  # a bare file path (a read or write tool): touching it is the finding
+        return f"credentials file ({m.group(0).strip()})"
     progs = {prog(t) for seg in segs for t in seg}
     if progs & NETWORK:
         return f"credentials ({m.group(0).strip()}) sent to the network"
@@ -357,7 +359,8 @@ def evaluate(text: str, kind: str, rules: Sequence[Rule] = DEFAULT_RULES) -> lis
     """Every enabled rule for ``kind`` that matches ``text``."""
     if not text or not text.strip():
         return []
-    segs = segments(text) if kind != PATH else [[text]]
+    # Paths and tool inputs are data, not shell: checks see them without segments.
+    segs = segments(text) if kind in (COMMAND, MESSAGE) else []
     found: list[Finding] = []
     for rule in rules:
         if not rule.enabled or kind not in rule.applies_to:
@@ -371,3 +374,36 @@ def evaluate(text: str, kind: str, rules: Sequence[Rule] = DEFAULT_RULES) -> lis
         if seen:
             found.append(Finding(rule.name, rule.severity, seen[:200]))
     return found
+
+
+def build_rules(changes: Iterable[object], base: Sequence[Rule] = DEFAULT_RULES) -> tuple[Rule, ...]:
+    """The built-in rules with the config's ``[[safety.rules]]`` applied, by name.
+
+    A change to a built-in rule keeps its check unless it gives a pattern (which replaces
+    the check); a new name adds a regex rule (case-insensitive). ``enabled = false``
+    switches a rule off.
+    """
+    rules = {r.name: r for r in base}
+    for c in changes:
+        name = getattr(c, "name")
+        pattern = getattr(c, "pattern", None)
+        compiled = re.compile(pattern, re.I) if pattern else None
+        old = rules.get(name)
+        applies = getattr(c, "applies_to", None)
+        severity = getattr(c, "severity", None)
+        actions = getattr(c, "actions", None)
+        if old is None:
+            if compiled is None:
+                continue
+            rules[name] = Rule(name, frozenset(applies or (COMMAND,)), severity=severity or "critical",
+                               actions=tuple(actions or ("escalate", "reject", "tell")),
+                               description=getattr(c, "description", "") or f"pattern {pattern}",
+                               pattern=compiled, enabled=getattr(c, "enabled", True))
+            continue
+        rules[name] = Rule(
+            name, frozenset(applies) if applies else old.applies_to, severity=severity or old.severity,
+            actions=tuple(actions) if actions else old.actions,
+            description=getattr(c, "description", "") or old.description,
+            check=None if compiled is not None else old.check, pattern=compiled or old.pattern,
+            enabled=getattr(c, "enabled", True))
+    return tuple(rules.values())

@@ -19,6 +19,7 @@ from . import logs
 from .config import Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchSettings
 from .events import EventReader
+from .guard import Guard, Judge, seen_in_message
 from .health import HealthWatch
 from .inbox import InboxWatcher
 from .ledger import Ledger, LedgerError
@@ -38,9 +39,10 @@ STOP_TIMEOUT = 5.0
 # whose sections changed.
 WORKER_SECTIONS: dict[str, tuple[str, ...]] = {
     "health": ("server", "health", "ledger"),
-    "events": ("server", "events", "triggers", "ledger"),
+    "events": ("server", "events", "triggers", "safety", "ledger"),
     "dispatch": ("server", "dispatch", "session", "teams", "ledger"),
-    "inbox": ("teams", "ledger"),
+    "inbox": ("teams", "safety", "ledger"),
+    "guard": ("server", "safety", "ledger"),
 }
 
 
@@ -49,7 +51,8 @@ class StartupError(Exception):
 
 
 def changed_sections(old: Config, new: Config) -> set[str]:
-    return {name for name in ("server", "ledger", "health", "events", "session", "teams", "dispatch", "triggers", "log")
+    return {name for name in ("server", "ledger", "health", "events", "session", "teams", "dispatch", "triggers",
+                              "safety", "log")
             if getattr(old, name) != getattr(new, name)}
 
 
@@ -117,7 +120,8 @@ class Supervisor:
                                read_timeout=cfg.events.read_timeout_seconds, max_event_bytes=cfg.events.max_event_bytes,
                                reconnect_max=cfg.events.reconnect_max_seconds, store=cfg.ledger.store_events,
                                rules=cfg.triggers, on_trigger=self._wake("dispatch"),
-                               on_own_activity=self._wake("dispatch"), clock=self.clock)
+                               on_own_activity=self._wake("dispatch"), judge=Judge.from_config(cfg.safety),
+                               on_escalation=self._wake("guard"), clock=self.clock)
         if name == "dispatch":
             d = cfg.dispatch
             settings = DispatchSettings(
@@ -125,14 +129,21 @@ class Supervisor:
                 max_per_hour=d.max_per_hour, sweep_interval=d.sweep_interval_seconds,
                 busy_timeout=d.busy_timeout_seconds, completion_timeout=d.completion_timeout_seconds,
                 session_title=cfg.session.title, session_id=cfg.session.id, agent=cfg.session.agent,
-                model=cfg.session.model, teams=cfg.teams.names, teams_base_dir=cfg.teams.base_dir, lead=cfg.teams.lead)
+                model=cfg.session.model, permission=cfg.session.permission, teams=cfg.teams.names, teams_base_dir=cfg.teams.base_dir, lead=cfg.teams.lead)
             return Dispatcher(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
                               settings=settings, server_url=cfg.server.url, clock=self.clock)
         if name == "inbox":
             t = cfg.teams
+            judge = Judge.from_config(cfg.safety)
             return InboxWatcher(ledger_path=cfg.ledger.path, base_dir=t.base_dir, teams=t.names, lead=t.lead,
                                 watch_members=t.watch_members, poll_interval=t.poll_interval_seconds,
-                                report_existing=t.report_existing, on_trigger=self._wake("dispatch"), clock=self.clock)
+                                report_existing=t.report_existing, on_trigger=self._wake("dispatch"),
+                                judge=lambda ledger, m: judge.record(ledger, [seen_in_message(m)]),
+                                on_escalation=self._wake("guard"), clock=self.clock)
+        if name == "guard":
+            return Guard(make_client=self._client, ledger_path=cfg.ledger.path, hooks=cfg.safety.hooks,
+                         own_session=lambda: self.shared.session_id, on_trigger=self._wake("dispatch"),
+                         clock=self.clock)
         raise KeyError(name)
 
     def _wake(self, name: str) -> Callable[[], None]:

@@ -41,13 +41,18 @@ class FakeServer:
         sid = f"ses_new{self.created}"
         self.sessions.add(sid)
         self.permission = permission
-        return {"id": sid, "title": title}
+        return {"id": sid, "title": title, "permission": permission}
 
     def get_session(self, sid: str) -> dict[str, Any]:
         self._check()
         if sid not in self.sessions:
             raise NotFound(sid)
-        return {"id": sid}
+        return {"id": sid, "permission": getattr(self, "permission", None)}
+
+    def set_session_permission(self, sid: str, permission: Any) -> dict[str, Any]:
+        self.permission = permission
+        self.patched = getattr(self, "patched", 0) + 1
+        return {"id": sid, "permission": permission}
 
     def session_status(self) -> dict[str, Any]:
         self._check()

@@ -77,6 +77,15 @@ class Bed:
         self.daemons.append(d)
         return d.start()
 
+    def ready_daemon(self) -> Daemon:
+        """A daemon that is READY, has its session, and has made its first inbox scan."""
+        d = self.daemon()
+        d.notify.wait("READY=1")
+        self.session_id()
+        wait_for(lambda: ledger_rows(self.ledger, "SELECT value FROM meta WHERE key = 'inbox.initialized'"), 30,
+                 "the inbox watcher's first scan")
+        return d
+
     def session_id(self) -> str:
         rows = wait_for(lambda: ledger_rows(self.ledger, "SELECT value FROM meta WHERE key = ?",
                                             (f"session:{self.server.url}",)), 30, "the orchestrator session in the ledger")

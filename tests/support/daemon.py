@@ -201,6 +201,13 @@ class Daemon:
             self._reader.join(5)
         return code
 
+    def cli(self, *args: str) -> str:
+        """Run ``orchestratord <args> --config <this daemon's config>``; its stdout (it must succeed)."""
+        proc = subprocess.run([sys.executable, "-m", "orchestratord", *args, "--config", str(self.config)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"orchestratord {' '.join(args)} exited {proc.returncode}: {proc.stderr}"
+        return proc.stdout
+
     def stop(self) -> int | None:
         """SIGTERM, a wait, then SIGKILL; by PID only."""
         if self.proc is None or self.proc.poll() is not None:

@@ -71,7 +71,7 @@ def opencode_config(model_url: str, teams_dir: Path, permission: dict[str, Any] 
 
 class OpencodeServer:
     def __init__(self, root: Path, model_url: str, teams_dir: Path, password: str | None = None,
-                 permission: dict[str, Any] | None = None) -> None:
+                 permission: dict[str, Any] | None = None, path_prefix: Path | None = None) -> None:
         if not OPENCODE_BIN.exists():
             raise RuntimeError(f"{OPENCODE_BIN} is missing: run `make opencode` (part of `make test`)")
         self.root = root
@@ -79,6 +79,7 @@ class OpencodeServer:
         self.project = root / "project"
         self.log_path = root / "opencode.log"
         self.password = password
+        self.path_prefix = path_prefix  # a directory put first on the server's PATH (command shims)
         self.username = "opencode"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -116,6 +117,8 @@ class OpencodeServer:
         })
         if self.password:
             env["OPENCODE_SERVER_PASSWORD"] = self.password
+        if self.path_prefix is not None:
+            env["PATH"] = f"{self.path_prefix}{os.pathsep}{env.get('PATH', os.defpath)}"
         return env
 
     def start(self, timeout: float = 60.0) -> "OpencodeServer":

@@ -280,3 +280,38 @@ def test_render_and_outcome_helpers() -> None:
     text = render_prompt("{teams}|{lead}|{triggers}", [], (), "/base", "lead")
     assert text == "every team under /base|lead|- (periodic check)"
     assert outcome([], "msg_x")[0] is False
+
+
+def test_an_escalation_skips_the_quiet_period_and_the_min_interval(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make(debounce=5.0, min_interval=60.0)
+    add_triggers(path, 1)
+    clock.t += d.run_once()
+    d.run_once()
+    [p] = server.prompts
+    server.reply(p["session"], p["id"], "ok")
+    d.run_once()
+    add_triggers(path, 1, teammate="worker-2")
+    assert d.run_once() > 0 and len(server.prompts) == 1, "an ordinary trigger waits"
+    led = Ledger(path)
+    led.add_trigger("escalation", "SAFETY ESCALATION: worker-3 ran rm -rf /", rule="safety:recursive-delete",
+                    teammate="worker-3", dedup="escalation:1")
+    led.close()
+    d.run_once()
+    assert len(server.prompts) == 2, "the escalation goes out at once, with what was waiting"
+    lines = server.prompts[1]["text"].splitlines()
+    assert "[safety:recursive-delete]" in lines[1] and "worker-3" in lines[1]
+    assert any("teammate worker-2" in ln for ln in lines[2:])
+
+
+def test_the_session_ruleset_is_restated_when_the_config_widens_it(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make()
+    d.run_once()
+    assert server.permission[0] == {"permission": "bash", "pattern": "*", "action": "deny"}
+    d2 = make(permission=(("bash", "git status*", "allow"),))
+    d2.run_once()
+    assert getattr(server, "patched", 0) == 1 and server.created == 1
+    assert server.permission[-1] == {"permission": "bash", "pattern": "git status*", "action": "allow"}
+    make(permission=(("bash", "git status*", "allow"),)).run_once()
+    assert server.patched == 1, "unchanged rules are left alone"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from orchestratord.config import HookConfig, parse_config
-from orchestratord.dispatch import Dispatcher, render_prompt
+from orchestratord.dispatch import render_prompt
 from orchestratord.guard import Guard, Judge, seen_in_event, seen_in_message, seen_in_permission
 from orchestratord.hooks import Hooks
 from orchestratord.inbox import TeamMessage
@@ -214,13 +214,12 @@ def test_guard_answered_elsewhere_and_abort(tmp_path: Path) -> None:
     g.teardown()
 
 
-def test_escalations_skip_the_quiet_period_and_come_first() -> None:
+def test_escalations_come_first_in_the_prompt() -> None:
     from orchestratord.ledger import Trigger
     ts = [Trigger(1, 0.0, "inbox", "teammate-message", "t", "w2", None, None, None, "hello", None),
           Trigger(2, 0.0, "escalation", "safety:x", "t", "w1", None, None, None, "SAFETY ESCALATION w1", None)]
     text = render_prompt("{triggers}", ts, ["t"], "/b", "lead")
     assert text.splitlines()[0].startswith("- [safety:x] team t teammate w1")
-    assert Dispatcher  # the quiet-period rule itself is exercised in test_dispatch_logic
 
 
 # -- hooks ------------------------------------------------------------------------------------

@@ -108,7 +108,16 @@ def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
         "dispatch": {"pending_triggers": ledger.count_pending_triggers(), **totals},
         "last_dispatch": (lambda d: d[0].as_dict() if d else None)(ledger.dispatches(limit=1)),
         "escalations": _escalation_totals(ledger),
+        "busy_sessions": st.get("sessions", []) if running else [],
+        "stalls": _recent_stalls(ledger),
     }
+
+
+def _recent_stalls(ledger: Ledger) -> list[dict[str, Any]]:
+    try:
+        return ledger.stalls(limit=5)
+    except sqlite3.OperationalError:  # a ledger from before stall records, opened read-only
+        return []
 
 
 def _escalation_totals(ledger: Ledger) -> dict[str, Any]:
@@ -143,6 +152,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows.append(("escalations", f"{esc['total']}" + (
         f", last {_when(esc['last']['at'])} {esc['last']['rule']} by {esc['last']['teammate'] or esc['last']['session_id'] or '-'}"
         if esc["last"] else "")))
+    for b in data["busy_sessions"]:
+        what = f"waiting on {b['waiting']}" if b.get("waiting") else f"last activity {b['quiet_seconds']:g}s ago"
+        rows.append(("busy", f"{b['id']}{' (orchestrator)' if b.get('own') else ''} for {b['busy_seconds']:g}s, {what}"))
+    for st in data["stalls"][:3]:
+        rows.append(("stall", f"{_when(st['at'])} {st['kind']}: {st['detail']}"))
     if last.get("reply_text"):
         rows.append(("last reply", " ".join(last["reply_text"].split())[:100]))
     width = max(len(k) for k, _ in rows)

@@ -101,8 +101,16 @@ class DispatchConfig:
     min_interval_seconds: float = 5.0
     max_per_hour: int = 60
     sweep_interval_seconds: float = 0.0
-    busy_timeout_seconds: float = 900.0
-    completion_timeout_seconds: float = 600.0
+    busy_timeout_seconds: float = 120.0
+    completion_timeout_seconds: float = 1800.0
+    turn_timeout_seconds: float = 300.0
+    start_timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class StallsConfig:
+    enabled: bool = True
+    teammate_quiet_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ class Config:
     dispatch: DispatchConfig = DispatchConfig()
     triggers: tuple[TriggerRule, ...] = DEFAULT_TRIGGERS
     safety: SafetyConfig = SafetyConfig()
+    stalls: StallsConfig = StallsConfig()
     log: LogConfig = LogConfig()
     source: str = field(default="<defaults>", compare=False)
 
@@ -306,7 +315,9 @@ SCHEMA: dict[str, tuple[type, dict[str, Check]]] = {
     "dispatch": (DispatchConfig, {"prompt": _prompt, "debounce_seconds": _seconds(0.0, strict=False),
                                   "min_interval_seconds": _seconds(0.0, strict=False),
                                   "max_per_hour": _int(1), "sweep_interval_seconds": _seconds(0.0, strict=False),
-                                  "busy_timeout_seconds": _seconds(), "completion_timeout_seconds": _seconds()}),
+                                  "busy_timeout_seconds": _seconds(), "completion_timeout_seconds": _seconds(),
+                                  "turn_timeout_seconds": _seconds(), "start_timeout_seconds": _seconds()}),
+    "stalls": (StallsConfig, {"enabled": _bool, "teammate_quiet_seconds": _seconds()}),
     "log": (LogConfig, {"level": _level}),
 }
 TRIGGER_KEYS: dict[str, Check] = {
@@ -688,6 +699,9 @@ def summarize(cfg: Config) -> str:
         f"safety    " + ("off" if not cfg.safety.enabled else
                          f"{len(cfg.safety.rules)} rule change(s), {len(cfg.safety.hooks)} hook(s), "
                          f"{len(cfg.safety.allow)} allowed pattern(s)"),
+        f"stalls    " + (f"teammates quiet {cfg.stalls.teammate_quiet_seconds:g}s; " if cfg.stalls.enabled else "off; ")
+        + f"orchestrator turn {cfg.dispatch.turn_timeout_seconds:g}s without activity, "
+        f"start {cfg.dispatch.start_timeout_seconds:g}s",
         f"log       {cfg.log.level}",
     ]
     return "\n".join(lines)

@@ -11,16 +11,15 @@ it, and followed until its assistant reply completes. After a crash, a prompt st
 from __future__ import annotations
 
 import collections
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from . import logs
-from .ledger import COMPLETED, FAILED, PENDING, TIMEOUT, Dispatch, Ledger, Trigger
+from .ledger import COMPLETED, FAILED, PENDING, TIMEOUT, Dispatch, Trigger
 from .opencode import AuthError, NotFound, OpencodeClient, OpencodeError, Unreachable, new_message_id
 from .state import Shared
-from .worker import Worker, crash_point
+from .worker import ServerWorker, crash_point
 
 # The orchestrator session may use the team tools and read; it may not run shell
 # commands, edit files or fetch from the web unless the config widens this.
@@ -62,6 +61,8 @@ class DispatchSettings:
     teams_base_dir: str
     lead: str
     permission: Sequence[tuple[str, str, str]] = ()
+    turn_timeout: float = 300.0
+    start_timeout: float = 30.0
 
 
 def render_prompt(template: str, triggers: Sequence[Trigger], teams: Sequence[str], base_dir: str, lead: str) -> str:
@@ -117,22 +118,18 @@ def outcome(messages: list[dict[str, Any]], message_id: str) -> tuple[bool, str,
     return finished, "\n".join(texts).strip(), tools, error
 
 
-class Dispatcher(Worker):
+class Dispatcher(ServerWorker):
     name = "dispatch"
 
     def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
                  settings: DispatchSettings, server_url: str,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
-        super().__init__(clock)
+        super().__init__(make_client, ledger_path, clock)
         self.shared = shared
-        self.make_client = make_client
-        self.ledger_path = ledger_path
         self.s = settings
         self.server_url = server_url
         self.wall = wall
         self.stall_after = 60.0
-        self.ledger: Ledger | None = None
-        self.client: OpencodeClient | None = None
         self.session_id: str | None = None
         self.seen: dict[int, float] = {}  # trigger id -> monotonic time first seen
         self.sends: collections.deque[float] = collections.deque()  # monotonic send times, last hour
@@ -145,8 +142,8 @@ class Dispatcher(Worker):
     # -- lifecycle ---------------------------------------------------------------
 
     def setup(self) -> None:
-        self.ledger = Ledger(self.ledger_path)
-        self.client = self.make_client()
+        super().setup()
+        assert self.ledger is not None
         now, wall = self.clock(), self.wall()
         # Rebuild the rate-limit view from the ledger so a restart is no loophole.
         for d in self.ledger.dispatches(limit=max(self.s.max_per_hour, 1) + 5):
@@ -154,12 +151,6 @@ class Dispatcher(Worker):
                 self.sends.appendleft(now - (wall - d.sent_at))
         if self.sends:
             self.last_sent = max(self.sends)
-
-    def teardown(self) -> None:
-        if self.client:
-            self.client.close()
-        if self.ledger:
-            self.ledger.close()
 
     # -- the loop ----------------------------------------------------------------
 
@@ -270,17 +261,23 @@ class Dispatcher(Worker):
         if not busy:
             self._busy_warned = None
             return False
-        if self.shared.busy_for(sid) < self.s.busy_timeout:
+        if self.shared.quiet_for(sid) < self.s.busy_timeout:
             return True
-        # The server says busy for too long: believe the messages if they say it is done.
+        # Busy, yet nothing has happened for a while: believe the messages if they say it is done.
         last = self.client.messages(sid, limit=1)
         info = last[-1].get("info", {}) if last else {}
         finished = info.get("role") == "assistant" and isinstance(info.get("time"), dict) and info["time"].get("completed")
         if self._busy_warned is None:
             self._busy_warned = now
-            self.log.warning(logs.kv("session-busy-too-long", session=sid, seconds=int(self.shared.busy_for(sid)),
+            self.log.warning(logs.kv("status-mismatch" if finished else "session-busy-too-long", session=sid,
+                                     quiet_seconds=int(self.shared.quiet_for(sid)),
                                      last_message_complete=bool(finished),
                                      action="sending anyway" if finished else "waiting"))
+            if finished:
+                assert self.ledger is not None
+                self.ledger.record_stall("status-mismatch", "the orchestrator session is reported busy but its last "
+                                         "reply is complete", session_id=sid,
+                                         seconds=round(self.shared.quiet_for(sid), 1), now=self.wall())
         return not finished
 
     def send(self, triggers: Sequence[Trigger]) -> float:
@@ -299,6 +296,7 @@ class Dispatcher(Worker):
     def _post(self, d: Dispatch, first: bool) -> float:
         assert self.ledger is not None and self.client is not None
         crash_point("before-post")
+        posted_at = self.clock()  # before the POST: the session may go busy before it returns
         try:
             self.client.prompt_async(d.session_id, d.prompt, d.message_id, agent=self.s.agent, model=self.s.model)
         except NotFound:
@@ -321,7 +319,7 @@ class Dispatcher(Worker):
         now = self.clock()
         self.last_sent = now
         self.sends.append(now)
-        self.follow_started[d.id] = now
+        self.follow_started[d.id] = posted_at
         self.shared.set_status(d.session_id, "busy")
         triggers = self.ledger.triggers_for(d.id)
         self.log.log(logs.NOTICE, logs.kv("prompt-sent", session=d.session_id, message_id=d.message_id,
@@ -354,6 +352,12 @@ class Dispatcher(Worker):
                 self._forget_session()
             return 0.0
         finished, text, tools, error = outcome(messages, d.message_id)
+        answered = any(isinstance(m, dict) and isinstance(m.get("info"), dict)
+                       and m["info"].get("parentID") == d.message_id for m in messages)
+        if not finished and not answered and self.shared.went_busy.get(d.session_id, -1.0) < started:
+            if self.clock() - started > self.s.start_timeout:
+                return self._never_ran(d)
+            return FOLLOW_POLL
         if finished:
             state = FAILED if error else COMPLETED
             self.ledger.finish_dispatch(d.id, state, reply_text=text, tool_calls=tools, error=error, now=self.wall())
@@ -362,6 +366,9 @@ class Dispatcher(Worker):
             self.log.log(logs.NOTICE, logs.kv("prompt-done", message_id=d.message_id, outcome=state, tools=calls,
                                               error=error, reply=_shorten(text, 200) or None))
             return 0.0
+        quiet = self.clock() - max(started, self.shared.last_activity.get(d.session_id, started))
+        if quiet > self.s.turn_timeout:
+            return self._stuck(d, text, tools, quiet)
         if self.clock() - started > self.s.completion_timeout:
             self.ledger.finish_dispatch(d.id, TIMEOUT, reply_text=text, tool_calls=tools,
                                         error=f"no completed reply after {self.s.completion_timeout:g}s", now=self.wall())
@@ -370,6 +377,69 @@ class Dispatcher(Worker):
                                      fix="raise dispatch.completion_timeout_seconds if turns are this long"))
             return 0.0
         return FOLLOW_POLL
+
+
+    # -- turns that never start or never end ------------------------------------
+
+    def _stuck(self, d: Dispatch, text: str, tools: list[dict[str, Any]], quiet: float) -> float:
+        """A turn with no activity for turn_timeout: abort it; what is pending goes in the next prompt."""
+        assert self.ledger is not None and self.client is not None
+        try:
+            self.client.abort(d.session_id)
+            aborted = "yes"
+        except NotFound:
+            aborted = "session gone"
+        except OpencodeError as exc:
+            self.log.warning(logs.kv("turn-abort-failed", session=d.session_id, error=str(exc), action="retrying"))
+            return 2.0
+        self.ledger.finish_dispatch(d.id, TIMEOUT, reply_text=text, tool_calls=tools,
+                                    error=f"no activity for {quiet:.0f}s; aborted", now=self.wall())
+        self.ledger.record_stall("turn-timeout", f"orchestrator turn {d.message_id} had no activity for "
+                                 f"{quiet:.0f}s and was aborted", session_id=d.session_id, seconds=round(quiet, 1),
+                                 now=self.wall())
+        self.follow_started.pop(d.id, None)
+        self.shared.set_status(d.session_id, None)
+        self.log.warning(logs.kv("turn-timeout", session=d.session_id, message_id=d.message_id,
+                                 quiet_seconds=int(quiet), aborted=aborted,
+                                 fix="raise dispatch.turn_timeout_seconds if turns may be silent this long"))
+        return 0.0
+
+    def _never_ran(self, d: Dispatch) -> float:
+        """Accepted but never started: send it again once under a new ID, then escalate."""
+        assert self.ledger is not None and self.client is not None
+        try:
+            self.client.get_message(d.session_id, d.message_id)
+            landed = "yes"
+        except NotFound:
+            landed = "no"
+        self.follow_started.pop(d.id, None)
+        seconds = f"{self.s.start_timeout:g}"
+        if self.ledger.supersedes(d.id) is not None:
+            reason = f"never ran, twice (the server has it: {landed})"
+            self.ledger.finish_dispatch(d.id, FAILED, error=reason, now=self.wall())
+            self.ledger.release_triggers(d.id)  # they never reached the model: the next prompt carries them
+            eid, new = self.ledger.add_escalation(
+                f"never-ran:{d.message_id}", rule="prompt-never-ran", severity="critical", source="server",
+                kind="prompt", what=f"prompt {d.message_id} and the one before it were accepted but never ran",
+                text=d.prompt, actions=("escalate",), session_id=d.session_id, now=self.wall())
+            if new:
+                self.log.critical(logs.kv("escalation", id=eid, rule="prompt-never-ran", severity="critical",
+                                          source="server", session=d.session_id, seen=d.message_id,
+                                          fix="check the server's log and its model provider"))
+            return FOLLOW_POLL
+        header = (f"(This prompt supersedes {d.message_id}, which the server accepted but did not run "
+                  f"within {seconds}s.)\n\n")
+        message_id = new_message_id(self.wall() * 1000)
+        new_id = self.ledger.redrive_dispatch(d, message_id, header + d.prompt,
+                                              f"never ran within {seconds}s (the server has it: {landed}); "
+                                              f"superseded by {message_id}", now=self.wall())
+        self.ledger.record_stall("never-ran", f"prompt {d.message_id} was accepted but never ran; re-sent as "
+                                 f"{message_id}", session_id=d.session_id, now=self.wall())
+        self.log.warning(logs.kv("prompt-never-ran", session=d.session_id, message_id=d.message_id, landed=landed,
+                                 action=f"re-sent as {message_id}"))
+        new = self.ledger.get_dispatch(new_id)
+        assert new is not None
+        return self._post(new, first=True)
 
 
 def _shorten(text: str, limit: int) -> str:

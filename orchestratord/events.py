@@ -161,22 +161,27 @@ class EventReader(Worker):
                                           for k, v in statuses.items()})
         except OpencodeError as exc:
             self.log.warning(logs.kv("status-reread-failed", error=str(exc)))
-        self._judge_pending_permissions()
+        self._reread_permissions()
         self._catch_up()
         self.on_own_activity()
 
-    def _judge_pending_permissions(self) -> None:
-        """Requests asked while we were away are not replayed: judge the ones still open."""
-        if self.judge is None or not self.judge.enabled:
-            return
+    def _reread_permissions(self) -> None:
+        """Requests asked while we were away are not replayed: note who waits, judge them."""
         assert self.client is not None and self.ledger is not None
         try:
-            requests_ = self.client.permissions()
+            open_requests = [r for r in self.client.permissions() if isinstance(r, dict)]
         except OpencodeError as exc:
             self.log.warning(logs.kv("permission-reread-failed", error=str(exc),
-                                     fix="none needed; new requests are still judged as they come"))
+                                     fix="none needed; new requests are still seen as they come"))
             return
-        seen = [s for req in requests_ if isinstance(req, dict) for s in seen_in_permission(req)]
+        now = self.clock()
+        for sid in self.shared.statuses:
+            self.shared.last_activity[sid] = now  # what happened while away is unknown: start afresh
+        self.shared.replace_waiting({r["sessionID"]: f"permission {r.get('permission', '')}".strip()
+                                     for r in open_requests if isinstance(r.get("sessionID"), str)})
+        if self.judge is None or not self.judge.enabled:
+            return
+        seen = [s for req in open_requests for s in seen_in_permission(req)]
         if seen and self.judge.record(self.ledger, seen, self.shared.session_id, self._title):
             self.on_escalation()
 
@@ -250,6 +255,8 @@ class EventReader(Worker):
                 self._batch.append(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
             return
         self.shared.count_event(wall)
+        if event.session_id is not None:
+            self.shared.touch(event.session_id)
         if store and (self.store == "all" or (self.store == "default" and event.type not in HIGH_VOLUME)):
             self._batch.append(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
             if len(self._batch) >= 1000:
@@ -283,7 +290,10 @@ class EventReader(Worker):
         sid = event.session_id
         if etype == "session.status" and sid:
             status = props.get("status")
-            self.shared.set_status(sid, status.get("type") if isinstance(status, dict) else None)
+            kind = status.get("type") if isinstance(status, dict) else None
+            self.shared.set_status(sid, kind)
+            if kind in ("busy", "retry"):
+                self.shared.went_busy[sid] = self.clock()
         elif etype == "session.idle" and sid:
             self.shared.set_status(sid, None)
         elif etype in ("session.created", "session.updated"):
@@ -299,6 +309,11 @@ class EventReader(Worker):
                     self.on_own_activity()
         elif etype == "server.instance.disposed":
             self.shared.replace_statuses({})
+        elif etype in ("permission.asked", "question.asked") and sid:
+            what = "question" if etype == "question.asked" else f"permission {props.get('permission', '')}".strip()
+            self.shared.set_waiting(sid, what)
+        elif etype in ("permission.replied", "question.replied", "question.rejected") and sid:
+            self.shared.set_waiting(sid, None)
         if sid is not None and sid == self.shared.session_id and etype in (
                 "session.idle", "session.status", "session.error", "message.updated"):
             self.on_own_activity()

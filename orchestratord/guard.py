@@ -26,7 +26,7 @@ from .opencode import NotFound, OpencodeClient, OpencodeError, Unreachable
 from .policy import COMMAND, MESSAGE, PATH, TOOL, Finding, Rule, build_rules, evaluate
 from .stream import Event
 from .triggers import _message_ckey
-from .worker import Worker
+from .worker import ServerWorker
 
 log = logs.get("guard")
 
@@ -188,7 +188,7 @@ def _str(value: Any) -> str | None:
 
 # -- the worker that carries out the actions -----------------------------------------
 
-class Guard(Worker):
+class Guard(ServerWorker):
     """Carries out each escalation's actions once: hooks, reject, tell, abort."""
 
     name = "guard"
@@ -197,29 +197,21 @@ class Guard(Worker):
     def __init__(self, *, make_client: Callable[[], OpencodeClient], ledger_path: str, hooks: Sequence[Any],
                  own_session: Callable[[], str | None], on_trigger: Callable[[], None],
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
-        super().__init__(clock)
-        self.make_client = make_client
-        self.ledger_path = ledger_path
+        super().__init__(make_client, ledger_path, clock)
         self.hook_configs = tuple(hooks)
         self.own_session = own_session
         self.on_trigger = on_trigger
         self.wall = wall
-        self.ledger: Ledger | None = None
-        self.client: OpencodeClient | None = None
         self.hooks: Hooks | None = None
 
     def setup(self) -> None:
-        self.ledger = Ledger(self.ledger_path)
-        self.client = self.make_client()
+        super().setup()
         self.hooks = Hooks(self.hook_configs)
 
     def teardown(self) -> None:
         if self.hooks:
             self.hooks.close()
-        if self.client:
-            self.client.close()
-        if self.ledger:
-            self.ledger.close()
+        super().teardown()
 
     def interrupt(self) -> None:
         if self.hooks:

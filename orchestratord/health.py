@@ -6,13 +6,12 @@ import time
 from typing import Callable
 
 from . import logs
-from .ledger import Ledger
 from .opencode import AuthError, OpencodeClient, OpencodeError
 from .state import Shared
-from .worker import Worker
+from .worker import ServerWorker
 
 
-class HealthWatch(Worker):
+class HealthWatch(ServerWorker):
     """Probes every ``interval`` seconds; logs and records up/down changes, not every probe."""
 
     name = "health"
@@ -20,28 +19,14 @@ class HealthWatch(Worker):
     def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
                  interval: float, timeout: float, on_up: Callable[[], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(clock)
+        super().__init__(make_client, ledger_path, clock)
         self.shared = shared
-        self.make_client = make_client
-        self.ledger_path = ledger_path
         self.interval = interval
         self.timeout = timeout
         self.on_up = on_up
         self.stall_after = max(10.0, 3 * (interval + timeout))
-        self.ledger: Ledger | None = None
-        self.client: OpencodeClient | None = None
         self.healthy: bool | None = None
         self.last_error: str | None = None
-
-    def setup(self) -> None:
-        self.ledger = Ledger(self.ledger_path)
-        self.client = self.make_client()
-
-    def teardown(self) -> None:
-        if self.client:
-            self.client.close()
-        if self.ledger:
-            self.ledger.close()
 
     def step(self) -> float:
         assert self.client is not None and self.ledger is not None

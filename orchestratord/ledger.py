@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 
 from .worker import crash_point
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -131,7 +131,23 @@ CREATE INDEX IF NOT EXISTS escalations_open ON escalations(handled_at) WHERE han
 CREATE INDEX IF NOT EXISTS escalations_at ON escalations(at);
 """
 
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+# v4: what the stall detector found (stalled or waiting teammates, stuck turns, prompts
+# the server never ran, statuses that lie), and which prompt a re-driven one supersedes.
+_SCHEMA_V4 = """
+CREATE TABLE IF NOT EXISTS stalls (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    session_id TEXT,
+    teammate TEXT,
+    seconds REAL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stalls_at ON stalls(at);
+ALTER TABLE dispatches ADD COLUMN supersedes INTEGER;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 
 # Dispatch states: recorded before the POST, sent after it, then one of the final three.
 PENDING, SENT, COMPLETED, FAILED, TIMEOUT = "pending", "sent", "completed", "failed", "timeout"
@@ -522,6 +538,39 @@ class Ledger:
     def count_escalations(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM escalations").fetchone()[0]
 
+    # -- stalls ------------------------------------------------------------------
+
+    def record_stall(self, kind: str, detail: str, *, session_id: str | None = None, teammate: str | None = None,
+                     seconds: float | None = None, now: float | None = None) -> int:
+        cur = self.db.execute("INSERT INTO stalls(at, kind, session_id, teammate, seconds, detail) "
+                              "VALUES(?, ?, ?, ?, ?, ?)",
+                              (now if now is not None else time.time(), kind, session_id, teammate, seconds, detail))
+        return int(cur.lastrowid or 0)
+
+    def stalls(self, limit: int = 20) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT id, at, kind, session_id, teammate, seconds, detail FROM stalls "
+                              "ORDER BY id DESC LIMIT ?", (limit,))
+        keys = ("id", "at", "kind", "session_id", "teammate", "seconds", "detail")
+        return [dict(zip(keys, r)) for r in cur.fetchall()]
+
+    def redrive_dispatch(self, old: Dispatch, message_id: str, prompt: str, reason: str,
+                         now: float | None = None) -> int:
+        """Close ``old`` as failed and move its triggers to a new pending prompt that supersedes it."""
+        at = now if now is not None else time.time()
+        with self._tx():
+            self.db.execute("UPDATE dispatches SET state=?, completed_at=?, error=? WHERE id=?",
+                            (FAILED, at, reason, old.id))
+            cur = self.db.execute(
+                "INSERT INTO dispatches(message_id, session_id, state, created_at, prompt, supersedes) "
+                "VALUES(?, ?, ?, ?, ?, ?)", (message_id, old.session_id, PENDING, at, prompt, old.id))
+            new_id = int(cur.lastrowid or 0)
+            self.db.execute("UPDATE triggers SET dispatch_id=? WHERE dispatch_id=?", (new_id, old.id))
+        return new_id
+
+    def supersedes(self, dispatch_id: int) -> int | None:
+        row = self.db.execute("SELECT supersedes FROM dispatches WHERE id=?", (dispatch_id,)).fetchone()
+        return row[0] if row else None
+
     # -- housekeeping -----------------------------------------------------------
 
     def prune(self, before: float) -> int:
@@ -533,6 +582,7 @@ class Ledger:
             # point where an inbox could still hold the message.
             n += self.db.execute("DELETE FROM messages WHERE first_seen < ? AND reported_at IS NOT NULL",
                                  (before - 30 * 86400,)).rowcount
+            n += self.db.execute("DELETE FROM stalls WHERE at < ?", (before,)).rowcount
             n += self.db.execute("DELETE FROM escalations WHERE at < ? AND handled_at IS NOT NULL",
                                  (before - 30 * 86400,)).rowcount
             n += self.db.execute(

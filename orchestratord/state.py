@@ -54,6 +54,11 @@ class Shared:
     session_id: str | None = None
     statuses: dict[str, str] = field(default_factory=dict)  # sessionID -> busy | retry
     busy_since: dict[str, float] = field(default_factory=dict)  # monotonic
+    # Written by the event reader alone, for every event of a session: plain dict stores
+    # (atomic in CPython) without the lock, because this runs for every streamed delta.
+    last_activity: dict[str, float] = field(default_factory=dict)  # monotonic
+    waiting: dict[str, str] = field(default_factory=dict)  # sessionID -> "permission bash" / "question"
+    went_busy: dict[str, float] = field(default_factory=dict)  # monotonic time of the last busy event
     pending_triggers: int = 0
     changed: threading.Event = field(default_factory=threading.Event)
 
@@ -81,6 +86,43 @@ class Shared:
             self.busy_since = {k: self.busy_since.get(k, now) for k in statuses}
             self.statuses = dict(statuses)
         self.changed.set()
+
+    def touch(self, session_id: str) -> None:
+        """Something happened in this session (any event): it is not stalled."""
+        self.last_activity[session_id] = self.clock()
+
+    def set_waiting(self, session_id: str, what: str | None) -> None:
+        """The session waits on a person (a permission request, a question), or no longer."""
+        with self.lock:
+            if what is None:
+                self.waiting.pop(session_id, None)
+            else:
+                self.waiting[session_id] = what
+        self.changed.set()
+
+    def replace_waiting(self, waiting: dict[str, str]) -> None:
+        with self.lock:
+            self.waiting = dict(waiting)
+        self.changed.set()
+
+    def quiet_for(self, session_id: str) -> float:
+        """Seconds since the last sign of life: an event, or the start of its busy spell."""
+        with self.lock:
+            marks = [t for t in (self.last_activity.get(session_id), self.busy_since.get(session_id)) if t is not None]
+        return 0.0 if not marks else self.clock() - max(marks)
+
+    def sessions_view(self) -> list[dict[str, Any]]:
+        """Busy sessions for ``status``: for how long, last activity, what they wait on."""
+        now = self.clock()
+        with self.lock:
+            out = []
+            for sid in sorted(self.statuses):
+                since = self.busy_since.get(sid, now)
+                last = max(self.last_activity.get(sid, since), since)
+                out.append({"id": sid, "status": self.statuses[sid], "own": sid == self.session_id,
+                            "busy_seconds": round(now - since, 1), "quiet_seconds": round(now - last, 1),
+                            "waiting": self.waiting.get(sid)})
+            return out
 
     def is_busy(self, session_id: str | None) -> bool:
         with self.lock:

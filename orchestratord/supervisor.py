@@ -25,6 +25,7 @@ from .inbox import InboxWatcher
 from .ledger import Ledger, LedgerError
 from .notify import Notifier, watchdog_interval
 from .opencode import OpencodeClient, read_password
+from .stalls import StallWatch
 from .state import DaemonState, Shared
 from .worker import Worker
 
@@ -43,6 +44,7 @@ WORKER_SECTIONS: dict[str, tuple[str, ...]] = {
     "dispatch": ("server", "dispatch", "session", "teams", "ledger"),
     "inbox": ("teams", "safety", "ledger"),
     "guard": ("server", "safety", "ledger"),
+    "stalls": ("server", "stalls", "ledger"),
 }
 
 
@@ -52,7 +54,7 @@ class StartupError(Exception):
 
 def changed_sections(old: Config, new: Config) -> set[str]:
     return {name for name in ("server", "ledger", "health", "events", "session", "teams", "dispatch", "triggers",
-                              "safety", "log")
+                              "safety", "stalls", "log")
             if getattr(old, name) != getattr(new, name)}
 
 
@@ -90,7 +92,8 @@ class Supervisor:
                                           "config": self.config_path}})
         self.shared.update(session_id=self.ledger.get_meta(f"session:{self.cfg.server.url}") or self.cfg.session.id)
         for name in WORKER_SECTIONS:
-            self._start_worker(name)
+            if self._enabled(name):
+                self._start_worker(name)
         self.shared.update(state=DaemonState.READY)
         log.log(logs.NOTICE, logs.kv("started", config=self.config_path, server=self.cfg.server.url,
                                      ledger=self.cfg.ledger.path, pid=os.getpid()))
@@ -128,6 +131,7 @@ class Supervisor:
                 prompt=d.prompt, debounce=d.debounce_seconds, min_interval=d.min_interval_seconds,
                 max_per_hour=d.max_per_hour, sweep_interval=d.sweep_interval_seconds,
                 busy_timeout=d.busy_timeout_seconds, completion_timeout=d.completion_timeout_seconds,
+                turn_timeout=d.turn_timeout_seconds, start_timeout=d.start_timeout_seconds,
                 session_title=cfg.session.title, session_id=cfg.session.id, agent=cfg.session.agent,
                 model=cfg.session.model, permission=cfg.session.permission, teams=cfg.teams.names, teams_base_dir=cfg.teams.base_dir, lead=cfg.teams.lead)
             return Dispatcher(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
@@ -144,7 +148,14 @@ class Supervisor:
             return Guard(make_client=self._client, ledger_path=cfg.ledger.path, hooks=cfg.safety.hooks,
                          own_session=lambda: self.shared.session_id, on_trigger=self._wake("dispatch"),
                          clock=self.clock)
+        if name == "stalls":
+            return StallWatch(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
+                              quiet=cfg.stalls.teammate_quiet_seconds, on_trigger=self._wake("dispatch"),
+                              clock=self.clock)
         raise KeyError(name)
+
+    def _enabled(self, name: str) -> bool:
+        return name != "stalls" or self.cfg.stalls.enabled
 
     def _wake(self, name: str) -> Callable[[], None]:
         def wake() -> None:
@@ -258,6 +269,7 @@ class Supervisor:
                 "stream": {"connected": s.stream_connected, "events_total": s.events_total,
                            "last_event_at": s.last_event_at},
                 "session": {"id": s.session_id, "busy": s.session_busy, "busy_sessions": s.busy_sessions},
+                "sessions": self.shared.sessions_view(),
             })
         except Exception as exc:
             log.error(logs.kv("ledger-write-failed", what="status", error=str(exc),
@@ -317,7 +329,10 @@ class Supervisor:
             restart = [name for name, sections in WORKER_SECTIONS.items() if changed & set(sections)]
             self._stop_workers(restart)
             for name in restart:
-                self._start_worker(name)
+                if self._enabled(name):
+                    self._start_worker(name)
+                else:
+                    self.workers.pop(name, None)
             log.log(logs.NOTICE, logs.kv("config-reloaded", config=self.config_path,
                                          changed=",".join(sorted(changed)) or "nothing",
                                          restarted=",".join(restart) or "none"))

@@ -12,9 +12,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import logs
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
+    from .opencode import OpencodeClient
 
 Clock = Callable[[], float]
 
@@ -133,3 +137,31 @@ class Worker:
                 self.teardown()
             except Exception as exc:
                 self.log.error(logs.kv("worker-teardown-failed", worker=self.name, error=str(exc)))
+
+
+class ServerWorker(Worker):
+    """A worker that talks to the server and writes the ledger, each through its own handle.
+
+    The handles are opened inside the worker's thread (``setup``) because a SQLite
+    connection and an HTTP session each belong to one thread.
+    """
+
+    def __init__(self, make_client: Callable[[], "OpencodeClient"], ledger_path: str,
+                 clock: Clock = time.monotonic) -> None:
+        super().__init__(clock)
+        self.make_client = make_client
+        self.ledger_path = ledger_path
+        self.ledger: "Ledger | None" = None
+        self.client: "OpencodeClient | None" = None
+
+    def setup(self) -> None:
+        from .ledger import Ledger  # the ledger module uses this one's crash points
+
+        self.ledger = Ledger(self.ledger_path)
+        self.client = self.make_client()
+
+    def teardown(self) -> None:
+        if self.client:
+            self.client.close()
+        if self.ledger:
+            self.ledger.close()

@@ -174,3 +174,26 @@ def no_stray_processes_at_exit() -> Iterator[None]:
     yield
     stray = _stray(include_shared=True)
     assert not stray, f"processes left running at the end of the session: {stray}"
+
+
+RM_SHIM = """#!/bin/sh
+echo "$@" >> "{log}"
+exit 0
+"""
+
+
+@pytest.fixture
+def asking_server(tmp_path: Path, model: ScriptedModel, teams_dir: Path) -> Iterator[OpencodeServer]:
+    """A server that asks before every shell command, with ``rm`` replaced by a recorder."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    rm = shims / "rm"
+    rm.write_text(RM_SHIM.format(log=tmp_path / "rm-ran.log"))
+    rm.chmod(0o755)
+    server = OpencodeServer(tmp_path / "opencode", model.url, teams_dir, path_prefix=shims,
+                            permission={"bash": "ask", "external_directory": "ask", "edit": "ask"})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -86,6 +86,16 @@ class FakeServer:
                        "state": {"status": "completed", "input": {}, "output": "[]"}},
                       {"type": "text", "text": text}]})
 
+    def abort(self, sid: str) -> None:
+        self._check()
+        self.aborted = getattr(self, "aborted", []) + [sid]
+
+    def start(self, sid: str, parent: str) -> None:
+        """The model started answering: an unfinished assistant message."""
+        self.messages_by_session[sid].append({
+            "info": {"id": f"msg_s{len(self.messages_by_session[sid])}", "role": "assistant", "parentID": parent,
+                     "time": {"created": 1}}, "parts": []})
+
     def close(self) -> None:
         pass
 
@@ -119,6 +129,17 @@ def add_triggers(path: str, n: int, teammate: str = "worker-1") -> None:
     for i in range(n):
         led.add_trigger("event", f"thing {i}", rule="teammate-message", teammate=teammate, dedup=f"{teammate}-{i}-{id(led)}")
     led.close()
+
+
+def one_prompt(rig: Any, **kw: Any) -> tuple[Dispatcher, dict[str, Any]]:
+    """A dispatcher that has sent one prompt for one trigger."""
+    clock, server, shared, path, make = rig
+    d = make(**kw)
+    add_triggers(path, 1)
+    d.run_once()
+    d.run_once()
+    [p] = server.prompts
+    return d, p
 
 
 def test_no_trigger_no_prompt(rig) -> None:
@@ -257,13 +278,67 @@ def test_deleted_session_is_recreated_and_triggers_kept(rig) -> None:
 
 def test_completion_timeout(rig) -> None:
     clock, server, shared, path, make = rig
-    d = make(debounce=0.0, completion_timeout=10.0)
-    add_triggers(path, 1)
-    d.run_once()
-    d.run_once()
-    clock.t += 11
+    d, p = one_prompt(rig, debounce=0.0, completion_timeout=10.0)
+    server.start(p["session"], p["id"])
+    clock.t += 5
+    shared.touch(p["session"])  # active, but past the overall limit
+    clock.t += 6
     d.run_once()
     assert Ledger(path).dispatches()[0].state == TIMEOUT
+    assert getattr(server, "aborted", []) == []
+
+
+def test_a_silent_turn_is_aborted_and_an_active_one_left_alone(rig) -> None:
+    clock, server, shared, path, make = rig
+    d, p = one_prompt(rig, debounce=0.0, min_interval=0.0, turn_timeout=30.0, completion_timeout=1000.0)
+    server.start(p["session"], p["id"])
+    for _ in range(10):  # slow but active: an event every 20 s for 200 s
+        clock.t += 20
+        shared.touch(p["session"])
+        d.run_once()
+    assert Ledger(path).open_dispatches() and getattr(server, "aborted", []) == []
+    clock.t += 31  # then silence
+    d.run_once()
+    [done] = Ledger(path).dispatches()
+    assert done.state == TIMEOUT and "no activity" in (done.error or "") and server.aborted == [p["session"]]
+    assert [r["kind"] for r in Ledger(path).stalls()] == ["turn-timeout"]
+    add_triggers(path, 1, teammate="worker-2")
+    d.run_once()
+    assert len(server.prompts) == 2, "the next trigger gets a fresh prompt"
+
+
+def test_a_prompt_that_never_runs_is_sent_again_once_then_escalated(rig) -> None:
+    clock, server, shared, path, make = rig
+    d, first = one_prompt(rig, debounce=0.0, min_interval=0.0, start_timeout=30.0)
+    clock.t += 20
+    d.run_once()
+    assert len(server.prompts) == 1, "still within the start timeout"
+    clock.t += 11
+    d.run_once()
+    assert len(server.prompts) == 2
+    second = server.prompts[1]
+    assert second["id"] != first["id"] and f"supersedes {first['id']}" in second["text"]
+    assert "worker-1" in second["text"]
+    led = Ledger(path)
+    old, new = led.dispatches()[1], led.dispatches()[0]
+    assert old.state == "failed" and "superseded" in (old.error or "") and led.supersedes(new.id) == old.id
+    assert [t.dispatch_id for t in led.triggers_for(new.id)] == [new.id]
+    clock.t += 31
+    d.run_once()
+    assert len(server.prompts) == 2, "never a third time"
+    [esc] = led.escalations()
+    assert esc.rule == "prompt-never-ran" and esc.severity == "critical"
+    assert led.count_pending_triggers() == 1, "its trigger goes back to the queue"
+
+
+def test_a_prompt_that_starts_is_not_resent(rig) -> None:
+    clock, server, shared, path, make = rig
+    d, p = one_prompt(rig, debounce=0.0, start_timeout=30.0)
+    shared.went_busy[p["session"]] = clock.t  # the busy event came
+    clock.t += 60
+    shared.touch(p["session"])
+    d.run_once()
+    assert len(server.prompts) == 1 and Ledger(path).open_dispatches()
 
 
 def test_sweep_only_when_configured(rig) -> None:

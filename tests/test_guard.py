@@ -132,29 +132,6 @@ def test_escalations_command_lists_them(bed: Bed) -> None:
 
 # -- permission requests ------------------------------------------------------------------
 
-RM_SHIM = """#!/bin/sh
-echo "$@" >> "{log}"
-exit 0
-"""
-
-
-@pytest.fixture
-def asking_server(tmp_path: Path, model: ScriptedModel, teams_dir: Path) -> Iterator[OpencodeServer]:
-    """A server that asks before every shell command, with ``rm`` replaced by a recorder."""
-    shims = tmp_path / "shims"
-    shims.mkdir()
-    rm = shims / "rm"
-    rm.write_text(RM_SHIM.format(log=tmp_path / "rm-ran.log"))
-    rm.chmod(0o755)
-    server = OpencodeServer(tmp_path / "opencode", model.url, teams_dir, path_prefix=shims,
-                            permission={"bash": "ask", "external_directory": "ask", "edit": "ask"})
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def pending(server: OpencodeServer) -> list[dict[str, Any]]:
     resp = server.http.get(f"{server.url}/permission", timeout=10)
     resp.raise_for_status()

@@ -23,7 +23,7 @@ MODEL_ID = "scripted-model"
 class Reply:
     """One answer of the model."""
 
-    kind: str  # text | tools | error | hang
+    kind: str  # text | tools | error | hang | stall
     content: str = ""
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     delay: float = 0.0  # between chunks
@@ -50,6 +50,11 @@ class Reply:
     @staticmethod
     def error(status: int = 500, message: str = "scripted failure") -> "Reply":
         return Reply("error", status=status, content=message)
+
+    @staticmethod
+    def stall(start: str, until: threading.Event) -> "Reply":
+        """Stream the words of ``start``, then go silent (connection open) until ``until`` is set."""
+        return Reply("stall", content=start, until=until)
 
     @staticmethod
     def hang(until: threading.Event, then: "Reply | None" = None) -> "Reply":
@@ -255,11 +260,19 @@ class ScriptedModel:
                 self.end_headers()
                 self.close_connection = True
                 try:
-                    for chunk in model._chunks(reply):
+                    chunks = model._chunks(reply)
+                    if reply.kind == "stall":
+                        chunks = chunks[:-1]  # never the finishing chunk
+                    for chunk in chunks:
                         self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                         self.wfile.flush()
                         if reply.delay:
                             time.sleep(reply.delay)
+                    if reply.kind == "stall":
+                        assert reply.until is not None
+                        while not reply.until.wait(0.1) and not model._release.is_set():
+                            pass
+                        return
                     self.wfile.write(b"data: [DONE]\n\n")
                     self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):

@@ -10,7 +10,7 @@ OPENCODE_DIR := tests/opencode
 OPENCODE_BIN := $(OPENCODE_DIR)/node_modules/.bin/opencode
 PYTEST_ARGS ?=
 
-.PHONY: all venv opencode test check-tools clean
+.PHONY: all venv opencode promtool test check-tools clean
 
 all: test
 
@@ -35,8 +35,25 @@ $(OPENCODE_DIR)/node_modules/.installed: $(OPENCODE_DIR)/package-lock.json | che
 
 opencode: $(OPENCODE_DIR)/node_modules/.installed
 
-test: venv opencode
+# promtool checks the shipped alert rules. It comes out of Debian's prometheus package,
+# unpacked into tests/.tools without installing it (no service is set up or started);
+# where apt-get cannot fetch it, the alert tests skip and say why.
+PROMTOOL := tests/.tools/promtool
+
+$(PROMTOOL):
+	@mkdir -p tests/.tools/deb
+	@if command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then \
+	  cd tests/.tools/deb && { apt-get download prometheus >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } \
+	  && dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool ../promtool \
+	  || echo "note: could not fetch promtool (Debian package prometheus); the alert rule tests will skip" >&2; \
+	else echo "note: no apt-get here; the alert rule tests will skip" >&2; fi
+	@rm -rf tests/.tools/deb
+
+promtool: $(PROMTOOL)
+
+test: venv opencode promtool
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(OPENCODE_DIR)/node_modules .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(OPENCODE_DIR)/node_modules tests/.tools .pytest_cache build *.egg-info

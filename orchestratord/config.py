@@ -156,6 +156,13 @@ class SafetyConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None
+    textfile: str | None = None
+    textfile_interval_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -182,6 +189,7 @@ class Config:
     triggers: tuple[TriggerRule, ...] = DEFAULT_TRIGGERS
     safety: SafetyConfig = SafetyConfig()
     stalls: StallsConfig = StallsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     source: str = field(default="<defaults>", compare=False)
 
@@ -273,6 +281,14 @@ def _prompt(value: Any) -> str:
     return text
 
 
+def _listen(value: Any) -> str:
+    text = _nonempty(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port, e.g. \"127.0.0.1:9464\", not {value!r}")
+    return text
+
+
 PERMISSION_ACTIONS = ("allow", "deny", "ask")
 
 
@@ -318,13 +334,15 @@ SCHEMA: dict[str, tuple[type, dict[str, Check]]] = {
                                   "busy_timeout_seconds": _seconds(), "completion_timeout_seconds": _seconds(),
                                   "turn_timeout_seconds": _seconds(), "start_timeout_seconds": _seconds()}),
     "stalls": (StallsConfig, {"enabled": _bool, "teammate_quiet_seconds": _seconds()}),
+    "metrics": (MetricsConfig, {"listen": _listen, "textfile": _opt_str, "textfile_interval_seconds": _seconds()}),
     "log": (LogConfig, {"level": _level}),
 }
 TRIGGER_KEYS: dict[str, Check] = {
     "name": _nonempty, "event": _nonempty, "sessions": _choice("others", "own", "any"), "enabled": _bool,
     "description": _str,
 }
-PATH_KEYS = {("ledger", "path"), ("server", "password_file"), ("teams", "base_dir"), ("events", "directory")}
+PATH_KEYS = {("ledger", "path"), ("server", "password_file"), ("teams", "base_dir"), ("events", "directory"),
+             ("metrics", "textfile")}
 TOP_KEYS = (*SCHEMA, "triggers", "safety")
 
 RULE_KINDS = ("command", "path", "message", "tool")
@@ -636,6 +654,11 @@ def _cross_checks(cfg: Config, problems: _Problems) -> None:
     if cfg.health.timeout_seconds > max(cfg.health.interval_seconds, 1.0) * 10:
         problems.add("health.timeout_seconds", "is much longer than health.interval_seconds; a hung probe "
                      "would hide an outage (keep it at most ten intervals)")
+    if cfg.metrics.listen or cfg.metrics.textfile:
+        from .metrics import available
+        if not available():
+            problems.add("metrics", "needs the prometheus_client library: pip install 'orchestratord[metrics]' "
+                         "(or remove [metrics])")
     if cfg.events.stream == "global" and cfg.events.directory:
         problems.add("events.directory", "only applies to events.stream = \"instance\"")
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from . import logs
+from . import logs, metrics
 from .ledger import COMPLETED, FAILED, PENDING, TIMEOUT, Dispatch, Trigger
 from .opencode import AuthError, NotFound, OpencodeClient, OpencodeError, Unreachable, new_message_id
 from .state import Shared
@@ -322,6 +322,8 @@ class Dispatcher(ServerWorker):
         self.follow_started[d.id] = posted_at
         self.shared.set_status(d.session_id, "busy")
         triggers = self.ledger.triggers_for(d.id)
+        wall = self.wall()
+        metrics.prompt_sent([wall - t.at for t in triggers], max(0, self.s.max_per_hour - len(self.sends)))
         self.log.log(logs.NOTICE, logs.kv("prompt-sent", session=d.session_id, message_id=d.message_id,
                                           triggers=len(triggers), resent=None if first else "yes",
                                           teammates=",".join(sorted({t.teammate for t in triggers if t.teammate})) or None))

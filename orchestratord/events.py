@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import requests
 import sseclient
 
-from . import logs
+from . import logs, metrics
 from .guard import Judge, seen_in_event, seen_in_permission
 from .ledger import EventRow, Ledger
 from .opencode import AuthError, OpencodeClient, OpencodeError
@@ -133,6 +133,7 @@ class EventReader(Worker):
         if self.stopping:
             return 0.0
         self.shared.update(stream_connected=False)
+        metrics.stream_connected(False)
         self.ledger.record_transition("stream", "disconnected", reason)
         self.log.warning(logs.kv("stream-disconnected", path=self.path, reason=reason))
         return self._failed(reason, log=False)
@@ -151,6 +152,7 @@ class EventReader(Worker):
         first = self._failures == 0 and not self.shared.stream_connected
         self._failures = 0
         self.shared.update(stream_connected=True)
+        metrics.stream_connected(True)
         self.ledger.record_transition("stream", "connected", self.path)
         self.log.info(logs.kv("stream-connected", path=self.path))
         del first
@@ -255,6 +257,7 @@ class EventReader(Worker):
                 self._batch.append(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
             return
         self.shared.count_event(wall)
+        metrics.event(event.type, wall)
         if event.session_id is not None:
             self.shared.touch(event.session_id)
         if store and (self.store == "all" or (self.store == "default" and event.type not in HIGH_VOLUME)):

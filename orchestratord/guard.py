@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Sequence
 
-from . import logs
+from . import logs, metrics
 from .hooks import Hooks
 from .inbox import TeamMessage, message_ckey
 from .ledger import Escalation, Ledger
@@ -274,6 +274,7 @@ class Guard(ServerWorker):
             self.log.error(logs.kv("permission-reject-failed", permission=e.permission_id, error=str(exc)))
             return True
         outcome["reject"] = f"{e.permission_id}: rejected"
+        metrics.permission_rejected()
         self.log.log(logs.NOTICE, logs.kv("permission-rejected", permission=e.permission_id, rule=e.rule,
                                           session=e.session_id, teammate=e.teammate, seen=e.what))
         return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from . import logs
+from . import logs, metrics
 from .opencode import AuthError, OpencodeClient, OpencodeError
 from .state import Shared
 from .worker import ServerWorker
@@ -43,6 +43,7 @@ class HealthWatch(ServerWorker):
 
     def _record(self, healthy: bool, version: str | None, error: str | None) -> None:
         assert self.ledger is not None
+        metrics.server_up(healthy)
         url = self.shared.server_url
         auth = bool(error) and ("HTTP 401" in (error or "") or "HTTP 403" in (error or ""))
         if auth and error != self.last_error:

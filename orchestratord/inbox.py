@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import logs
+from . import logs, metrics
 from .ledger import Ledger, MessageRow
 from .worker import Worker, crash_point
 
@@ -465,6 +465,7 @@ class InboxWatcher(Worker):
                     trigger_id = self.ledger.trigger_for_ckey(ckey, self.wall() - CKEY_WINDOW)
                 else:
                     triggered = True
+            metrics.teammate_message(msg.team)
             self.log.log(logs.NOTICE, logs.kv("teammate-message", team=msg.team, **{"from": msg.sender},
                                               to=msg.recipient, type=None if msg.type == "message" else msg.type,
                                               summary=msg.short()))

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from . import metrics
 from .worker import crash_point
 
 SCHEMA_VERSION = 4
@@ -375,7 +376,10 @@ class Ledger:
                 "INSERT OR IGNORE INTO triggers(at, kind, rule, dedup, team, teammate, session_id, event_type, "
                 "event_id, detail, ckey) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (at, kind, rule, dedup, team, teammate, session_id, event_type, event_id, detail, ckey))
-            return cur.lastrowid if cur.rowcount else None
+            if not cur.rowcount:
+                return None
+        metrics.trigger(kind)
+        return cur.lastrowid
 
     def trigger_for_ckey(self, ckey: str, since: float) -> int | None:
         row = self.db.execute("SELECT id FROM triggers WHERE ckey=? AND at >= ? ORDER BY id LIMIT 1",
@@ -416,10 +420,12 @@ class Ledger:
     def finish_dispatch(self, dispatch_id: int, state: str, reply_text: str | None = None,
                         tool_calls: list[dict[str, Any]] | None = None, error: str | None = None,
                         now: float | None = None) -> None:
+        at = now if now is not None else time.time()
         self.db.execute(
             "UPDATE dispatches SET state=?, completed_at=?, reply_text=?, tool_calls=?, error=? WHERE id=?",
-            (state, now if now is not None else time.time(), reply_text,
-             json.dumps(tool_calls or []), error, dispatch_id))
+            (state, at, reply_text, json.dumps(tool_calls or []), error, dispatch_id))
+        row = self.db.execute("SELECT sent_at FROM dispatches WHERE id=?", (dispatch_id,)).fetchone()
+        metrics.prompt_done(state, at - row[0] if row and row[0] is not None else None)
 
     def release_triggers(self, dispatch_id: int) -> None:
         """Give a dispatch's triggers back to the queue (its prompt never reached the server)."""
@@ -512,6 +518,7 @@ class Ledger:
                 (key, at, rule, severity, source, kind, session_id, team, teammate, what, text[:4000],
                  permission_id, json.dumps(list(actions))))
             if cur.rowcount:
+                metrics.escalation(rule, severity)
                 return int(cur.lastrowid or 0), True
             row = self.db.execute("SELECT id, permission_id FROM escalations WHERE key=?", (key,)).fetchone()
             if row is None:
@@ -545,6 +552,7 @@ class Ledger:
         cur = self.db.execute("INSERT INTO stalls(at, kind, session_id, teammate, seconds, detail) "
                               "VALUES(?, ?, ?, ?, ?, ?)",
                               (now if now is not None else time.time(), kind, session_id, teammate, seconds, detail))
+        metrics.stall(kind)
         return int(cur.lastrowid or 0)
 
     def stalls(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -560,6 +568,7 @@ class Ledger:
         with self._tx():
             self.db.execute("UPDATE dispatches SET state=?, completed_at=?, error=? WHERE id=?",
                             (FAILED, at, reason, old.id))
+            metrics.prompt_done(FAILED, None)
             cur = self.db.execute(
                 "INSERT INTO dispatches(message_id, session_id, state, created_at, prompt, supersedes) "
                 "VALUES(?, ?, ?, ?, ?, ?)", (message_id, old.session_id, PENDING, at, prompt, old.id))

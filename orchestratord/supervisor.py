@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import logs
+from . import logs, metrics
 from .config import Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchSettings
 from .events import EventReader
@@ -54,7 +54,7 @@ class StartupError(Exception):
 
 def changed_sections(old: Config, new: Config) -> set[str]:
     return {name for name in ("server", "ledger", "health", "events", "session", "teams", "dispatch", "triggers",
-                              "safety", "stalls", "log")
+                              "safety", "stalls", "metrics", "log")
             if getattr(old, name) != getattr(new, name)}
 
 
@@ -77,6 +77,7 @@ class Supervisor:
         self.last_status = ""
         self.last_state_write = 0.0
         self.last_prune = clock()
+        self.last_textfile = 0.0
         self.stop_requested = False
 
     # -- start -------------------------------------------------------------------
@@ -91,6 +92,7 @@ class Supervisor:
         self.ledger.set_state({"daemon": {"pid": os.getpid(), "state": "starting", "started_at": time.time(),
                                           "config": self.config_path}})
         self.shared.update(session_id=self.ledger.get_meta(f"session:{self.cfg.server.url}") or self.cfg.session.id)
+        self._metrics(self.cfg)
         for name in WORKER_SECTIONS:
             if self._enabled(name):
                 self._start_worker(name)
@@ -99,6 +101,18 @@ class Supervisor:
                                      ledger=self.cfg.ledger.path, pid=os.getpid()))
         self.notifier.ready(self.shared.status_line())
         self._write_state(force=True)
+
+    def _metrics(self, cfg: Config) -> None:
+        """Match the metrics endpoint and textfile to ``cfg``; a port in use is a startup error."""
+        m = cfg.metrics
+        try:
+            if m.listen or m.textfile:
+                metrics.enable()
+            metrics.serve(m.listen)
+        except (metrics.MetricsUnavailable, OSError) as exc:
+            raise StartupError(f"metrics.listen {m.listen}: {getattr(exc, 'strerror', None) or exc}; "
+                               "choose a free address or remove metrics.listen") from exc
+        self.last_textfile = 0.0
 
     def _password(self, cfg: Config) -> str | None:
         try:
@@ -241,6 +255,10 @@ class Supervisor:
             self.last_status = line
             self.notifier.status(line)
         self._write_state(now=now)
+        textfile = self.cfg.metrics.textfile
+        if textfile and now - self.last_textfile >= self.cfg.metrics.textfile_interval_seconds:
+            self.last_textfile = now
+            metrics.write_textfile(textfile)
         if now - self.last_prune >= PRUNE_EVERY:
             self.last_prune = now
             self._prune()
@@ -252,6 +270,7 @@ class Supervisor:
         history.append(now)
         self.restarts[name] = history
         log.error(logs.kv("worker-restart", worker=name, restarts_5min=len(history)))
+        metrics.worker_restart(name)
         self._start_worker(name)
 
     def _write_state(self, now: float | None = None, force: bool = False) -> None:
@@ -272,6 +291,7 @@ class Supervisor:
                 "sessions": self.shared.sessions_view(),
             })
         except Exception as exc:
+            metrics.ledger_error()
             log.error(logs.kv("ledger-write-failed", what="status", error=str(exc),
                               fix="check free space and permissions of ledger.path"))
 
@@ -300,17 +320,27 @@ class Supervisor:
                     log.error(logs.kv("config-rejected", problem=problem))
                 log.error(logs.kv("config-reload-failed", config=self.config_path, errors=len(exc.problems),
                                   action="still running on the previous config"))
+                metrics.reload(False)
                 return False
             except StartupError as exc:
                 log.error(logs.kv("config-rejected", problem=str(exc)))
                 log.error(logs.kv("config-reload-failed", config=self.config_path, errors=1,
                                   action="still running on the previous config"))
+                metrics.reload(False)
                 return False
             if new.ledger.path != self.cfg.ledger.path:
                 try:
                     Ledger(new.ledger.path).close()
                 except LedgerError as exc:
                     log.error(logs.kv("config-rejected", problem=str(exc)))
+                    metrics.reload(False)
+                    return False
+            if new.metrics != self.cfg.metrics:
+                try:
+                    self._metrics(new)
+                except StartupError as exc:
+                    log.error(logs.kv("config-rejected", problem=str(exc)))
+                    metrics.reload(False)
                     return False
             changed = changed_sections(self.cfg, new)
             if password != self.password:
@@ -333,6 +363,7 @@ class Supervisor:
                     self._start_worker(name)
                 else:
                     self.workers.pop(name, None)
+            metrics.reload(True)
             log.log(logs.NOTICE, logs.kv("config-reloaded", config=self.config_path,
                                          changed=",".join(sorted(changed)) or "nothing",
                                          restarted=",".join(restart) or "none"))
@@ -346,6 +377,9 @@ class Supervisor:
         self.notifier.stopping()
         log.info(logs.kv("stopping", workers=",".join(self.workers)))
         self._stop_workers(list(self.workers))
+        if self.cfg.metrics.textfile:
+            metrics.write_textfile(self.cfg.metrics.textfile)
+        metrics.stop()
         if self.ledger is not None:
             try:
                 self.ledger.set_state({"daemon": {"pid": os.getpid(), "state": "stopped", "stopped_at": time.time(),

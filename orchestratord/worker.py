@@ -10,11 +10,12 @@ the systemd watchdog.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
-from . import logs
+from . import logs, metrics
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -119,6 +120,8 @@ class Worker:
             return delay
         except Exception as exc:
             self.errors += 1
+            if isinstance(exc, sqlite3.Error):
+                metrics.ledger_error()
             backoff = min(30.0, 0.5 * 2 ** min(self.errors, 6))
             self.log.error(logs.kv("worker-error", worker=self.name, error=f"{type(exc).__name__}: {exc}",
                                    retry_in=f"{backoff:g}s"), exc_info=self.errors == 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import struct
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,75 @@ def test_setup_writes_one_line_per_event() -> None:
         assert buf.getvalue().count("\n") == 1 and buf.getvalue().startswith("<4>x why=")
     finally:
         logger.handlers[:] = saved
+
+
+# -- the journal's native protocol -------------------------------------------------------
+
+def parse_journal(data: bytes) -> dict[str, str]:
+    """Read a native-protocol datagram back (both the plain and the length-prefixed form)."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(data):
+        nl = data.index(b"\n", i)
+        line = data[i:nl]
+        if b"=" in line:
+            key, _, value = line.partition(b"=")
+            out[key.decode()] = value.decode()
+            i = nl + 1
+        else:
+            (size,) = struct.unpack("<Q", data[nl + 1:nl + 9])
+            out[line.decode()] = data[nl + 9:nl + 9 + size].decode()
+            i = nl + 9 + size + 1
+    return out
+
+
+def test_journal_entry_wire_format() -> None:
+    data = logs.journal_entry({"MESSAGE": "one line", "ORCH_TEXT": "two\nlines", "PRIORITY": 2})
+    assert data.startswith(b"MESSAGE=one line\nORCH_TEXT\n")
+    assert parse_journal(data) == {"MESSAGE": "one line", "ORCH_TEXT": "two\nlines", "PRIORITY": "2"}
+
+
+def test_journal_handler_sends_structured_fields(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal.sock")
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(path)
+    sink.settimeout(5)
+    handler = logs.JournalHandler(path)
+    logger = logging.getLogger("orchestratord.test-journal")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.critical(logs.kv("escalation", rule="recursive-delete", team="my-team", teammate="worker-1",
+                                session="ses_1", seen="rm -rf /"))
+        logger.info(logs.kv("teammate-message", team="my-team", **{"from": "worker-2"}, summary="hi"))
+        logger.info(logs.kv("prompt-sent", message_id="msg_1", event="session.idle"))
+        first, second, third = (parse_journal(sink.recv(65536)) for _ in range(3))
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        sink.close()
+    assert first["PRIORITY"] == "2" and first["SYSLOG_IDENTIFIER"] == "orchestratord"
+    assert first["ORCH_EVENT"] == "escalation" and first["ORCH_RULE"] == "recursive-delete"
+    assert (first["ORCH_TEAM"], first["ORCH_TEAMMATE"], first["ORCH_SESSION"]) == ("my-team", "worker-1", "ses_1")
+    assert first["MESSAGE"].startswith("escalation rule=recursive-delete")
+    assert second["ORCH_EVENT"] == "teammate-message" and second["ORCH_TEAMMATE"] == "worker-2"
+    assert second["PRIORITY"] == "6"
+    assert third["ORCH_MESSAGE_ID"] == "msg_1" and third["ORCH_EVENT"] == "prompt-sent"
+    assert third["ORCH_EVENT_TYPE"] == "session.idle"
+
+
+def test_journal_handler_falls_back_to_stderr_lines(tmp_path: Path) -> None:
+    out = io.StringIO()
+    handler = logs.JournalHandler(str(tmp_path / "nobody-listens.sock"), fallback=out)
+    logger = logging.getLogger("orchestratord.test-journal-fallback")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning(logs.kv("server-down", url="http://x"))
+        logger.warning(logs.kv("server-down", url="http://y"))
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("<4>journal-send-failed ") and len(lines) == 3, lines
+    assert lines[1].startswith("<4>server-down url=http://x") and lines[2].startswith("<4>server-down url=http://y")

@@ -1,0 +1,142 @@
+"""Bad input, fuzzed: frames, events, inbox files, configs and commands never raise past their parser.
+
+Every parser here has one documented way to say no (a skipped frame, ``None``, an
+``InboxError``, a ``ConfigError``, an empty list of findings); anything else would take
+a worker thread through its error path. Seeds come from the recorded streams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import sseclient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orchestratord.config import DEFAULT_TRIGGERS, ConfigError, parse_config
+from orchestratord.guard import Judge, seen_in_event, seen_in_permission
+from orchestratord.inbox import InboxError, parse_inbox
+from orchestratord.policy import COMMAND, MESSAGE, PATH, TOOL, build_rules, evaluate
+from orchestratord.stream import FrameGuard, normalize
+from orchestratord.triggers import match_all
+
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+JUDGE = Judge(build_rules(()))
+
+
+def _seed_frames() -> list[bytes]:
+    candidates = [os.environ.get("ORCHESTRATORD_REFERENCE", ""),
+                  str(Path(__file__).resolve().parents[2] / "shared" / "reference"), "/work/shared/reference"]
+    for c in candidates:
+        path = Path(c) / "opencode-1.18.33" / "event-stream-prompt-cycle.sse"
+        if c and path.exists():
+            return [f + b"\n\n" for f in path.read_bytes().split(b"\n\n") if f.strip()][:40]
+    return [b'data: {"payload":{"type":"session.idle","properties":{"sessionID":"ses_1"}}}\n\n']
+
+
+SEEDS = _seed_frames()
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=25)
+
+
+def read_all(chunks: list[bytes], max_bytes: int = 4096) -> list[Any]:
+    """What the event reader does with bytes, up to the trigger rules and the guard."""
+    guard = FrameGuard(max_bytes)
+    out = []
+    for frame in sseclient.SSEClient(guard.frames(chunks)).events():
+        try:
+            obj = json.loads(frame.data)
+        except ValueError:
+            continue
+        event = normalize(obj, frame.data)
+        if event is None:
+            continue
+        match_all(DEFAULT_TRIGGERS, event, "ses_own", lambda sid: None)
+        for seen in seen_in_event(event, "ses_own"):
+            JUDGE.findings(seen)
+        out.append(event)
+    return out
+
+
+@FUZZ
+@given(frames=st.lists(st.sampled_from(SEEDS), min_size=1, max_size=12),
+       noise=st.lists(st.binary(max_size=64), max_size=6),
+       cuts=st.lists(st.integers(min_value=1, max_value=4096), max_size=20),
+       newline=st.sampled_from([b"\n", b"\r\n", b"\r"]))
+def test_any_split_and_corruption_of_real_frames(frames: list[bytes], noise: list[bytes], cuts: list[int],
+                                                 newline: bytes) -> None:
+    blob = b"".join(frames[:len(frames) // 2]) + b"".join(noise) + b"".join(frames[len(frames) // 2:])
+    blob = blob.replace(b"\n", newline)
+    chunks, at = [], 0
+    for c in sorted(set(cuts)):
+        if c < len(blob):
+            chunks.append(blob[at:c])
+            at = c
+    chunks.append(blob[at:])
+    read_all(chunks)
+
+
+@FUZZ
+@given(payload=json_values, etype=st.sampled_from(["message.part.updated", "permission.asked", "session.status",
+                                                   "session.error", "session.idle", "message.updated", "x.unknown"]))
+def test_events_of_any_shape(payload: Any, etype: str) -> None:
+    for obj in ({"payload": {"type": etype, "properties": payload}}, {"type": etype, "properties": payload},
+                {"payload": payload}, payload):
+        data = json.dumps(obj)
+        read_all([f"data: {data}\n\n".encode()], max_bytes=1 << 20)
+    if isinstance(payload, dict):
+        for seen in seen_in_permission(payload):
+            JUDGE.findings(seen)
+
+
+@FUZZ
+@given(data=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_inbox_files_of_any_content(data: bytes) -> None:
+    try:
+        messages, skipped = parse_inbox(data, "t", "team-lead")
+    except InboxError:
+        return
+    assert all(isinstance(s, str) for s in skipped)
+    for m in messages:
+        assert isinstance(m.identity, str) and isinstance(m.short(), str)
+
+
+@FUZZ
+@given(entries=st.lists(st.dictionaries(st.sampled_from(["from", "text", "timestamp", "summary", "read", "color"]),
+                                        json_values, max_size=6), max_size=6))
+def test_inbox_entries_with_missing_or_odd_fields(entries: list[dict[str, Any]]) -> None:
+    messages, skipped = parse_inbox(json.dumps(entries).encode(), "t", "team-lead")
+    assert len(messages) + len(skipped) == len(entries)
+
+
+TOML_PIECES = ["[server]\n", "[teams]\n", "[dispatch]\n", "[[triggers]]\n", "[[safety.rules]]\n", "[safety]\n",
+               "[metrics]\n", "[stalls]\n", 'url = "http://127.0.0.1:1"\n', "url = 5\n", 'name = "x"\n',
+               'pattern = "(("\n', "enabled = false\n", "debounce_seconds = -1\n", "names = [1, 2]\n",
+               'listen = "nowhere"\n', "match = { part = { tool = [] } }\n", "= broken\n", "[server\n",
+               'prompt = "{nope}"\n', "applies_to = [\"tool\"]\n", "actions = []\n", "teammate_quiet_seconds = 0\n"]
+
+
+@FUZZ
+@given(pieces=st.lists(st.sampled_from(TOML_PIECES), max_size=10), junk=st.text(max_size=30))
+def test_config_files_fail_only_with_config_errors(pieces: list[str], junk: str) -> None:
+    for text in ("".join(pieces), "".join(pieces) + junk):
+        try:
+            parse_config(text, "fuzz.toml", "/etc/x")
+        except ConfigError as exc:
+            assert exc.problems and all(p.startswith("fuzz.toml") for p in exc.problems)
+
+
+@FUZZ
+@given(text=st.text(max_size=200) | st.lists(st.sampled_from(
+    ["rm", "-rf", "/", "~", "'", '"', "\\", "$(", ")", "`", "|", "&&", ";", "sudo", "sh", "-c", "curl", "x | sh",
+     "git", "push", "--force", "main", "dd", "of=/dev/sda", ":(){", ":|:&", "};:", "DROP", "TABLE", "\n", "#"]),
+    max_size=14).map(" ".join), kind=st.sampled_from([COMMAND, MESSAGE, PATH, TOOL]))
+def test_the_policy_judges_any_text(text: str, kind: str) -> None:
+    for finding in evaluate(text, kind):
+        assert finding.rule and isinstance(finding.what, str)

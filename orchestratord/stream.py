@@ -116,16 +116,8 @@ class FrameGuard:
                 if skipping:
                     skipping = False
                     continue
-                if len(piece) > self.max_bytes:
-                    self.oversized += 1
-                    continue
-                if not piece.isascii():
-                    try:
-                        piece.decode("utf-8")
-                    except UnicodeDecodeError:
-                        self.undecodable += 1
-                        continue
-                yield piece + b"\n\n"
+                if self._usable(piece):
+                    yield piece + b"\n\n"
             if len(buf) > self.max_bytes:
                 if not skipping:
                     self.oversized += 1
@@ -135,5 +127,18 @@ class FrameGuard:
                 self.on_drained()
         if buf.endswith(b"\n\r") and not skipping:  # a lone CR ended the last frame
             piece = buf[:-2]
-            if len(piece) <= self.max_bytes:
+            if self._usable(piece):
                 yield piece + b"\n\n"
+
+    def _usable(self, piece: bytes) -> bool:
+        """Not over the size cap and valid UTF-8 (counted when not)."""
+        if len(piece) > self.max_bytes:
+            self.oversized += 1
+            return False
+        if not piece.isascii():
+            try:
+                piece.decode("utf-8")
+            except UnicodeDecodeError:
+                self.undecodable += 1
+                return False
+        return True

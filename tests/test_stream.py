@@ -111,3 +111,12 @@ def test_sync_event_and_history_record() -> None:
     assert ev is not None and ev.type == "sync" and ev.session_id == "ses_c" and ev.sync == sync
     plain = from_sync(sync)
     assert plain is not None and plain.type == "message.updated" and plain.session_id == "ses_c"
+
+
+def test_invalid_utf8_in_a_last_frame_ended_by_a_lone_cr_is_skipped() -> None:
+    """Found by fuzzing: the last frame of CR-only input skipped the UTF-8 check and broke the parser."""
+    frame = b'data: {"id":"evt_1","type":"server.connected","properties":{}}'
+    data, guard = parse([b"\x80" + frame + b"\r\r"])
+    assert data == [] and guard.undecodable == 1
+    data, guard = parse([frame + b"\r\r"])
+    assert len(data) == 1 and guard.undecodable == 0

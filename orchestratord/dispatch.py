@@ -38,6 +38,10 @@ def session_permission(extra: Sequence[tuple[str, str, str]] = ()) -> list[dict[
 
 
 MAX_LISTED = 25
+# After aborting a stuck turn the server takes a moment to wind it down; a prompt sent
+# meanwhile is aborted with it. Wait this long, and requeue a prompt that was caught anyway.
+ABORT_SETTLE = 1.5
+ABORT_CATCH = 15.0
 FOLLOW_POLL = 2.0
 IDLE_WAIT = 60.0
 
@@ -138,6 +142,8 @@ class Dispatcher(ServerWorker):
         self.follow_started: dict[int, float] = {}
         self._cap_logged = False
         self._busy_warned: float | None = None
+        self.aborted_at: float | None = None
+        self.catches = 0  # prompts aborted along with a stuck turn, since the last that ran
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -246,6 +252,9 @@ class Dispatcher(ServerWorker):
                                          pending=len(pending), fix="raise dispatch.max_per_hour if this is expected"))
             return self.sends[0] + 3600 - now
         self._cap_logged = False
+        settle = min(60.0, ABORT_SETTLE * 2 ** self.catches)
+        if self.aborted_at is not None and now - self.aborted_at < settle:
+            return self.aborted_at + settle - now
         if self.session_busy(now):
             return FOLLOW_POLL
         return self.send(pending)
@@ -364,6 +373,19 @@ class Dispatcher(ServerWorker):
             state = FAILED if error else COMPLETED
             self.ledger.finish_dispatch(d.id, state, reply_text=text, tool_calls=tools, error=error, now=self.wall())
             self.follow_started.pop(d.id, None)
+            if (error and "Aborted" in error and self.aborted_at is not None
+                    and 0 <= started - self.aborted_at < ABORT_CATCH):
+                # Caught by our own abort of the turn before it: the model never saw it. The
+                # server keeps aborting new turns while the stuck model stream is still open,
+                # so wait longer each time rather than send a prompt a second.
+                self.ledger.release_triggers(d.id)
+                self.catches += 1
+                self.aborted_at = self.clock()
+                wait = min(60.0, ABORT_SETTLE * 2 ** self.catches)
+                self.log.warning(logs.kv("prompt-aborted-with-stuck-turn", message_id=d.message_id,
+                                         action=f"its triggers go into the next prompt, in {wait:g}s"))
+                return wait
+            self.catches = 0
             calls = ",".join(f"{c['tool']}:{c['status']}" for c in tools) or None
             self.log.log(logs.NOTICE, logs.kv("prompt-done", message_id=d.message_id, outcome=state, tools=calls,
                                               error=error, reply=_shorten(text, 200) or None))
@@ -401,6 +423,7 @@ class Dispatcher(ServerWorker):
                                  now=self.wall())
         self.follow_started.pop(d.id, None)
         self.shared.set_status(d.session_id, None)
+        self.aborted_at = self.clock()
         self.log.warning(logs.kv("turn-timeout", session=d.session_id, message_id=d.message_id,
                                  quiet_seconds=int(quiet), aborted=aborted,
                                  fix="raise dispatch.turn_timeout_seconds if turns may be silent this long"))

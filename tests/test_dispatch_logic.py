@@ -78,10 +78,13 @@ class FakeServer:
             raise NotFound(sid)
         return self.messages_by_session.get(sid, [])[-(limit or 1000):]
 
-    def reply(self, sid: str, parent: str, text: str, finish: str = "stop") -> None:
+    def reply(self, sid: str, parent: str, text: str, finish: str = "stop", error: str | None = None) -> None:
+        info: dict[str, Any] = {"id": f"msg_r{len(self.messages_by_session[sid])}", "role": "assistant",
+                                "parentID": parent, "time": {"created": 1, "completed": 2}, "finish": finish}
+        if error:
+            info["error"] = {"name": error, "data": {"message": "Aborted"}}
         self.messages_by_session[sid].append({
-            "info": {"id": f"msg_r{len(self.messages_by_session[sid])}", "role": "assistant", "parentID": parent,
-                     "time": {"created": 1, "completed": 2}, "finish": finish},
+            "info": info,
             "parts": [{"type": "tool", "tool": "claude-teams_read_inbox",
                        "state": {"status": "completed", "input": {}, "output": "[]"}},
                       {"type": "text", "text": text}]})
@@ -303,8 +306,33 @@ def test_a_silent_turn_is_aborted_and_an_active_one_left_alone(rig) -> None:
     assert done.state == TIMEOUT and "no activity" in (done.error or "") and server.aborted == [p["session"]]
     assert [r["kind"] for r in Ledger(path).stalls()] == ["turn-timeout"]
     add_triggers(path, 1, teammate="worker-2")
+    clock.t += d.run_once()  # a moment for the server to wind the aborted turn down
     d.run_once()
     assert len(server.prompts) == 2, "the next trigger gets a fresh prompt"
+
+
+def test_a_prompt_caught_by_the_abort_of_a_stuck_turn_is_requeued(rig) -> None:
+    clock, server, shared, path, make = rig
+    d, p = one_prompt(rig, debounce=0.0, min_interval=0.0, turn_timeout=30.0)
+    server.start(p["session"], p["id"])
+    clock.t += 31
+    d.run_once()
+    assert server.aborted == [p["session"]]
+    add_triggers(path, 1, teammate="worker-2")
+    wait = d.run_once()
+    assert len(server.prompts) == 1 and 0 < wait <= 1.5, "the server gets a moment to wind the turn down"
+    clock.t += wait
+    d.run_once()
+    [_, second] = server.prompts
+    server.reply(second["session"], second["id"], "", error="MessageAbortedError")
+    d.run_once()
+    led = Ledger(path)
+    assert led.dispatches()[0].state == "failed" and led.count_pending_triggers() == 1
+    clock.t += 2
+    assert d.run_once() > 0 and len(server.prompts) == 2, "caught again: it waits longer each time"
+    clock.t += 2
+    d.run_once()
+    assert len(server.prompts) == 3 and "worker-2" in server.prompts[2]["text"]
 
 
 def test_a_prompt_that_never_runs_is_sent_again_once_then_escalated(rig) -> None:

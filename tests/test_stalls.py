@@ -88,12 +88,18 @@ def test_a_hung_orchestrator_turn_is_aborted_and_the_next_trigger_runs(bed: Bed,
     assert "aborted=yes" in line
     assert [r["state"] for r in bed.dispatches()] == ["timeout"]
     wait_for(lambda: not bed.server.session_status().get(bed.session_id()), 30, "the session idle after the abort")
+    # This server aborts every new turn until the stuck model stream itself ends; a real
+    # provider's connection ends or times out, the scripted one ends when released.
+    release.set()
 
     append_message(bed.teams_dir, TEAM, "team-lead", "worker-1", "Second question: may I merge?")
     d.wait_log(r"prompt-done .*outcome=completed", timeout=60)
-    states = [r["state"] for r in bed.dispatches()]
-    assert states == ["timeout", "completed"]
-    assert "Second question" in bed.dispatches()[1]["prompt"]
+    dispatches = bed.dispatches()
+    # The server may abort a prompt sent while the stuck turn winds down; its trigger then
+    # goes into the next prompt.
+    assert dispatches[0]["state"] == "timeout" and dispatches[-1]["state"] == "completed"
+    assert all(r["state"] == "failed" and "Aborted" in (r["error"] or "") for r in dispatches[1:-1])
+    assert len(dispatches) <= 3 and "Second question" in dispatches[-1]["prompt"]
     assert [k for k, _, _ in stalls(bed.ledger)] == ["turn-timeout"]
 
 

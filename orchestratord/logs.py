@@ -53,7 +53,7 @@ def _quote(value: Any) -> str:
     return text
 
 
-def kv(event: str, **fields: Any) -> str:
+def kv(event: str, /, **fields: Any) -> str:
     """Format an event name and its fields as one line; ``None`` fields are left out."""
     parts = [event]
     for key, value in fields.items():

@@ -1,9 +1,11 @@
 """The server's event stream on the wire: frames, events, and their normalised form.
 
 Pure functions and small classes with no I/O, shared by the event reader and the
-tests. In front of sseclient-py sits :class:`FrameGuard`, which cuts the byte stream
-into whole frames so that one oversized frame or one with invalid UTF-8 is dropped and
-counted instead of taking the parser (and every frame after it) down.
+tests. :class:`FrameGuard` cuts the byte stream into whole frames so that one oversized
+frame or one with invalid UTF-8 is dropped and counted instead of taking the parser (and
+every frame after it) down; :func:`frame_data` reads a whole frame's data the way an SSE
+client does; :func:`head_type` reads the event type off the start of a frame, so the
+reader can pass over high-volume events it has no use for without decoding them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 HIGH_VOLUME = frozenset({"message.part.delta"})
+
+# The start of a frame as the server writes it: an optional global envelope (string
+# fields, then ``payload``), an optional string ``id``, then ``type``. Strings with a
+# quote or backslash in them do not match, and the frame is then decoded in full.
+_HEAD = re.compile(rb'data: \{(?:"(?:directory|project)":"[^"\\]*",)*"payload":\{(?:"id":"[^"\\]*",)?'
+                   rb'"type":"([^"\\]*)"')
 
 
 @dataclass(slots=True)
@@ -78,6 +86,39 @@ def from_sync(sync: dict[str, Any]) -> Event | None:
     sid = sync.get("aggregateID") if isinstance(sync.get("aggregateID"), str) else session_of(data)
     return Event(sync.get("id") if isinstance(sync.get("id"), str) else None, etype, data, sid, None,
                  json.dumps(sync, separators=(",", ":")), sync)
+
+
+def head_type(frame: bytes) -> bytes | None:
+    """The event type named at the start of a ``/global/event`` frame, or None if it is not plain there.
+
+    For the frames opencode writes (JSON without duplicate keys) this is the type
+    :func:`normalize` finds; anything else is left to the full decode.
+    """
+    m = _HEAD.match(frame)
+    return m.group(1) if m is not None else None
+
+
+def frame_data(frame: bytes) -> str | None:
+    """The ``data`` of one whole frame from :meth:`FrameGuard.frames`, or None if it has none.
+
+    Read as the SSE spec (and sseclient-py) says: ``data`` lines joined with newlines, one
+    space after the colon dropped, comments and other fields ignored. Nearly every frame
+    is a single ``data:`` line, which takes one slice.
+    """
+    if frame.startswith(b"data: ") and frame.find(b"\n") == len(frame) - 2:
+        return frame[6:-2].decode()
+    data: list[str] = []
+    for raw in frame.splitlines():
+        line = raw.decode()
+        if not line.strip() or line.startswith(":"):
+            continue
+        field, colon, value = line.partition(":")
+        if field != "data":
+            continue
+        data.append(value[1:] if colon and value.startswith(" ") else value)
+    if not data:
+        return None
+    return "\n".join(data)
 
 
 class FrameGuard:

@@ -32,12 +32,12 @@ def quiet_logs(path: Path) -> None:
     logs.setup("info", stream=open(path, "a", encoding="utf-8"), journal=False)
 
 
-def bare_loop(server: ReplayServer, corpus_file: Path) -> tuple[int, float]:
-    """(events, seconds): frame split and ``json.loads``, nothing else."""
+def bare_loop(server: ReplayServer, corpus_file: Path) -> tuple[int, float, float]:
+    """(events, seconds, CPU seconds of this thread): frame split and ``json.loads``, nothing else."""
     server.feed.put(corpus_file)
     server.feed.put(None)
     n = 0
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     with requests.get(server.url + "/global/event", stream=True, timeout=25) as resp:
         buf = b""
         for chunk in resp.iter_content(65536):
@@ -47,11 +47,11 @@ def bare_loop(server: ReplayServer, corpus_file: Path) -> tuple[int, float]:
                 if frame.startswith(b"data: "):
                     json.loads(frame[6:])
                     n += 1
-    return n - 1, time.perf_counter() - started  # not counting server.connected
+    return n - 1, time.perf_counter() - started, time.thread_time() - cpu  # not counting server.connected
 
 
-def reader_run(server: ReplayServer, corpus_file: Path, ledger_path: Path, store: str) -> tuple[int, float]:
-    """(events, seconds) through one connection of the daemon's event reader."""
+def reader_run(server: ReplayServer, corpus_file: Path, ledger_path: Path, store: str) -> tuple[int, float, float]:
+    """(events, seconds, CPU seconds) through one connection of the daemon's event reader, in this thread."""
     server.feed.put(corpus_file)
     server.feed.put(None)
     shared = Shared(server_url=server.url)
@@ -61,12 +61,12 @@ def reader_run(server: ReplayServer, corpus_file: Path, ledger_path: Path, store
                          on_own_activity=lambda: None)
     reader.setup()
     try:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         reader.step()
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.thread_time() - cpu
     finally:
         reader.teardown()
-    return shared.events_total - 1, seconds  # not counting server.connected
+    return shared.events_total - 1, seconds, cpu  # not counting server.connected
 
 
 def ledger_rows(path: Path, sql: str) -> int:

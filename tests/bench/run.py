@@ -70,30 +70,41 @@ def _loadavg() -> list[float]:
 
 
 def bench_ingest(tmp: Path, sizes: Sizes, stream: corpus.Corpus, say: Callable[[str], None]) -> dict[str, Any]:
+    """Bare loop, reader (default store), reader (store all), in turn, ``ingest_rounds`` times.
+
+    The headline is the best round of each (the one least disturbed by anything else on
+    the machine); events per CPU-second of the reading thread are kept beside it, as the
+    steadier figure on a shared machine.
+    """
     path = tmp / "ingest.sse"
     events = stream.write(path, sizes.ingest_events)
     plain = events - stream.turns_for(sizes.ingest_events) * stream.syncs
-    rates: dict[str, list[float]] = {"bare": [], "default": [], "all": []}
-    sizes_on_disk: dict[str, int] = {}
+    wall: dict[str, list[float]] = {"bare": [], "default": [], "all": []}
+    cpu: dict[str, list[float]] = {"bare": [], "default": [], "all": []}
     with ReplayServer() as server:
         for r in range(sizes.ingest_rounds):
-            n, seconds = ingest.bare_loop(server, path)
+            n, seconds, cpu_seconds = ingest.bare_loop(server, path)
             assert n == events, (n, events)
-            rates["bare"].append(n / seconds)
+            wall["bare"].append(events / seconds)
+            cpu["bare"].append(events / cpu_seconds)
             for store in ("default", "all"):
                 ledger = tmp / f"ingest-{store}-{r}.sqlite3"
-                counted, seconds = ingest.reader_run(server, path, ledger, store)
+                counted, seconds, cpu_seconds = ingest.reader_run(server, path, ledger, store)
                 assert counted == plain, (store, counted, plain)
-                rates[store].append(events / seconds)
-                sizes_on_disk[store] = ingest.ledger_bytes(ledger)
+                wall[store].append(events / seconds)
+                cpu[store].append(events / cpu_seconds)
                 _remove_ledger(ledger)
             say(f"ingest round {r + 1}/{sizes.ingest_rounds}")
     path.unlink()
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    best = {k: max(v) for k, v in wall.items()}
+    per_cpu = {k: max(v) for k, v in cpu.items()}
     return {"events": events, "rounds": sizes.ingest_rounds,
-            "bare_per_s": round(med["bare"]), "default_per_s": round(med["default"]), "all_per_s": round(med["all"]),
-            "default_ratio": round(med["default"] / med["bare"], 3), "all_ratio": round(med["all"] / med["bare"], 3),
-            "all_rounds_per_s": {k: [round(x) for x in v] for k, v in rates.items()}}
+            "bare_per_s": round(best["bare"]), "default_per_s": round(best["default"]), "all_per_s": round(best["all"]),
+            "default_ratio": round(best["default"] / best["bare"], 3), "all_ratio": round(best["all"] / best["bare"], 3),
+            "per_cpu_s": {k: round(v) for k, v in per_cpu.items()},
+            "default_ratio_cpu": round(per_cpu["default"] / per_cpu["bare"], 3),
+            "all_ratio_cpu": round(per_cpu["all"] / per_cpu["bare"], 3),
+            "rounds_per_s": {k: [round(x) for x in v] for k, v in wall.items()}}
 
 
 def bench_ledger(tmp: Path, sizes: Sizes, stream: corpus.Corpus, say: Callable[[str], None]) -> dict[str, Any]:
@@ -101,7 +112,7 @@ def bench_ledger(tmp: Path, sizes: Sizes, stream: corpus.Corpus, say: Callable[[
     events = stream.write(path, sizes.ledger_events)
     ledger = tmp / "million.sqlite3"
     with ReplayServer() as server:
-        _, seconds = ingest.reader_run(server, path, ledger, "default")
+        _, seconds, _ = ingest.reader_run(server, path, ledger, "default")
     path.unlink()
     say(f"ledger: {events} events in")
     rows = ingest.ledger_rows(ledger, "SELECT COUNT(*) FROM events")
@@ -182,6 +193,9 @@ def table(r: dict[str, Any]) -> str:
         ("ingest: reader, default store", f"{ing['default_per_s']:,} ev/s = {ing['default_ratio']:.2f} x bare",
          ">= 0.5 x bare", yes(ing["default_ratio"] >= 0.5)),
         ("ingest: reader, store all", f"{ing['all_per_s']:,} ev/s = {ing['all_ratio']:.2f} x bare", "", ""),
+        ("ingest per CPU-second: bare / default / all",
+         " / ".join(f"{ing['per_cpu_s'][k]:,}" for k in ("bare", "default", "all"))
+         + f" (default {ing['default_ratio_cpu']:.2f} x)", "", ""),
         ("reaction: inbox write -> prompt", _pct(lv["inbox"]), "p50 < 120 ms", yes(lv["inbox"]["p50_ms"] < 120)),
         ("reaction: send_message end -> prompt", _pct(lv["tool"]), "p50 <= bare p50",
          yes(lv["tool"]["p50_ms"] <= lv["bare"]["p50_ms"])),

@@ -36,7 +36,7 @@ def test_reader_and_bare_loop_take_in_every_event(tmp_path: Path, stream: corpus
     ledger = tmp_path / "ledger.sqlite3"
     with ReplayServer() as server:
         assert ingest.bare_loop(server, path)[0] == written
-        counted, _ = ingest.reader_run(server, path, ledger, store)
+        counted, _, _ = ingest.reader_run(server, path, ledger, store)
     assert counted == written - 2 * stream.syncs
     rows = ingest.ledger_rows(ledger, "SELECT COUNT(*) FROM events")
     connected = 1
@@ -62,7 +62,8 @@ def test_memory_stages_and_table(tmp_path: Path, stream: corpus.Corpus) -> None:
     fake_live = {"idle": {"seconds": 60, "cpu_seconds": 0.1, "cpu_percent_of_core": 0.2, "prompts": 0, "rss_mb": 30},
                  **{k: {"n": 50, "p50_ms": 80.0, "p99_ms": 150.0} for k in ("inbox", "tool", "bare")}}
     text = run.table({"ingest": {"bare_per_s": 2, "default_per_s": 1, "all_per_s": 1, "default_ratio": 0.5,
-                                 "all_ratio": 0.5},
+                                 "all_ratio": 0.5, "per_cpu_s": {"bare": 4, "default": 2, "all": 1},
+                                 "default_ratio_cpu": 0.5, "all_ratio_cpu": 0.25},
                       "ledger": {"events": 10, "mb": 1.0, "rows": 5, "status_json_ms": 90.0,
                                  "python_start_and_import_ms": 60.0, "writer_rows_per_s": 3},
                       "memory": out, "live": fake_live})

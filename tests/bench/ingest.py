@@ -1,7 +1,7 @@
 """Ingest: events per second through the whole event reader, and through a bare loop.
 
 The reader is the daemon's own :class:`~orchestratord.events.EventReader` with the
-default trigger rules, run for one connection in this thread: connect, re-read
+default trigger rules and safety rules, run for one connection in this thread: connect, re-read
 statuses, then parse, normalise, match rules, write the ledger until the replay server
 closes the stream. The bare loop reads the same bytes from the same server and only
 splits frames and calls ``json.loads``: the limit for a Python reader of this stream.
@@ -18,8 +18,9 @@ from pathlib import Path
 import requests
 
 from orchestratord import logs
-from orchestratord.config import DEFAULT_TRIGGERS
+from orchestratord.config import DEFAULT_TRIGGERS, Config
 from orchestratord.events import EventReader
+from orchestratord.guard import Judge
 from orchestratord.ledger import EventRow, Ledger
 from orchestratord.opencode import OpencodeClient
 from orchestratord.state import Shared
@@ -58,7 +59,7 @@ def reader_run(server: ReplayServer, corpus_file: Path, ledger_path: Path, store
     reader = EventReader(shared=shared, make_client=lambda: OpencodeClient(server.url), ledger_path=str(ledger_path),
                          stream="global", directory=None, read_timeout=25.0, max_event_bytes=4 * 1024 * 1024,
                          reconnect_max=5.0, store=store, rules=DEFAULT_TRIGGERS, on_trigger=lambda: None,
-                         on_own_activity=lambda: None)
+                         on_own_activity=lambda: None, judge=Judge.from_config(Config().safety))
     reader.setup()
     try:
         started, cpu = time.perf_counter(), time.thread_time()

@@ -4,7 +4,8 @@ The server's SSE stream is read over ``iter_content(65536)`` (small reads make a
 event take seconds) and cut into whole frames by a :class:`~.stream.FrameGuard`.
 High-volume events that this reader would neither store nor match against a rule
 (``message.part.delta`` with the default settings) are recognised from the start of
-their frame and only counted: decoding them would be most of the work and change nothing.
+their frame and only counted, and their session marked active: decoding them would be
+most of the work and change nothing else.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .guard import Judge, seen_in_event, seen_in_permission
 from .ledger import EventRow, Ledger
 from .opencode import AuthError, OpencodeClient, OpencodeError
 from .state import Shared
-from .stream import HIGH_VOLUME, Event, FrameGuard, frame_data, from_sync, head_type, normalize
+from .stream import HIGH_VOLUME, Event, FrameGuard, frame_data, from_sync, head_session, normalize
 from .triggers import Rule, RuleSet
 from .worker import Worker
 
@@ -231,8 +232,9 @@ class EventReader(Worker):
             self.beat()
             if self.stopping:
                 return
-            if count_only and head_type(frame) in count_only:
+            if count_only and (head := head_session(frame)) is not None and head[0] in count_only:
                 self.shared.count_event(time.time())
+                self.shared.touch(head[1])  # a streaming session is not a stalled one
                 self._report_guard()
                 continue
             data = frame_data(frame)

@@ -4,7 +4,7 @@ Pure functions and small classes with no I/O, shared by the event reader and the
 tests. :class:`FrameGuard` cuts the byte stream into whole frames so that one oversized
 frame or one with invalid UTF-8 is dropped and counted instead of taking the parser (and
 every frame after it) down; :func:`frame_data` reads a whole frame's data the way an SSE
-client does; :func:`head_type` reads the event type off the start of a frame, so the
+client does; :func:`head_session` reads the event type and session off the start of a frame, so the
 reader can pass over high-volume events it has no use for without decoding them.
 """
 
@@ -18,10 +18,11 @@ from typing import Any, Callable, Iterable, Iterator
 HIGH_VOLUME = frozenset({"message.part.delta"})
 
 # The start of a frame as the server writes it: an optional global envelope (string
-# fields, then ``payload``), an optional string ``id``, then ``type``. Strings with a
-# quote or backslash in them do not match, and the frame is then decoded in full.
+# fields, then ``payload``), an optional string ``id``, then ``type``, and, when
+# ``properties`` follows with ``sessionID`` first, the session. Strings with a quote or
+# backslash in them do not match, and the frame is then decoded in full.
 _HEAD = re.compile(rb'data: \{(?:"(?:directory|project)":"[^"\\]*",)*"payload":\{(?:"id":"[^"\\]*",)?'
-                   rb'"type":"([^"\\]*)"')
+                   rb'"type":"([^"\\]*)"(?:,"properties":\{"sessionID":"([^"\\]*)")?')
 
 
 @dataclass(slots=True)
@@ -88,14 +89,17 @@ def from_sync(sync: dict[str, Any]) -> Event | None:
                  json.dumps(sync, separators=(",", ":")), sync)
 
 
-def head_type(frame: bytes) -> bytes | None:
-    """The event type named at the start of a ``/global/event`` frame, or None if it is not plain there.
+def head_session(frame: bytes) -> tuple[bytes, str] | None:
+    """(type, session) named at the start of a ``/global/event`` frame, when both are plain there.
 
-    For the frames opencode writes (JSON without duplicate keys) this is the type
-    :func:`normalize` finds; anything else is left to the full decode.
+    For the frames opencode writes (JSON without duplicate keys) these are the type and
+    session :func:`normalize` finds (``properties.sessionID`` comes first); anything else
+    is left to the full decode.
     """
     m = _HEAD.match(frame)
-    return m.group(1) if m is not None else None
+    if m is None or m.group(2) is None:
+        return None
+    return m.group(1), m.group(2).decode()
 
 
 def frame_data(frame: bytes) -> str | None:

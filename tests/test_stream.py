@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestratord.config import DEFAULT_TRIGGERS
-from orchestratord.stream import HIGH_VOLUME, FrameGuard, frame_data, from_sync, head_type, normalize
+from orchestratord.stream import HIGH_VOLUME, FrameGuard, frame_data, from_sync, head_session, normalize
 from orchestratord.triggers import RuleSet, match_all
 from tests.support.reference import reference_dir
 
@@ -126,27 +126,30 @@ def _recorded_frames(name: str) -> list[bytes]:
 
 
 @pytest.mark.parametrize("name", ["global-event-stream.sse", "global-event-stream-with-sync.sse"])
-def test_head_type_agrees_with_the_full_decode(name: str) -> None:
+def test_head_agrees_with_the_full_decode(name: str) -> None:
     seen = 0
     for frame in _recorded_frames(name):
         data = frame_data(frame)
         assert data is not None
         event = normalize(json.loads(data), data)
         assert event is not None
-        head = head_type(frame)
-        assert head is None or head.decode() == event.type
+        with_session = head_session(frame)
+        assert with_session is None or with_session == (event.type.encode(), event.session_id)
         if event.type in HIGH_VOLUME:
-            assert head is not None
+            assert with_session is not None
             seen += 1
     assert seen
 
 
-def test_head_type_leaves_unusual_frames_to_the_full_decode() -> None:
-    assert head_type(b'data: {"payload":{"type":"message.part.delta","properties":{}}}\n\n') == b"message.part.delta"
-    assert head_type(b'data: {"type":"message.part.delta","payload":{"type":"x"}}\n\n') is None
-    assert head_type(b'data: {"directory":"a\\"b","payload":{"type":"message.part.delta"}}\n\n') is None
-    assert head_type(b'data: {"payload":{"type":"message.part.d\\u0065lta"}}\n\n') is None
-    assert head_type(b'event: x\ndata: {"payload":{"type":"message.part.delta"}}\n\n') is None
+def test_head_leaves_unusual_frames_to_the_full_decode() -> None:
+    props = b'"properties":{"sessionID":"ses_1","delta":"x"}'
+    assert head_session(b'data: {"payload":{"type":"message.part.delta",' + props + b'}}\n\n') == (
+        b"message.part.delta", "ses_1")
+    assert head_session(b'data: {"payload":{"type":"message.part.delta","properties":{"delta":"x"}}}\n\n') is None
+    assert head_session(b'data: {"type":"message.part.delta",' + props + b',"payload":{"type":"x"}}\n\n') is None
+    assert head_session(b'data: {"directory":"a\\"b","payload":{"type":"message.part.delta",' + props + b'}}\n\n') is None
+    assert head_session(b'data: {"payload":{"type":"message.part.d\\u0065lta",' + props + b'}}\n\n') is None
+    assert head_session(b'event: x\ndata: {"payload":{"type":"message.part.delta",' + props + b'}}\n\n') is None
 
 
 @pytest.mark.parametrize("name", ["global-event-stream.sse", "event-stream-prompt-cycle.sse"])

@@ -2,6 +2,8 @@
 #
 #   make test     create .venv, install the package with its test extras,
 #                 install the pinned opencode server, run the test suite
+#   make bench    the same setup, then the benchmarks: one table on stdout,
+#                 the figures in $(BENCH_OUT)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,8 +11,9 @@ VPY := $(VENV)/bin/python
 OPENCODE_DIR := tests/opencode
 OPENCODE_BIN := $(OPENCODE_DIR)/node_modules/.bin/opencode
 PYTEST_ARGS ?=
+BENCH_OUT ?= bench-results/bench.json
 
-.PHONY: all venv opencode promtool test check-tools clean
+.PHONY: all venv opencode promtool test bench check-tools clean
 
 all: test
 
@@ -55,5 +58,8 @@ promtool: $(PROMTOOL)
 test: venv opencode promtool
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
+bench: venv opencode
+	$(VPY) -m tests.bench.run --out $(BENCH_OUT)
+
 clean:
-	rm -rf $(VENV) $(OPENCODE_DIR)/node_modules tests/.tools .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(OPENCODE_DIR)/node_modules tests/.tools .pytest_cache build *.egg-info bench-results

@@ -1,29 +1,38 @@
 """The event stream worker: connect, read, record, match rules, catch up after gaps.
 
-The server's SSE stream is read with sseclient-py over ``iter_content(65536)`` (small
-reads make a large event take seconds), behind a :class:`~.stream.FrameGuard`.
+The server's SSE stream is read over ``iter_content(65536)`` (small reads make a large
+event take seconds) and cut into whole frames by a :class:`~.stream.FrameGuard`.
+High-volume events that this reader would neither store nor match against a rule
+(``message.part.delta`` with the default settings) are recognised from the start of
+their frame and only counted, and their session marked active: decoding them would be
+most of the work and change nothing else.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import select
 import socket
 import threading
 import time
 from typing import Any, Callable, Sequence
 
 import requests
-import sseclient
 
 from . import logs, metrics
 from .guard import Judge, seen_in_event, seen_in_permission
 from .ledger import EventRow, Ledger
 from .opencode import AuthError, OpencodeClient, OpencodeError
 from .state import Shared
-from .stream import HIGH_VOLUME, Event, FrameGuard, from_sync, normalize
-from .triggers import Rule, match_all
+from .stream import HIGH_VOLUME, Event, FrameGuard, frame_data, from_sync, head_session, normalize
+from .triggers import Rule, RuleSet
 from .worker import Worker
+
+
+#: event rows are written when the stream pauses, or at this many rows, or this old
+BATCH_ROWS = 1000
+BATCH_SECONDS = 1.0
 
 
 class EventReader(Worker):
@@ -48,7 +57,10 @@ class EventReader(Worker):
         self.max_event_bytes = max_event_bytes
         self.reconnect_max = reconnect_max
         self.store = store
-        self.rules = list(rules)
+        self.rules = RuleSet(rules)
+        # Types whose events have no effect here but to be counted.
+        self._count_only = frozenset(t.encode() for t in HIGH_VOLUME
+                                     if store != "all" and not self.rules.for_type(t))
         self.on_trigger = on_trigger
         self.on_own_activity = on_own_activity
         self.judge = judge
@@ -64,7 +76,10 @@ class EventReader(Worker):
         self._malformed_logged = 0.0
         self.last_seq: dict[str, int] = {}
         self.titles: dict[str, str] = {}
-        self._guard = FrameGuard(max_event_bytes, self._flush)
+        self._guard = FrameGuard(max_event_bytes, self._drained)
+        self._batch_since = 0.0  # monotonic time of the oldest row in the batch
+        self._waiting: select.poll | None = None  # says whether more of the stream is already here
+        self._seq_changed = False  # since it was last written to the ledger
         self._reported_oversized = 0
         self._reported_undecodable = 0
 
@@ -119,6 +134,7 @@ class EventReader(Worker):
             return self._failed(str(exc))
         with self._resp_lock:
             self._resp = resp
+        self._waiting = _poller(resp)
         try:
             self._connected()
             self._consume(resp)
@@ -128,6 +144,7 @@ class EventReader(Worker):
         finally:
             with self._resp_lock:
                 self._resp = None
+            self._waiting = None
             resp.close()
             self._flush()
         if self.stopping:
@@ -212,19 +229,27 @@ class EventReader(Worker):
         self._save_seq()
 
     def _consume(self, resp: requests.Response) -> None:
-        client = sseclient.SSEClient(self._guard.frames(resp.iter_content(65536)))
-        for frame in client.events():
+        count_only = self._count_only
+        for frame in self._guard.frames(resp.iter_content(65536)):
             self.beat()
             if self.stopping:
                 return
-            try:
-                obj = json.loads(frame.data)
-            except ValueError:
-                self._malformed_frame("not JSON", frame.data)
+            if count_only and (head := head_session(frame)) is not None and head[0] in count_only:
+                self.shared.count_event(time.time())
+                self.shared.touch(head[1])  # a streaming session is not a stalled one
+                self._report_guard()
                 continue
-            event = normalize(obj, frame.data)
+            data = frame_data(frame)
+            if data is None:
+                continue
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                self._malformed_frame("not JSON", data)
+                continue
+            event = normalize(obj, data)
             if event is None:
-                self._malformed_frame("not an event", frame.data)
+                self._malformed_frame("not an event", data)
                 continue
             self._handle(event, store=True)
             self._report_guard()
@@ -254,23 +279,21 @@ class EventReader(Worker):
             if event.sync is not None:
                 self._note_seq(event.session_id, event.sync.get("seq"))
             if store and self.store == "all":
-                self._batch.append(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
+                self._add_row(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
             return
         self.shared.count_event(wall)
         metrics.event(event.type, wall)
         if event.session_id is not None:
             self.shared.touch(event.session_id)
         if store and (self.store == "all" or (self.store == "default" and event.type not in HIGH_VOLUME)):
-            self._batch.append(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
-            if len(self._batch) >= 1000:
-                self._flush()
+            self._add_row(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
         self._observe(event)
         own = self.shared.session_id
         if self.judge is not None and event.type in ("message.part.updated", "permission.asked"):
             seen = seen_in_event(event, own)
             if seen and self.judge.record(self.ledger, seen, own, self._title):
                 self.on_escalation()
-        matches = match_all(self.rules, event, own, self._title)
+        matches = self.rules.match(event, own, self._title)
         if matches:
             self._flush()
             assert self.ledger is not None
@@ -335,15 +358,63 @@ class EventReader(Worker):
     def _note_seq(self, session_id: str | None, seq: Any) -> None:
         if session_id and isinstance(seq, int) and seq > self.last_seq.get(session_id, -1):
             self.last_seq[session_id] = seq
+            self._seq_changed = True
+
+    def _seq_to_save(self) -> dict[str, str] | None:
+        """The ``sync.last_seq`` meta value, if it changed since it was last written."""
+        if not self.last_seq or not self._seq_changed:
+            return None
+        if len(self.last_seq) > 500:  # keep the newest sessions only
+            self.last_seq = dict(sorted(self.last_seq.items(), key=lambda kv: kv[0])[-500:])
+        return {"sync.last_seq": json.dumps(self.last_seq)}
 
     def _save_seq(self) -> None:
-        if self.ledger is not None and self.last_seq:
-            if len(self.last_seq) > 500:  # keep the newest sessions only
-                self.last_seq = dict(sorted(self.last_seq.items(), key=lambda kv: kv[0])[-500:])
-            self.ledger.set_meta("sync.last_seq", json.dumps(self.last_seq))
+        if self.ledger is not None and (meta := self._seq_to_save()):
+            self.ledger.add_events((), meta)
+            self._seq_changed = False
+
+    def _add_row(self, row: EventRow) -> None:
+        if not self._batch:
+            self._batch_since = self.clock()
+        self._batch.append(row)
+        if len(self._batch) >= BATCH_ROWS:
+            self._flush()
+
+    def _drained(self) -> None:
+        """The bytes read so far are used up: write the batch, unless more is already waiting.
+
+        opencode sends each event in its own HTTP chunk, so this runs after every event.
+        While the stream runs ahead of us, rows are written in batches (at most
+        ``BATCH_ROWS`` or ``BATCH_SECONDS`` old); once it pauses, at once.
+        """
+        if self._batch and (self.clock() - self._batch_since >= BATCH_SECONDS or not self._more_waiting()):
+            self._flush()
+
+    def _more_waiting(self) -> bool:
+        poller = self._waiting
+        if poller is None:
+            return False
+        try:
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return False
 
     def _flush(self) -> None:
         if self._batch and self.ledger is not None:
             batch, self._batch = self._batch, []
-            self.ledger.add_events(batch)
-            self._save_seq()
+            meta = self._seq_to_save()
+            self.ledger.add_events(batch, meta)  # the rows and the seq they reach, in one transaction
+            self._seq_changed = False
+
+
+def _poller(resp: requests.Response) -> select.poll | None:
+    """A poll on the stream's socket, to see without blocking whether more bytes have come."""
+    sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
+    if sock is None or getattr(sock, "pending", None) is not None:
+        return None  # no socket, or TLS: bytes may wait inside the TLS layer; write at every pause
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+    except (OSError, ValueError):
+        return None
+    return poller

@@ -185,6 +185,8 @@ def read_inbox_file(path: Path, lock_path: Path | None = None) -> bytes:
 
 # -- the watcher -------------------------------------------------------------------
 
+#: watchdog's names for inotify's open and read-only close: nothing changed
+_NOT_A_CHANGE = frozenset({"opened", "closed_no_write"})
 RETRY_DELAY = 0.05
 #: a file that stays unparseable this long (unchanged) is broken, not half-written
 SETTLE_SECONDS = 1.0
@@ -273,6 +275,8 @@ class InboxWatcher(Worker):
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
+                if event.event_type in _NOT_A_CHANGE:
+                    return  # a read, our own included: reacting to it would read again, and again
                 for path in (getattr(event, "src_path", None), getattr(event, "dest_path", None)):
                     if path:
                         watcher._changed(Path(os.fsdecode(path)))

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 from . import metrics
 from .worker import crash_point
@@ -238,8 +238,9 @@ class Escalation:
                 "handled_at": self.handled_at}
 
 
-@dataclass(frozen=True)
-class EventRow:
+class EventRow(NamedTuple):
+    """One event row; a tuple, so a batch goes to SQLite as it is."""
+
     at: float
     event_id: str | None
     type: str
@@ -336,14 +337,15 @@ class Ledger:
 
     # -- events -----------------------------------------------------------------
 
-    def add_events(self, rows: Sequence[EventRow]) -> None:
-        """Insert a batch of event rows in one transaction."""
-        if not rows:
+    def add_events(self, rows: Sequence[EventRow], meta: dict[str, str] | None = None) -> None:
+        """Insert a batch of event rows, and set ``meta`` keys, in one transaction."""
+        if not rows and not meta:
             return
         with self._tx():
-            self.db.executemany(
-                "INSERT INTO events(at, event_id, type, session_id, directory, data) VALUES(?, ?, ?, ?, ?, ?)",
-                [(r.at, r.event_id, r.type, r.session_id, r.directory, r.data) for r in rows])
+            if rows:
+                self.db.executemany(_INSERT_EVENT, rows)
+            for key, value in (meta or {}).items():
+                self.set_meta(key, value)
 
     def events(self, limit: int = 50, type_: str | None = None) -> list[dict[str, Any]]:
         if type_:
@@ -607,6 +609,7 @@ class Ledger:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+_INSERT_EVENT = "INSERT INTO events(at, event_id, type, session_id, directory, data) VALUES(?, ?, ?, ?, ?, ?)"
 _TRIGGER_COLUMNS = ("SELECT id, at, kind, rule, team, teammate, session_id, event_type, event_id, detail, dispatch_id "
                     "FROM triggers")
 _DISPATCH_COLUMNS = ("SELECT id, message_id, session_id, state, created_at, sent_at, completed_at, prompt, "

@@ -1,9 +1,11 @@
 """The server's event stream on the wire: frames, events, and their normalised form.
 
 Pure functions and small classes with no I/O, shared by the event reader and the
-tests. In front of sseclient-py sits :class:`FrameGuard`, which cuts the byte stream
-into whole frames so that one oversized frame or one with invalid UTF-8 is dropped and
-counted instead of taking the parser (and every frame after it) down.
+tests. :class:`FrameGuard` cuts the byte stream into whole frames so that one oversized
+frame or one with invalid UTF-8 is dropped and counted instead of taking the parser (and
+every frame after it) down; :func:`frame_data` reads a whole frame's data the way an SSE
+client does; :func:`head_session` reads the event type and session off the start of a frame, so the
+reader can pass over high-volume events it has no use for without decoding them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 HIGH_VOLUME = frozenset({"message.part.delta"})
+
+# The start of a frame as the server writes it: an optional global envelope (string
+# fields, then ``payload``), an optional string ``id``, then ``type``, and, when
+# ``properties`` follows with ``sessionID`` first, the session. Strings with a quote or
+# backslash in them do not match, and the frame is then decoded in full.
+_HEAD = re.compile(rb'data: \{(?:"(?:directory|project)":"[^"\\]*",)*"payload":\{(?:"id":"[^"\\]*",)?'
+                   rb'"type":"([^"\\]*)"(?:,"properties":\{"sessionID":"([^"\\]*)")?')
 
 
 @dataclass(slots=True)
@@ -78,6 +87,42 @@ def from_sync(sync: dict[str, Any]) -> Event | None:
     sid = sync.get("aggregateID") if isinstance(sync.get("aggregateID"), str) else session_of(data)
     return Event(sync.get("id") if isinstance(sync.get("id"), str) else None, etype, data, sid, None,
                  json.dumps(sync, separators=(",", ":")), sync)
+
+
+def head_session(frame: bytes) -> tuple[bytes, str] | None:
+    """(type, session) named at the start of a ``/global/event`` frame, when both are plain there.
+
+    For the frames opencode writes (JSON without duplicate keys) these are the type and
+    session :func:`normalize` finds (``properties.sessionID`` comes first); anything else
+    is left to the full decode.
+    """
+    m = _HEAD.match(frame)
+    if m is None or m.group(2) is None:
+        return None
+    return m.group(1), m.group(2).decode()
+
+
+def frame_data(frame: bytes) -> str | None:
+    """The ``data`` of one whole frame from :meth:`FrameGuard.frames`, or None if it has none.
+
+    Read as the SSE spec (and sseclient-py) says: ``data`` lines joined with newlines, one
+    space after the colon dropped, comments and other fields ignored. Nearly every frame
+    is a single ``data:`` line, which takes one slice.
+    """
+    if frame.startswith(b"data: ") and frame.find(b"\n") == len(frame) - 2:
+        return frame[6:-2].decode()
+    data: list[str] = []
+    for raw in frame.splitlines():
+        line = raw.decode()
+        if not line.strip() or line.startswith(":"):
+            continue
+        field, colon, value = line.partition(":")
+        if field != "data":
+            continue
+        data.append(value[1:] if colon and value.startswith(" ") else value)
+    if not data:
+        return None
+    return "\n".join(data)
 
 
 class FrameGuard:

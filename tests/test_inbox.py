@@ -6,6 +6,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,6 +17,7 @@ from orchestratord.inbox import (MAX_INBOX_BYTES, InboxError, InboxWatcher, Team
                                  message_type, parse_inbox, read_inbox_file)
 from orchestratord.ledger import Ledger
 from orchestratord.triggers import _message_ckey
+from tests.support.team import make_team
 
 TEAM = "my-team"
 
@@ -240,3 +242,26 @@ def test_stream_first_then_file_is_one_trigger(world: World) -> None:
     # ...and the stream's event after the file is also no second trigger.
     assert led.add_trigger("event", "again", dedup="teammate-message:prt_2:completed", ckey=ck,
                            now=world.clock.now) is None
+
+
+def test_idle_watcher_does_not_read_again_after_its_own_reads(tmp_path: Path) -> None:
+    # inotify reports opens and read-only closes too; the watcher's own read of an inbox
+    # must not count as a change, or it reads in a loop and burns a core while idle.
+    make_team(tmp_path, "t", ["w"])
+    w = InboxWatcher(ledger_path=str(tmp_path / "ledger.sqlite3"), base_dir=str(tmp_path), teams=["t"],
+                     lead="team-lead", watch_members=False, poll_interval=60, report_existing=False,
+                     on_trigger=lambda: None)
+    reads: list[Path] = []
+    real_read = w._read
+    w._read = lambda path: (reads.append(path), real_read(path))[1]  # type: ignore[method-assign]
+    w.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not reads and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert reads, "the first rescan never read the lead's inbox"
+        time.sleep(1.0)  # idle: nothing writes
+        assert len(reads) <= 2, f"{len(reads)} reads of an unchanged inbox in a second"
+    finally:
+        w.stop()
+        w.join(5)

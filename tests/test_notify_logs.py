@@ -77,6 +77,11 @@ def test_kv_quotes_and_drops_none() -> None:
     assert "\n" not in logs.kv("e", text="line1\nline2")
 
 
+def test_kv_takes_a_field_named_event() -> None:
+    # The trigger line names the event type as ``event=``, the same word as the first parameter.
+    assert logs.kv("trigger", rule="r", event="session.idle") == "trigger rule=r event=session.idle"
+
+
 @pytest.mark.parametrize("level,prefix", [(logging.CRITICAL, "<2>"), (logging.ERROR, "<3>"), (logging.WARNING, "<4>"),
                                           (logs.NOTICE, "<5>"), (logging.INFO, "<6>"), (logging.DEBUG, "<7>")])
 def test_journal_prefixes(level: int, prefix: str) -> None:

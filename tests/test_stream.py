@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import sseclient
+from hypothesis import given
+from hypothesis import strategies as st
 
-from orchestratord.stream import FrameGuard, from_sync, normalize
-
-
-def _reference_dir() -> Path:
-    """Recorded streams of opencode 1.18.33: $ORCHESTRATORD_REFERENCE, a sibling ``shared/``, or /work/shared."""
-    candidates = [os.environ.get("ORCHESTRATORD_REFERENCE", ""),
-                  str(Path(__file__).resolve().parents[2] / "shared" / "reference"),
-                  "/work/shared/reference"]
-    for c in candidates:
-        if c and (Path(c) / "opencode-1.18.33").is_dir():
-            return Path(c) / "opencode-1.18.33"
-    return Path(candidates[1]) / "opencode-1.18.33"
+from orchestratord.config import DEFAULT_TRIGGERS
+from orchestratord.stream import HIGH_VOLUME, FrameGuard, frame_data, from_sync, head_session, normalize
+from orchestratord.triggers import RuleSet, match_all
+from tests.support.reference import reference_dir
 
 
-REF = _reference_dir()
+REF = reference_dir()
 
 
 def parse(chunks: list[bytes], max_bytes: int = 1 << 20) -> tuple[list[str], FrameGuard]:
     guard = FrameGuard(max_bytes)
-    data = [e.data for e in sseclient.SSEClient(guard.frames(chunks)).events()]
+    data = [d for d in map(frame_data, guard.frames(chunks)) if d is not None]
     return data, guard
 
 
@@ -120,3 +112,63 @@ def test_invalid_utf8_in_a_last_frame_ended_by_a_lone_cr_is_skipped() -> None:
     assert data == [] and guard.undecodable == 1
     data, guard = parse([frame + b"\r\r"])
     assert len(data) == 1 and guard.undecodable == 0
+
+
+_LINES = st.lists(st.one_of(
+    st.builds(lambda f, v: f"{f}:{v}", st.sampled_from(["data", "event", "id", "retry", "", "other"]),
+              st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=12)),
+    st.sampled_from(["data", ": comment", " ", "\t", "data:", "data: "]),
+), max_size=6)
+
+
+@given(frames=st.lists(_LINES, max_size=5), size=st.integers(1, 64))
+def test_frame_data_reads_frames_as_sseclient_does(frames: list[list[str]], size: int) -> None:
+    raw = "".join("\n".join(lines) + "\n\n" for lines in frames).encode()
+    chunks = [raw[i:i + size] for i in range(0, len(raw), size)]
+    ours = [d for d in map(frame_data, FrameGuard(1 << 20).frames(chunks)) if d is not None]
+    theirs = [e.data for e in sseclient.SSEClient(FrameGuard(1 << 20).frames(chunks)).events()]
+    assert ours == theirs
+
+
+def _recorded_frames(name: str) -> list[bytes]:
+    return [f + b"\n\n" for f in recorded(name).split(b"\n\n") if f.strip()]
+
+
+@pytest.mark.parametrize("name", ["global-event-stream.sse", "global-event-stream-with-sync.sse"])
+def test_head_agrees_with_the_full_decode(name: str) -> None:
+    seen = 0
+    for frame in _recorded_frames(name):
+        data = frame_data(frame)
+        assert data is not None
+        event = normalize(json.loads(data), data)
+        assert event is not None
+        with_session = head_session(frame)
+        assert with_session is None or with_session == (event.type.encode(), event.session_id)
+        if event.type in HIGH_VOLUME:
+            assert with_session is not None
+            seen += 1
+    assert seen
+
+
+def test_head_leaves_unusual_frames_to_the_full_decode() -> None:
+    props = b'"properties":{"sessionID":"ses_1","delta":"x"}'
+    assert head_session(b'data: {"payload":{"type":"message.part.delta",' + props + b'}}\n\n') == (
+        b"message.part.delta", "ses_1")
+    assert head_session(b'data: {"payload":{"type":"message.part.delta","properties":{"delta":"x"}}}\n\n') is None
+    assert head_session(b'data: {"type":"message.part.delta",' + props + b',"payload":{"type":"x"}}\n\n') is None
+    assert head_session(b'data: {"directory":"a\\"b","payload":{"type":"message.part.delta",' + props + b'}}\n\n') is None
+    assert head_session(b'data: {"payload":{"type":"message.part.d\\u0065lta",' + props + b'}}\n\n') is None
+    assert head_session(b'event: x\ndata: {"payload":{"type":"message.part.delta",' + props + b'}}\n\n') is None
+
+
+@pytest.mark.parametrize("name", ["global-event-stream.sse", "event-stream-prompt-cycle.sse"])
+def test_rule_set_matches_what_match_all_matches(name: str) -> None:
+    rules = (*DEFAULT_TRIGGERS, *[type(DEFAULT_TRIGGERS[0])(name=f"glob-{g}", event=g) for g in ("session.*", "*", "x")])
+    ruleset = RuleSet(rules)
+    for frame in _recorded_frames(name):
+        data = frame_data(frame)
+        assert data is not None
+        event = normalize(json.loads(data), data)
+        assert event is not None
+        for own in (None, event.session_id):
+            assert ruleset.match(event, own) == match_all(rules, event, own)

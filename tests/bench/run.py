@@ -1,0 +1,274 @@
+"""``make bench``: measure, print one table, write the figures as JSON.
+
+    python -m tests.bench.run [--out FILE] [--quick]
+
+``--quick`` runs every piece at a tiny size (a check that the bench works, not a
+measure). Everything runs under one temporary directory, removed at the end; every
+process started is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import corpus, ingest, live, memory
+from .replay import ReplayServer
+
+
+@dataclass(frozen=True)
+class Sizes:
+    ingest_events: int
+    ingest_rounds: int
+    ledger_events: int
+    writer_rows: int
+    status_runs: int
+    memory_events: int
+    memory_messages: int
+    idle_seconds: float
+    trials: int
+
+
+FULL = Sizes(ingest_events=200_000, ingest_rounds=3, ledger_events=1_000_000, writer_rows=200_000, status_runs=7,
+             memory_events=200_000, memory_messages=10_000, idle_seconds=60.0, trials=50)
+QUICK = Sizes(ingest_events=3_000, ingest_rounds=1, ledger_events=5_000, writer_rows=2_000, status_runs=1,
+              memory_events=2_000, memory_messages=200, idle_seconds=1.0, trials=2)
+
+
+#: the most the second half of a load may add to RSS and still count as levelled off
+LEVEL_MB = 2.0
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "kernel": platform.release(), "loadavg_start": _loadavg()}
+
+
+def _loadavg() -> list[float]:
+    try:
+        with open("/proc/loadavg") as fh:
+            return [float(x) for x in fh.read().split()[:3]]
+    except OSError:
+        return []
+
+
+def bench_ingest(tmp: Path, sizes: Sizes, stream: corpus.Corpus, say: Callable[[str], None]) -> dict[str, Any]:
+    """Bare loop, reader (default store), reader (store all), in turn, ``ingest_rounds`` times.
+
+    The headline is the best round of each (the one least disturbed by anything else on
+    the machine); events per CPU-second of the reading thread are kept beside it, as the
+    steadier figure on a shared machine.
+    """
+    path = tmp / "ingest.sse"
+    events = stream.write(path, sizes.ingest_events)
+    plain = events - stream.turns_for(sizes.ingest_events) * stream.syncs
+    wall: dict[str, list[float]] = {"bare": [], "default": [], "all": []}
+    cpu: dict[str, list[float]] = {"bare": [], "default": [], "all": []}
+    with ReplayServer() as server:
+        for r in range(sizes.ingest_rounds):
+            n, seconds, cpu_seconds = ingest.bare_loop(server, path)
+            assert n == events, (n, events)
+            wall["bare"].append(events / seconds)
+            cpu["bare"].append(events / cpu_seconds)
+            for store in ("default", "all"):
+                ledger = tmp / f"ingest-{store}-{r}.sqlite3"
+                counted, seconds, cpu_seconds = ingest.reader_run(server, path, ledger, store)
+                assert counted == plain, (store, counted, plain)
+                wall[store].append(events / seconds)
+                cpu[store].append(events / cpu_seconds)
+                _remove_ledger(ledger)
+            say(f"ingest round {r + 1}/{sizes.ingest_rounds}")
+    path.unlink()
+    best = {k: max(v) for k, v in wall.items()}
+    per_cpu = {k: max(v) for k, v in cpu.items()}
+    return {"events": events, "rounds": sizes.ingest_rounds,
+            "bare_per_s": round(best["bare"]), "default_per_s": round(best["default"]), "all_per_s": round(best["all"]),
+            "default_ratio": round(best["default"] / best["bare"], 3), "all_ratio": round(best["all"] / best["bare"], 3),
+            "per_cpu_s": {k: round(v) for k, v in per_cpu.items()},
+            "default_ratio_cpu": round(per_cpu["default"] / per_cpu["bare"], 3),
+            "all_ratio_cpu": round(per_cpu["all"] / per_cpu["bare"], 3),
+            "rounds_per_s": {k: [round(x) for x in v] for k, v in wall.items()}}
+
+
+def bench_ledger(tmp: Path, sizes: Sizes, stream: corpus.Corpus, say: Callable[[str], None]) -> dict[str, Any]:
+    path = tmp / "ledger.sse"
+    events = stream.write(path, sizes.ledger_events)
+    ledger = tmp / "million.sqlite3"
+    with ReplayServer() as server:
+        _, seconds, _ = ingest.reader_run(server, path, ledger, "default")
+    path.unlink()
+    say(f"ledger: {events} events in")
+    rows = ingest.ledger_rows(ledger, "SELECT COUNT(*) FROM events")
+    config = tmp / "status.toml"
+    config.write_text(f'[ledger]\npath = "{ledger}"\n')
+    times = []
+    for _ in range(sizes.status_runs):
+        started = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "orchestratord", "status", "--json", "--config", str(config)],
+                             capture_output=True, text=True, timeout=60)
+        times.append(time.perf_counter() - started)
+        assert out.returncode == 0, out.stderr
+        json.loads(out.stdout)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import orchestratord.cli"], check=True, timeout=60)
+    import_only = time.perf_counter() - started
+    size = ingest.ledger_bytes(ledger)
+    _remove_ledger(ledger)
+    corpus_rows = tmp / "writer.sse"
+    stream.write(corpus_rows, sizes.writer_rows)
+    writer_ledger = tmp / "writer.sqlite3"
+    n, wseconds = ingest.writer_rate(corpus_rows, writer_ledger, sizes.writer_rows)
+    corpus_rows.unlink()
+    _remove_ledger(writer_ledger)
+    say("ledger: status and writer done")
+    return {"events": events, "rows": rows, "bytes": size, "mb": round(size / 2**20, 1),
+            "bytes_per_event": round(size / events, 1), "reader_per_s": round(events / seconds),
+            "status_json_ms": round(statistics.median(times) * 1000, 1),
+            "status_json_runs_ms": [round(t * 1000, 1) for t in times],
+            "python_start_and_import_ms": round(import_only * 1000, 1),
+            "writer_rows": n, "writer_rows_per_s": round(n / wseconds)}
+
+
+def bench_live(tmp: Path, sizes: Sizes, say: Callable[[str], None]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with live.Live(tmp) as bed:
+        bed.start_daemon()
+        out["idle"] = bed.idle(sizes.idle_seconds, warmup=min(5.0, sizes.idle_seconds))
+        say(f"idle: {out['idle']}")
+        inbox = bed.inbox_trials(sizes.trials, lambda s: None)
+        say("reaction: inbox trials done")
+        mate = bed.server.create_session("worker-1")["id"]
+        tool = bed.tool_trials(sizes.trials, mate, lambda s: None, "tool")
+        say("reaction: tool trials done")
+        bed.stop_daemon()
+        loop = live.BareLoop(bed.server.url, bed.server.create_session("bare")["id"]).start()
+        try:
+            bare = bed.tool_trials(sizes.trials, mate, lambda s: None, "bare")
+        finally:
+            loop.stop()
+        say("reaction: bare loop trials done")
+    out["inbox"] = live.percentiles(inbox)
+    out["tool"] = live.percentiles(tool)
+    out["bare"] = live.percentiles(bare)
+    out["raw_ms"] = {k: [round(x * 1000, 1) for x in v] for k, v in (("inbox", inbox), ("tool", tool), ("bare", bare))}
+    return out
+
+
+def _remove_ledger(path: Path) -> None:
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        p.unlink(missing_ok=True)
+
+
+def table(r: dict[str, Any]) -> str:
+    ing, led, mem, lv = r["ingest"], r["ledger"], r["memory"], r["live"]
+    idle = lv["idle"]
+    ev_keys = [k for k in mem if k.startswith("rss_mb_after_") and k.endswith("_events")]
+    msg_keys = [k for k in mem if k.startswith("rss_mb_after_") and k.endswith("_messages")]
+
+    def n(k: str) -> str:
+        return k.removeprefix("rss_mb_after_").replace("_", " ")
+
+    def yes(ok: bool) -> str:
+        return "yes" if ok else "NO"
+
+    rows: list[tuple[str, str, str, str]] = [
+        ("ingest: bare loop (split + json.loads)", f"{ing['bare_per_s']:,} ev/s", "", ""),
+        ("ingest: reader, default store", f"{ing['default_per_s']:,} ev/s = {ing['default_ratio']:.2f} x bare",
+         ">= 0.5 x bare", yes(ing["default_ratio"] >= 0.5)),
+        ("ingest: reader, store all", f"{ing['all_per_s']:,} ev/s = {ing['all_ratio']:.2f} x bare", "", ""),
+        ("ingest per CPU-second: bare / default / all",
+         " / ".join(f"{ing['per_cpu_s'][k]:,}" for k in ("bare", "default", "all"))
+         + f" (default {ing['default_ratio_cpu']:.2f} x)", "", ""),
+        ("reaction: inbox write -> prompt", _pct(lv["inbox"]), "p50 < 120 ms", yes(lv["inbox"]["p50_ms"] < 120)),
+        ("reaction: send_message end -> prompt", _pct(lv["tool"]), "p50 <= bare p50",
+         yes(lv["tool"]["p50_ms"] <= lv["bare"]["p50_ms"])),
+        ("reaction: bare loop, same measure", _pct(lv["bare"]), "", ""),
+        (f"idle {idle['seconds']:g} s: CPU", f"{idle['cpu_seconds']:.2f} s = {idle['cpu_percent_of_core']:.2f}% of a core",
+         "< 1% of a core", yes(idle["cpu_percent_of_core"] < 1)),
+        ("idle: prompts sent", str(idle["prompts"]), "0", yes(idle["prompts"] == 0)),
+        ("idle: resident memory", f"{idle['rss_mb']} MB", "", ""),
+        ("memory: at start", f"{mem['rss_mb_start']} MB", "", ""),
+        *[(f"memory: after {n(k)}", f"{mem[k]} MB", "", "") for k in ev_keys + msg_keys],
+        ("memory: growth, 2nd half of events", f"{mem[ev_keys[1]] - mem[ev_keys[0]]:+.1f} MB",
+         f"levels off (<= {LEVEL_MB:g} MB)", yes(mem[ev_keys[1]] - mem[ev_keys[0]] <= LEVEL_MB)),
+        ("memory: growth, 2nd half of messages", f"{mem[msg_keys[1]] - mem[msg_keys[0]]:+.1f} MB",
+         f"levels off (<= {LEVEL_MB:g} MB)", yes(mem[msg_keys[1]] - mem[msg_keys[0]] <= LEVEL_MB)),
+        (f"ledger after {led['events']:,} events", f"{led['mb']} MB ({led['rows']:,} rows)", "", ""),
+        ("ledger: status --json", f"{led['status_json_ms']} ms (python start {led['python_start_and_import_ms']} ms)",
+         "< 200 ms", yes(led["status_json_ms"] < 200)),
+        ("ledger: writer alone, batches of 1,000", f"{led['writer_rows_per_s']:,} rows/s", "", ""),
+    ]
+    widths = [max(len(row[i]) for row in rows + [("measure", "figure", "goal", "met")]) for i in range(4)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(("measure", "figure", "goal", "met"), widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _pct(p: dict[str, Any]) -> str:
+    return f"p50 {p['p50_ms']:.0f} ms, p99 {p['p99_ms']:.0f} ms (n={p['n']})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="bench-results/bench.json")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: check that every piece runs")
+    args = ap.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    started = time.monotonic()
+
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="orchestratord-bench-"))
+    try:
+        ingest.quiet_logs(tmp / "reader.log")
+        stream = corpus.load()
+        result: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                                  "machine": machine(), "quick": args.quick,
+                                  "corpus": {"events_per_turn": stream.frames, "deltas_per_turn": stream.deltas,
+                                             "sync_per_turn": stream.syncs}}
+        result["ingest"] = bench_ingest(tmp, sizes, stream, say)
+        result["ledger"] = bench_ledger(tmp, sizes, stream, say)
+        (tmp / "memory").mkdir()
+        result["memory"] = memory.run(tmp / "memory", stream, sizes.memory_events, sizes.memory_messages, say)
+        (tmp / "live").mkdir()
+        result["live"] = bench_live(tmp / "live", sizes, say)
+        result["machine"]["loadavg_end"] = _loadavg()
+        result["seconds"] = round(time.monotonic() - started, 1)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    m = result["machine"]
+    print(f"orchestratord bench, {result['date']}, {m['cores']} cores, {m['cpu_model']}, "
+          f"load {m['loadavg_start']} -> {m['loadavg_end']}, {result['seconds']:g} s")
+    print(table(result))
+    print(f"figures: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The benchmark's pieces run and count what they should, at a tiny size (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.bench import corpus, ingest, memory, run
+from tests.bench.replay import ReplayServer
+
+
+@pytest.fixture(scope="module")
+def stream() -> corpus.Corpus:
+    try:
+        return corpus.load()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def test_corpus_turns_are_distinct_and_mostly_deltas(stream: corpus.Corpus) -> None:
+    assert stream.deltas > stream.frames / 2
+    ids = set()
+    for n in range(3):
+        frames = [json.loads(f[6:]) for f in stream.turn(n).split(b"\n\n") if f]
+        assert len(frames) == stream.frames
+        ids |= {f["payload"].get("id") for f in frames if f["payload"]["type"] != "sync"}
+    assert len(ids) == 3 * (stream.frames - stream.syncs)
+
+
+@pytest.mark.parametrize("store", ["default", "all"])
+def test_reader_and_bare_loop_take_in_every_event(tmp_path: Path, stream: corpus.Corpus, store: str) -> None:
+    path = tmp_path / "events.sse"
+    written = stream.write(path, 2 * stream.frames)
+    ledger = tmp_path / "ledger.sqlite3"
+    with ReplayServer() as server:
+        assert ingest.bare_loop(server, path)[0] == written
+        counted, _, _ = ingest.reader_run(server, path, ledger, store)
+    assert counted == written - 2 * stream.syncs
+    rows = ingest.ledger_rows(ledger, "SELECT COUNT(*) FROM events")
+    connected = 1
+    if store == "all":
+        assert rows == written + connected
+    else:
+        assert rows == written - 2 * (stream.deltas + stream.syncs) + connected
+        assert ingest.ledger_rows(ledger, "SELECT COUNT(*) FROM events WHERE type = 'message.part.delta'") == 0
+    assert ingest.ledger_rows(ledger, "SELECT COUNT(*) FROM triggers") > 0
+
+
+def test_writer_writes_every_row(tmp_path: Path, stream: corpus.Corpus) -> None:
+    path = tmp_path / "events.sse"
+    stream.write(path, 2500)
+    n, _ = ingest.writer_rate(path, tmp_path / "ledger.sqlite3", 2500)
+    assert n == 2500 == ingest.ledger_rows(tmp_path / "ledger.sqlite3", "SELECT COUNT(*) FROM events")
+
+
+def test_memory_stages_and_table(tmp_path: Path, stream: corpus.Corpus) -> None:
+    out = memory.run(tmp_path, stream, 2 * stream.frames, 200, lambda s: None)
+    assert out["events"] == 2 * stream.frames and out["messages"] == 200
+    assert all(v > 0 for k, v in out.items() if k.startswith("rss_mb"))
+    fake_live = {"idle": {"seconds": 60, "cpu_seconds": 0.1, "cpu_percent_of_core": 0.2, "prompts": 0, "rss_mb": 30},
+                 **{k: {"n": 50, "p50_ms": 80.0, "p99_ms": 150.0} for k in ("inbox", "tool", "bare")}}
+    text = run.table({"ingest": {"bare_per_s": 2, "default_per_s": 1, "all_per_s": 1, "default_ratio": 0.5,
+                                 "all_ratio": 0.5, "per_cpu_s": {"bare": 4, "default": 2, "all": 1},
+                                 "default_ratio_cpu": 0.5, "all_ratio_cpu": 0.25},
+                      "ledger": {"events": 10, "mb": 1.0, "rows": 5, "status_json_ms": 90.0,
+                                 "python_start_and_import_ms": 60.0, "writer_rows_per_s": 3},
+                      "memory": out, "live": fake_live})
+    assert "ingest: reader, default store" in text and "after 200 messages" in text

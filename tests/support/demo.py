@@ -2,8 +2,9 @@
 
 A real ``opencode serve`` with the scripted model and a sample team, orchestratord in the
 foreground (its log is shown as it runs), a teammate's message arriving and the
-orchestrator's prompt and outcome, then a rogue message and what the orchestrator does
-about it; it ends with ``orchestratord status`` and leaves nothing running or on disk.
+orchestrator's prompt and outcome, then a rogue message, its escalation and what the
+orchestrator does about it; it ends with ``orchestratord status`` and leaves nothing
+running or on disk.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def script(model: ScriptedModel) -> None:
         "claude-teams_send_message", {"team_name": TEAM, "type": "shutdown_request", "recipient": "worker-2",
                                       "content": "You asked to wipe the build host. Stop now.", "sender": "team-lead"}))
     model.add_rule(lambda r: rogue(r) and last_is_tool_result(r), Reply.text(
-        "worker-2 asked to run rm -rf / and to take over the lead: sent it a shutdown_request."))
+        "worker-2 asked to wipe the build host and to take over the lead: sent it a shutdown_request."))
     model.add_rule(lambda r: is_orchestrator(r) and not last_is_tool_result(r), Reply.tool_call(
         "claude-teams_read_inbox", {"team_name": TEAM, "agent_name": "team-lead"}))
     model.add_rule(lambda r: is_orchestrator(r) and last_is_tool_result(r), Reply.text(
@@ -115,7 +116,9 @@ def main() -> int:
         say(f"worker-2 writes a rogue message to the lead: {ROGUE!r}")
         append_message(teams, TEAM, "team-lead", "worker-2", ROGUE, summary="new instructions")
         wait_for(completed(config, 2), 90, "the orchestrator's answer to the rogue message")
-        say("the orchestrator was told at once and stopped worker-2: orchestratord dispatches")
+        say("the guard escalated it at once: orchestratord escalations")
+        print(orchestratord(config, "escalations"), end="")
+        say("and the orchestrator, told which teammate and why, stopped worker-2: orchestratord dispatches")
         print(orchestratord(config, "dispatches"), end="")
         shutdown = [m for m in json.loads((teams / "teams" / TEAM / "inboxes" / "worker-2.json").read_text())
                     if "shutdown_request" in json.dumps(m)]

@@ -1,9 +1,14 @@
 # orchestratord: build, test and install.
 #
-#   make test     create .venv, install the package with its test extras,
-#                 install the pinned opencode server, run the test suite
-#   make bench    the same setup, then the benchmarks: one table on stdout,
-#                 the figures in $(BENCH_OUT)
+#   make test       create .venv, install the package with its test extras,
+#                   install the pinned opencode server, run the test suite
+#   make demo       the whole thing working, offline: a real opencode serve with a
+#                   scripted model and a sample team, and the daemon in front of it
+#   make install    the package, the systemd units, the example config, the
+#                   sysusers/tmpfiles snippets (DESTDIR and PREFIX are honoured)
+#   make uninstall  remove what install put there; never the config or the ledger
+#   make bench      the same setup, then the benchmarks: one table on stdout,
+#                   the figures in $(BENCH_OUT)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +18,32 @@ OPENCODE_BIN := $(OPENCODE_DIR)/node_modules/.bin/opencode
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench-results/bench.json
 
-.PHONY: all venv opencode promtool test bench check-tools clean
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib
+PKGLIBDIR ?= $(LIBDIR)/opencode-orchestrator
+DOCDIR ?= $(PREFIX)/share/doc/opencode-orchestrator
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(LIBDIR)/systemd/system
+USERUNITDIR ?= $(LIBDIR)/systemd/user
+SYSUSERSDIR ?= $(LIBDIR)/sysusers.d
+TMPFILESDIR ?= $(LIBDIR)/tmpfiles.d
+# The interpreter the installed command runs with: one the service user can read.
+INSTALL_PYTHON ?= /usr/bin/python3
+# Where opencode-serve.service finds opencode (npm install -g opencode-ai puts it here).
+OPENCODE ?= /usr/local/bin/opencode
+# Extra pip arguments, e.g. --no-deps --no-index --no-build-isolation for an offline build.
+PIP_INSTALL_ARGS ?=
+
+CONFIG_DIR := $(DESTDIR)$(SYSCONFDIR)/opencode-orchestrator
+UNITS := opencode-orchestrator.service opencode-orchestrator@.service opencode-serve.service
+USER_UNITS := opencode-orchestrator.service opencode-serve.service
+INSTALL_PATHS := sed -e 's|/usr/local/bin/opencode|$(OPENCODE)|g' \
+	-e 's|/usr/local/bin/orchestratord|$(BINDIR)/orchestratord|g' \
+	-e 's|/usr/local/share/doc/opencode-orchestrator|$(DOCDIR)|g'
+
+.PHONY: all venv opencode promtool test bench demo install uninstall check-tools clean
 
 all: test
 
@@ -60,6 +90,46 @@ test: venv opencode promtool
 
 bench: venv opencode
 	$(VPY) -m tests.bench.run --out $(BENCH_OUT)
+
+demo: venv opencode
+	$(VPY) -m tests.support.demo
+
+install: venv
+	@case "$(INSTALL_PYTHON)" in /*) ;; *) echo "error: INSTALL_PYTHON must be an absolute path" >&2; exit 1;; esac
+	@$(INSTALL_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: INSTALL_PYTHON=$(INSTALL_PYTHON) is missing or older than 3.11; set it to a Python 3.11+ the service user can run" >&2; exit 1; }
+	$(VPY) -m pip install --quiet --no-compile --upgrade --target "$(DESTDIR)$(PKGLIBDIR)" $(PIP_INSTALL_ARGS) .
+	rm -rf "$(DESTDIR)$(PKGLIBDIR)/bin"
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(USERUNITDIR)" \
+		"$(DESTDIR)$(SYSUSERSDIR)" "$(DESTDIR)$(TMPFILESDIR)" "$(DESTDIR)$(DOCDIR)" "$(CONFIG_DIR)"
+	printf '#!%s -s\n# orchestratord, installed by make install\nimport sys\nsys.path.insert(0, "%s")\nfrom orchestratord.cli import main\nsys.exit(main())\n' \
+		"$(INSTALL_PYTHON)" "$(PKGLIBDIR)" > "$(DESTDIR)$(BINDIR)/orchestratord"
+	chmod 0755 "$(DESTDIR)$(BINDIR)/orchestratord"
+	for unit in $(UNITS); do \
+		$(INSTALL_PATHS) "packaging/systemd/$$unit" > "$(DESTDIR)$(UNITDIR)/$$unit" && chmod 0644 "$(DESTDIR)$(UNITDIR)/$$unit"; done
+	for unit in $(USER_UNITS); do \
+		$(INSTALL_PATHS) "packaging/systemd/user/$$unit" > "$(DESTDIR)$(USERUNITDIR)/$$unit" && chmod 0644 "$(DESTDIR)$(USERUNITDIR)/$$unit"; done
+	install -m 0644 packaging/sysusers.d/opencode-orchestrator.conf "$(DESTDIR)$(SYSUSERSDIR)/opencode-orchestrator.conf"
+	install -m 0644 packaging/tmpfiles.d/opencode-orchestrator.conf "$(DESTDIR)$(TMPFILESDIR)/opencode-orchestrator.conf"
+	install -m 0644 README.md packaging/systemd/opencode-orchestrator.service.d/teams-in-home.conf \
+		packaging/launchd/org.opencode-orchestrator.orchestratord.plist "$(DESTDIR)$(DOCDIR)/"
+	install -m 0644 etc/opencode-orchestrator/orchestrator.toml "$(DESTDIR)$(DOCDIR)/orchestrator.toml.example"
+	@if [ -e "$(CONFIG_DIR)/orchestrator.toml" ]; then \
+		echo "kept the existing $(CONFIG_DIR)/orchestrator.toml (the shipped one is $(DESTDIR)$(DOCDIR)/orchestrator.toml.example)"; \
+	else install -m 0644 etc/opencode-orchestrator/orchestrator.toml "$(CONFIG_DIR)/orchestrator.toml"; fi
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+		systemd-sysusers "$(SYSUSERSDIR)/opencode-orchestrator.conf" && \
+		systemd-tmpfiles --create "$(TMPFILESDIR)/opencode-orchestrator.conf" && \
+		systemctl daemon-reload && \
+		echo "installed; start it with: systemctl enable --now opencode-orchestrator"; fi
+
+uninstall:
+	rm -f "$(DESTDIR)$(BINDIR)/orchestratord"
+	rm -rf "$(DESTDIR)$(PKGLIBDIR)" "$(DESTDIR)$(DOCDIR)"
+	for unit in $(UNITS); do rm -f "$(DESTDIR)$(UNITDIR)/$$unit"; done
+	for unit in $(USER_UNITS); do rm -f "$(DESTDIR)$(USERUNITDIR)/$$unit"; done
+	rm -f "$(DESTDIR)$(SYSUSERSDIR)/opencode-orchestrator.conf" "$(DESTDIR)$(TMPFILESDIR)/opencode-orchestrator.conf"
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "left in place: $(CONFIG_DIR) (config) and the ledger under /var/lib/opencode-orchestrator"
 
 clean:
 	rm -rf $(VENV) $(OPENCODE_DIR)/node_modules tests/.tools .pytest_cache build *.egg-info bench-results

@@ -13,18 +13,21 @@ import sys
 from typing import Any, Callable, Sequence
 
 from . import __version__, logs
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, summarize
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, dump_config, load_config, summarize
 from .ledger import Ledger, LedgerError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+DEFAULT_LOG_FILE = "/var/log/opencode-orchestrator/orchestratord.log"
 
 
 def _load(path: str) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
+        # Under systemd (ExecReload= runs check-config) each problem is an error in the journal.
+        prefix = "<3>" if logs.under_journal() else ""
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            print(prefix + problem, file=sys.stderr)
         raise SystemExit(EXIT_ERROR)
 
 
@@ -59,18 +62,24 @@ def _pid_alive(pid: Any) -> bool:
 def cmd_run(args: argparse.Namespace) -> int:
     from .supervisor import StartupError, Supervisor
 
+    if args.daemon and not args.pidfile:
+        print("error: --daemon needs --pidfile PATH", file=sys.stderr)
+        return EXIT_USAGE
+    config_path = os.path.abspath(args.config)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(config_path)
     except ConfigError as exc:
         logs.setup("info")
         for problem in exc.problems:
             logs.get("config").error(logs.kv("config-invalid", problem=problem))
         return EXIT_ERROR
+    if args.daemon:
+        return _run_detached(args, cfg, config_path)
     logs.setup(cfg.log.level)
     # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): how to see
     # where a hung worker is stuck without stopping the service.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    sup = Supervisor(cfg, os.path.abspath(args.config))
+    sup = Supervisor(cfg, config_path)
     sup.install_signals()
     try:
         sup.start()
@@ -78,6 +87,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         logs.get("supervisor").critical(logs.kv("startup-failed", error=str(exc)))
         return EXIT_ERROR
     return sup.run()
+
+
+def _run_detached(args: argparse.Namespace, cfg: Config, config_path: str) -> int:
+    from .service import AlreadyRunning, PidFile, daemonize
+    from .supervisor import Supervisor
+
+    # Fail here, on the terminal, for what can be checked before detaching.
+    try:
+        Ledger(cfg.ledger.path).close()
+    except LedgerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    log_path = os.path.abspath(args.log_file)
+    try:
+        log_file = open(log_path, "a", buffering=1, encoding="utf-8")
+    except OSError as exc:
+        print(f"error: cannot open --log-file {log_path}: {exc.strerror}", file=sys.stderr)
+        return EXIT_ERROR
+    with log_file:
+        logs.setup(cfg.log.level, journal=False)
+        sup = Supervisor(cfg, config_path)
+        try:
+            return daemonize(PidFile(args.pidfile), log_file, start=sup.start, run=sup.run,
+                             on_signal=sup._on_signal)
+        except AlreadyRunning as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        except OSError as exc:
+            print(f"error: pidfile {os.path.abspath(args.pidfile)}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_ERROR
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -127,6 +166,33 @@ def _escalation_totals(ledger: Ledger) -> dict[str, Any]:
                 "last": last[0].as_dict() if last else None}
     except sqlite3.OperationalError:  # a ledger from before escalations, opened read-only
         return {"total": 0, "last": None}
+
+
+def cmd_init_config(args: argparse.Namespace) -> int:
+    from .initconfig import InitOptions, write_initial
+
+    opts = InitOptions(server_url=args.server_url, teams_dir=args.teams_dir, teams=tuple(args.team or ()),
+                       ledger=args.ledger, user=args.user)
+    path = args.config if args.config is not None else opts.default_path()
+    try:
+        written = write_initial(path, opts, force=args.force)
+    except FileExistsError:
+        print(f"error: {path} exists; not overwriting it (pass --force to replace it)", file=sys.stderr)
+        return EXIT_ERROR
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"wrote {written}; check it with: orchestratord check-config --config {written}")
+    return EXIT_OK
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(dump_config(_load(args.config)), end="")
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -241,8 +307,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("run", cmd_run, "run the daemon in the foreground")
+    p = add("run", cmd_run, "run the daemon (in the foreground unless --daemon)")
+    p.add_argument("--daemon", action="store_true",
+                   help="detach into the background (for init systems without a supervisor); needs --pidfile")
+    p.add_argument("--pidfile", help="with --daemon: pidfile, locked while the daemon runs")
+    p.add_argument("--log-file", default=DEFAULT_LOG_FILE,
+                   help=f"with --daemon: where the log goes (default {DEFAULT_LOG_FILE})")
     add("check-config", cmd_check_config, "validate the config file and summarise it")
+    p = add("init-config", cmd_init_config, "write a starting config file (never over an existing one)")
+    p.set_defaults(config=None)
+    p.add_argument("--server-url", help="the opencode serve to watch (default http://127.0.0.1:4096)")
+    p.add_argument("--teams-dir", help="where claude-teams keeps teams/ (default ~/.claude)")
+    p.add_argument("--team", action="append", help="a team to look after (repeat for several; default all)")
+    p.add_argument("--ledger", help="the ledger file")
+    p.add_argument("--user", action="store_true",
+                   help="for a systemd --user service: config under ~/.config, ledger under ~/.local/state")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p = sub.add_parser("config", help="show the effective config")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    p = config_sub.add_parser("show", help="print the effective config as TOML, every default filled in")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH, help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    p.set_defaults(func=cmd_config_show)
     p = add("status", cmd_status, "show what the daemon is doing, from its ledger")
     p.add_argument("--json", action="store_true")
     p = add("events", cmd_events, "list recorded server events")

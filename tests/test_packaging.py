@@ -1,0 +1,164 @@
+"""What ships in packaging/ and what `make install` / `make uninstall` do, without a running systemd.
+
+The units themselves run under a real systemd in test_systemd.py; here they are checked
+with systemd's offline tools, and the launchd plist with plistlib.
+"""
+
+from __future__ import annotations
+
+import plistlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestratord.cli import build_parser
+from orchestratord.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMD = ROOT / "packaging" / "systemd"
+PLIST = ROOT / "packaging" / "launchd" / "org.opencode-orchestrator.orchestratord.plist"
+OFFLINE = "PIP_INSTALL_ARGS=--no-deps --no-index --no-build-isolation"
+
+needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+
+
+def unit_keys(path: Path) -> dict[str, list[str]]:
+    keys: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            keys.setdefault(key, []).append(value)
+    return keys
+
+
+@needs_analyze
+@pytest.mark.parametrize("unit", ["opencode-orchestrator.service", "opencode-orchestrator@.service"])
+def test_the_orchestrator_units_are_exposure_2_or_lower(unit: Path) -> None:
+    out = subprocess.run(["systemd-analyze", "security", "--offline=true", str(SYSTEMD / unit)],
+                         capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
+    assert found, out.stdout + out.stderr
+    assert float(found.group(1)) <= 2.0, out.stdout
+
+
+def test_the_main_unit_is_notify_with_a_checked_reload_and_a_watchdog() -> None:
+    keys = unit_keys(SYSTEMD / "opencode-orchestrator.service")
+    assert keys["Type"] == ["notify"]
+    assert keys["ExecReload"][0].endswith("check-config --config /etc/opencode-orchestrator/orchestrator.toml")
+    assert keys["ExecReload"][1] == "/bin/kill -HUP $MAINPID"
+    assert keys["Restart"] == ["on-failure"] and int(keys["WatchdogSec"][0]) > 0
+    assert "AF_UNIX" in keys["RestrictAddressFamilies"][0]
+    args = build_parser().parse_args(keys["ExecStart"][0].split()[1:])
+    assert (args.command, args.config, args.daemon) == ("run", "/etc/opencode-orchestrator/orchestrator.toml", False)
+
+
+def test_the_template_differs_from_the_main_unit_only_per_instance() -> None:
+    main = (SYSTEMD / "opencode-orchestrator.service").read_text().splitlines()
+    template = (SYSTEMD / "opencode-orchestrator@.service").read_text().splitlines()
+
+    def settings(lines: list[str]) -> list[str]:
+        return [line for line in lines if line and not line.startswith("#")]
+
+    per_instance = [(a, b) for a, b in zip(settings(main), settings(template)) if a != b]
+    assert len(settings(main)) == len(settings(template))
+    for a, b in per_instance:
+        assert "%i" in b or a.startswith(("Wants=", "After=")), (a, b)
+    assert "StateDirectory=opencode-orchestrator/%i" in template
+    assert any("/etc/opencode-orchestrator/%i.toml" in line for line in template)
+
+
+def test_the_launchd_plist() -> None:
+    with open(PLIST, "rb") as fh:
+        plist = plistlib.load(fh)
+    assert plist["Label"] == PLIST.stem
+    assert plist["RunAtLoad"] is True
+    assert plist["KeepAlive"] == {"SuccessfulExit": False}  # restart after a crash, not after a clean stop
+    assert 1 <= plist["ThrottleInterval"] <= 60
+    program = plist["ProgramArguments"]
+    assert Path(program[0]).is_absolute() and program[0].endswith("/orchestratord")
+    args = build_parser().parse_args(program[1:])
+    assert args.command == "run" and not args.daemon and Path(args.config).is_absolute()
+    for key in ("StandardOutPath", "StandardErrorPath"):
+        assert Path(plist[key]).is_absolute()
+    assert plist["Umask"] == 0o027
+
+
+def run_make(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["make", "-s", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_make_install_and_uninstall_with_destdir_and_prefix(tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    r = run_make("install", f"DESTDIR={dest}", "PREFIX=/usr", OFFLINE)
+    assert r.returncode == 0, r.stdout + r.stderr
+    installed = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+    for path in ("usr/bin/orchestratord", "usr/lib/systemd/system/opencode-orchestrator.service",
+                 "usr/lib/systemd/system/opencode-orchestrator@.service", "usr/lib/systemd/system/opencode-serve.service",
+                 "usr/lib/systemd/user/opencode-orchestrator.service", "usr/lib/sysusers.d/opencode-orchestrator.conf",
+                 "usr/lib/tmpfiles.d/opencode-orchestrator.conf", "etc/opencode-orchestrator/orchestrator.toml",
+                 "usr/share/doc/opencode-orchestrator/teams-in-home.conf",
+                 "usr/lib/opencode-orchestrator/orchestratord/cli.py"):
+        assert path in installed, path
+    unit = (dest / "usr/lib/systemd/system/opencode-orchestrator.service").read_text()
+    assert "ExecStart=/usr/bin/orchestratord run" in unit and "/usr/local" not in unit
+    assert (dest / "usr/bin/orchestratord").read_text().startswith("#!/usr/bin/python3")
+    config = dest / "etc/opencode-orchestrator/orchestrator.toml"
+    load_config(config)  # the example config is valid as installed
+
+    # The installed command runs: the package from DESTDIR (it looks in /usr/lib/... once
+    # installed for real), its dependencies from this test's environment.
+    site = next(Path(sys.prefix, "lib").glob("python3*/site-packages"))
+    path = f"{dest}/usr/lib/opencode-orchestrator:{site}"
+    out = subprocess.run([str(dest / "usr/bin/orchestratord"), "check-config", "--config", str(config)],
+                         capture_output=True, text=True, env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0 and ": ok" in out.stdout, out.stderr
+
+    # A second install keeps a config someone edited.
+    config.write_text(config.read_text() + "\n# edited here\n")
+    r = run_make("install", f"DESTDIR={dest}", "PREFIX=/usr", OFFLINE)
+    assert r.returncode == 0 and "kept the existing" in r.stdout, r.stdout + r.stderr
+    assert config.read_text().endswith("# edited here\n")
+
+    ledger = dest / "var/lib/opencode-orchestrator/ledger.sqlite3"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text("not really a ledger")
+    r = run_make("uninstall", f"DESTDIR={dest}", "PREFIX=/usr")
+    assert r.returncode == 0, r.stdout + r.stderr
+    left = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+    assert left == {"etc/opencode-orchestrator/orchestrator.toml", "var/lib/opencode-orchestrator/ledger.sqlite3"}
+
+
+def test_init_config_writes_a_valid_config_and_never_overwrites(tmp_path: Path) -> None:
+    from orchestratord.cli import main
+
+    path = tmp_path / "etc" / "orchestrator.toml"
+    assert main(["init-config", "--config", str(path), "--server-url", "http://127.0.0.1:4100",
+                 "--team", "alpha", "--team", "beta", "--teams-dir", "/home/alice/.claude"]) == 0
+    cfg = load_config(path)
+    assert cfg.server.url == "http://127.0.0.1:4100" and cfg.teams.names == ("alpha", "beta")
+    assert cfg.teams.base_dir == "/home/alice/.claude"
+    before = path.read_text()
+    assert main(["init-config", "--config", str(path), "--server-url", "http://127.0.0.1:9999"]) == 1
+    assert path.read_text() == before
+    assert main(["init-config", "--config", str(path), "--force", "--ledger", str(tmp_path / "l.sqlite3")]) == 0
+    assert load_config(path).ledger.path == str(tmp_path / "l.sqlite3")
+    assert main(["init-config", "--config", str(tmp_path / "bad.toml"), "--server-url", "ftp://x"]) == 1
+    assert not (tmp_path / "bad.toml").exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["orchestrator.toml"]  # no temporary file left
+
+
+def test_config_show_prints_every_key_with_its_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestratord.cli import main
+
+    path = tmp_path / "o.toml"
+    path.write_text('[server]\nurl = "http://127.0.0.1:4200"\n')
+    assert main(["config", "show", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert 'url = "http://127.0.0.1:4200"' in out and "debounce_seconds = 0.5" in out
+    shown = tmp_path / "shown.toml"
+    shown.write_text(out)
+    assert load_config(shown).server.url == "http://127.0.0.1:4200"  # what it prints is a valid config

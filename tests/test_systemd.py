@@ -221,6 +221,28 @@ def test_the_journal_filters_by_priority(machine: Machine) -> None:
     assert not {str(e["MESSAGE"]) for e in warnings} & info
 
 
+def test_journal_field_queries_find_the_daemon_events(machine: Machine) -> None:
+    """The README's `journalctl ORCH_EVENT=…` queries: native journal entries with fields of their own."""
+    sd = machine.sd
+    sd.check("systemctl", "restart", UNIT)
+    wait_for(lambda: any(m.startswith("stream-connected") for m in machine.unit_messages()), 15, "stream-connected")
+    connected = sd.journal("-u", UNIT, "ORCH_EVENT=stream-connected")
+    assert connected and all(e["ORCH_EVENT"] == "stream-connected" and e["SYSLOG_IDENTIFIER"] == "orchestratord"
+                             for e in connected)
+    assert all(e.get("ORCH_PATH") == "/global/event" for e in connected)
+    config = sd.path(CONFIG)
+    good = config.read_text()
+    config.write_text(good + "\n[nonsense]\n")
+    try:
+        # Straight to the daemon (systemctl reload would stop at check-config).
+        sd.check("systemctl", "kill", "-s", "HUP", "--kill-whom=main", UNIT)
+        rejected = wait_for(lambda: [e for e in sd.journal("-u", UNIT, "ORCH_EVENT=config-rejected")
+                                     if "nonsense" in str(e.get("ORCH_PROBLEM", ""))], 15, "config-rejected")
+    finally:
+        config.write_text(good)
+    assert all(e["PRIORITY"] == "3" for e in rejected)
+
+
 def test_a_hung_worker_gets_the_service_restarted_by_the_watchdog(machine: Machine) -> None:
     sd = machine.sd
     machine.dropin("hang.conf", "[Service]\nEnvironment=ORCHESTRATORD_TEST_HANG=health\n")

@@ -149,6 +149,10 @@ class BootedSystemd:
 
     def check(self, *cmd: str, **kw: Any) -> str:
         r = self.run(*cmd, **kw)
+        if r.returncode != 0 and cmd[:1] == ("systemctl",):
+            tail = self.run("journalctl", "-n", "25", "--no-pager", "-o", "cat")
+            raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}\n"
+                                 f"journal:\n{tail.stdout}")
         assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
         return r.stdout
 

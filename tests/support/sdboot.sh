@@ -31,6 +31,13 @@ mkdir /run/host
 mount --bind "$share" /run/host
 share_path=$(cd "$share" && pwd -P)
 share=/run/host  # the caller's path may be under /tmp, about to be covered
+# The project (its virtualenv included) stays visible at its path, wherever it was cloned.
+keep=${2:-}
+if [ -n "$keep" ]; then
+    mkdir /run/keep
+    mount --bind "$keep" /run/keep
+    keep_path=$(cd "$keep" && pwd -P)
+fi
 
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 
@@ -53,6 +60,10 @@ fi
 # The share at its own path too (it may have been under a directory covered above).
 mkdir -p "$share_path"
 mount --bind /run/host "$share_path"
+if [ -n "$keep" ]; then
+    mkdir -p "$keep_path"
+    mount --bind /run/keep "$keep_path"
+fi
 
 # cgroup2 at /sys/fs/cgroup: the caller's cgroup is our root.
 umount -R /sys/fs/cgroup

@@ -74,7 +74,8 @@ class BootedSystemd:
             # The shell moves itself into the fresh cgroup, which becomes the namespace's root.
             self.proc = subprocess.Popen(
                 ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && exec unshare --mount --pid --fork --cgroup --uts '
-                 'sh "$2" "$3"', "sh", str(self.cgroup), str(SDBOOT), str(self.share)],
+                 'sh "$2" "$3" "$4"', "sh", str(self.cgroup), str(SDBOOT), str(self.share),
+                 str(Path(__file__).resolve().parents[2])],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = wait_for(self._init_pid, 20, "systemd to start in the namespace")
         try:

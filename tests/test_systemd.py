@@ -32,10 +32,10 @@ CONFIG = "/etc/opencode-orchestrator/orchestrator.toml"
 LEDGER = "/var/lib/opencode-orchestrator/ledger.sqlite3"
 DROPINS = f"/etc/systemd/system/{UNIT}.d"
 HOME_DROPIN = "/usr/local/share/doc/opencode-orchestrator/teams-in-home.conf"
-if str(ROOT).startswith(("/tmp/", "/var/tmp/")):
-    pytest.skip("the test systemd covers /tmp and /var/tmp with its own tmpfs; run the suite from a clone "
-                "outside them to test the units under systemd", allow_module_level=True)
 SITE = next(Path(sys.prefix, "lib").glob("python3*/site-packages"), Path(sys.prefix))
+# Where the unit finds the test virtualenv's packages: out of /tmp, which PrivateTmp= hides
+# from the service (the project may be cloned under /tmp).
+SITE_INSIDE = "/usr/local/lib/orchestratord-test-site"
 
 REASON = why_not()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no systemd to boot: {REASON}")
@@ -50,7 +50,7 @@ class Machine:
         self.teams_dir = teams_dir
 
     def orchestratord(self, *args: str) -> str:
-        return self.sd.check("/usr/local/bin/orchestratord", *args, "--config", CONFIG, env={"PYTHONPATH": str(SITE)})
+        return self.sd.check("/usr/local/bin/orchestratord", *args, "--config", CONFIG, env={"PYTHONPATH": SITE_INSIDE})
 
     def write_config(self, extra: str = "") -> None:
         write_config(self.sd.path(CONFIG), server_url=self.shared.server.url,
@@ -95,7 +95,9 @@ def machine(tmp_path_factory: pytest.TempPathFactory, _shared_bed: Any) -> Itera
     sd = BootedSystemd(base)
     try:
         sd.boot()
+        (dest / SITE_INSIDE.lstrip("/")).mkdir(parents=True)
         sd.check("mount", "--bind", f"{dest}/usr/local", "/usr/local")
+        sd.check("mount", "--bind", str(SITE), SITE_INSIDE)
         # The server is the test's own, outside; the shipped opencode-serve.service would
         # look for /usr/local/bin/opencode.
         sd.check("systemctl", "mask", "--runtime", "opencode-serve.service")
@@ -108,7 +110,7 @@ def machine(tmp_path_factory: pytest.TempPathFactory, _shared_bed: Any) -> Itera
         m = Machine(sd, _shared_bed, teams_dir)
         m.write_config()
         sd.path(DROPINS).mkdir(parents=True)
-        m.dropin("test.conf", f"[Service]\nEnvironment=PYTHONPATH={SITE}\nWatchdogSec=3\nRestartSec=1\n")
+        m.dropin("test.conf", f"[Service]\nEnvironment=PYTHONPATH={SITE_INSIDE}\nWatchdogSec=3\nRestartSec=1\n")
         # As documented: the shipped drop-in, for alice's team directory.
         m.dropin("teams-in-home.conf", sd.path(HOME_DROPIN).read_text())
         yield m

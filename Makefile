@@ -9,6 +9,8 @@
 #   make uninstall  remove what install put there; never the config or the ledger
 #   make bench      the same setup, then the benchmarks: one table on stdout,
 #                   the figures in $(BENCH_OUT)
+#   make faults     the long form of the fault-injection cases (about an hour,
+#                   the soak included); prints the results table, kept in $(FAULTS_OUT)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,6 +19,7 @@ OPENCODE_DIR := tests/opencode
 OPENCODE_BIN := $(OPENCODE_DIR)/node_modules/.bin/opencode
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench-results/bench.json
+FAULTS_OUT ?= bench-results/faults.jsonl
 
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -43,7 +46,7 @@ INSTALL_PATHS := sed -e 's|/usr/local/bin/opencode|$(OPENCODE)|g' \
 	-e 's|/usr/local/bin/orchestratord|$(BINDIR)/orchestratord|g' \
 	-e 's|/usr/local/share/doc/opencode-orchestrator|$(DOCDIR)|g'
 
-.PHONY: all venv opencode promtool test bench demo install uninstall check-tools clean
+.PHONY: all venv opencode promtool test bench faults demo install uninstall check-tools clean
 
 all: test
 
@@ -90,6 +93,12 @@ test: venv opencode promtool
 
 bench: venv opencode
 	$(VPY) -m tests.bench.run --out $(BENCH_OUT)
+
+faults: venv opencode promtool
+	@mkdir -p $(dir $(FAULTS_OUT)) && rm -f $(FAULTS_OUT)
+	ORCHESTRATORD_FAULTS=long ORCHESTRATORD_FAULTS_REPORT=$(abspath $(FAULTS_OUT)) \
+	  $(VPY) -m pytest -m faults $(PYTEST_ARGS); status=$$?; \
+	  $(VPY) -m tests.support.faults $(FAULTS_OUT); exit $$status
 
 demo: venv opencode
 	$(VPY) -m tests.support.demo

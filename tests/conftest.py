@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.support import faults
 from tests.support.bed import bed, team  # noqa: F401  (fixtures)
 from tests.support.llm import ScriptedModel
 from tests.support.server import OpencodeServer
@@ -35,6 +36,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
     setattr(item, f"rep_{rep.when}", rep)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Cases marked slow run only in the long form of the fault suite (``make faults``)."""
+    if faults.LONG:
+        return
+    skip = pytest.mark.skip(reason="long form only: run it with make faults (ORCHESTRATORD_FAULTS=long)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def _failed(request: pytest.FixtureRequest) -> bool:

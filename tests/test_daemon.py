@@ -135,7 +135,6 @@ def test_a_burst_gives_one_prompt_and_triggers_while_busy_give_one_more(bed: Bed
     assert len(orchestrator_prompts(bed.model)) == 2
 
 
-@pytest.mark.slow
 def test_no_trigger_no_prompt_for_a_minute(bed: Bed) -> None:
     d = bed.daemon()
     d.notify.wait("READY=1")

@@ -140,6 +140,7 @@ class Dispatcher(ServerWorker):
         self.last_sent: float | None = None
         self.last_sweep: float = clock()
         self.follow_started: dict[int, float] = {}
+        self.follow_outages: dict[int, int] = {}  # dispatch id -> shared.outages when last looked at
         self._cap_logged = False
         self._busy_warned: float | None = None
         self.aborted_at: float | None = None
@@ -329,6 +330,7 @@ class Dispatcher(ServerWorker):
         self.last_sent = now
         self.sends.append(now)
         self.follow_started[d.id] = posted_at
+        self.follow_outages[d.id] = self.shared.outages
         self.shared.set_status(d.session_id, "busy")
         triggers = self.ledger.triggers_for(d.id)
         wall = self.wall()
@@ -363,6 +365,8 @@ class Dispatcher(ServerWorker):
                 self._forget_session()
             return 0.0
         finished, text, tools, error = outcome(messages, d.message_id)
+        if not finished and self.follow_outages.setdefault(d.id, self.shared.outages) != self.shared.outages:
+            return self._after_outage(d)
         answered = any(isinstance(m, dict) and isinstance(m.get("info"), dict)
                        and m["info"].get("parentID") == d.message_id for m in messages)
         if not finished and not answered and self.shared.went_busy.get(d.session_id, -1.0) < started:
@@ -373,6 +377,7 @@ class Dispatcher(ServerWorker):
             state = FAILED if error else COMPLETED
             self.ledger.finish_dispatch(d.id, state, reply_text=text, tool_calls=tools, error=error, now=self.wall())
             self.follow_started.pop(d.id, None)
+            self.follow_outages.pop(d.id, None)
             if (error and "Aborted" in error and self.aborted_at is not None
                     and 0 <= started - self.aborted_at < ABORT_CATCH):
                 # Caught by our own abort of the turn before it: the model never saw it. The
@@ -397,6 +402,7 @@ class Dispatcher(ServerWorker):
             self.ledger.finish_dispatch(d.id, TIMEOUT, reply_text=text, tool_calls=tools,
                                         error=f"no completed reply after {self.s.completion_timeout:g}s", now=self.wall())
             self.follow_started.pop(d.id, None)
+            self.follow_outages.pop(d.id, None)
             self.log.warning(logs.kv("prompt-timeout", message_id=d.message_id, seconds=f"{self.s.completion_timeout:g}",
                                      fix="raise dispatch.completion_timeout_seconds if turns are this long"))
             return 0.0
@@ -404,6 +410,43 @@ class Dispatcher(ServerWorker):
 
 
     # -- turns that never start or never end ------------------------------------
+
+    def _after_outage(self, d: Dispatch) -> float:
+        """The server went down while ``d`` was in flight: find out what became of it.
+
+        A restarted opencode neither keeps a prompt it had not yet stored nor resumes a
+        turn its old process was running; a network fault, on the other hand, leaves the
+        turn running. So: a prompt the server does not have is sent again under the same
+        ID; a turn that is no longer running and has no finished reply is re-sent under a
+        new ID; a turn still running is followed as before.
+        """
+        assert self.ledger is not None and self.client is not None
+        self.follow_outages[d.id] = self.shared.outages
+        try:
+            self.client.get_message(d.session_id, d.message_id)
+        except NotFound:
+            self.log.warning(logs.kv("prompt-lost-in-outage", session=d.session_id, message_id=d.message_id,
+                                     action="re-sent under the same ID"))
+            return self._post(d, first=False)
+        entry = self.client.session_status().get(d.session_id)
+        if isinstance(entry, dict) and entry.get("type") in ("busy", "retry"):
+            return FOLLOW_POLL
+        finished, *_ = outcome(self.client.messages(d.session_id, limit=50), d.message_id)
+        if finished:
+            return 0.0  # it ended while we looked: the next step records it
+        header = (f"(The server went down while it handled {d.message_id}; that turn did not finish. "
+                  "This prompt carries the same reports.)\n\n")
+        message_id = new_message_id(self.wall() * 1000)
+        new_id = self.ledger.redrive_dispatch(d, message_id, header + d.prompt,
+                                              f"its turn ended unfinished in a server outage; superseded by "
+                                              f"{message_id}", now=self.wall())
+        self.follow_started.pop(d.id, None)
+        self.follow_outages.pop(d.id, None)
+        self.log.warning(logs.kv("prompt-interrupted", session=d.session_id, message_id=d.message_id,
+                                 action=f"re-sent as {message_id}"))
+        new = self.ledger.get_dispatch(new_id)
+        assert new is not None
+        return self._post(new, first=True)
 
     def _stuck(self, d: Dispatch, text: str, tools: list[dict[str, Any]], quiet: float) -> float:
         """A turn with no activity for turn_timeout: abort it; what is pending goes in the next prompt."""
@@ -422,6 +465,7 @@ class Dispatcher(ServerWorker):
                                  f"{quiet:.0f}s and was aborted", session_id=d.session_id, seconds=round(quiet, 1),
                                  now=self.wall())
         self.follow_started.pop(d.id, None)
+        self.follow_outages.pop(d.id, None)
         self.shared.set_status(d.session_id, None)
         self.aborted_at = self.clock()
         self.log.warning(logs.kv("turn-timeout", session=d.session_id, message_id=d.message_id,
@@ -438,6 +482,7 @@ class Dispatcher(ServerWorker):
         except NotFound:
             landed = "no"
         self.follow_started.pop(d.id, None)
+        self.follow_outages.pop(d.id, None)
         seconds = f"{self.s.start_timeout:g}"
         if self.ledger.supersedes(d.id) is not None:
             reason = f"never ran, twice (the server has it: {landed})"

@@ -55,7 +55,8 @@ class HealthWatch(ServerWorker):
                 self.shared.update(server_version=version)
             return
         previous, self.healthy, self.last_error = self.healthy, healthy, error
-        self.shared.update(server_healthy=healthy, server_version=version if healthy else self.shared.server_version)
+        self.shared.update(server_healthy=healthy, server_version=version if healthy else self.shared.server_version,
+                           outages=self.shared.outages + (0 if healthy else 1))
         if healthy:
             self.ledger.record_transition("server", "up", version)
             self.log.log(logs.NOTICE, logs.kv("server-up", url=url, version=version))

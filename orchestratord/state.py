@@ -48,6 +48,7 @@ class Shared:
     state: DaemonState = DaemonState.STARTING
     server_healthy: bool | None = None
     server_version: str | None = None
+    outages: int = 0  # times the server was seen going down: a prompt in flight may have died with it
     stream_connected: bool = False
     events_total: int = 0
     last_event_at: float | None = None  # wall time

@@ -418,3 +418,56 @@ def test_the_session_ruleset_is_restated_when_the_config_widens_it(rig) -> None:
     assert server.permission[-1] == {"permission": "bash", "pattern": "git status*", "action": "allow"}
     make(permission=(("bash", "git status*", "allow"),)).run_once()
     assert server.patched == 1, "unchanged rules are left alone"
+
+
+# -- a server outage while a prompt is in flight -------------------------------------------
+
+def outage(shared: Shared) -> None:
+    """What the health watch does on a down and up again."""
+    shared.update(server_healthy=False, outages=shared.outages + 1)
+    shared.update(server_healthy=True)
+
+
+def test_a_prompt_the_restarted_server_lost_is_sent_again_under_the_same_id(rig) -> None:
+    clock, server, shared, path, make = rig
+    d, p = one_prompt(rig, debounce=0.0, min_interval=0.0)
+    server.messages_by_session[p["session"]].clear()  # the old process died before storing it
+    outage(shared)
+    d.run_once()
+    assert [q["id"] for q in server.prompts] == [p["id"], p["id"]]
+    [row] = Ledger(path).dispatches()
+    assert row.state == "sent" and row.message_id == p["id"]
+
+
+def test_a_turn_that_died_with_the_server_is_sent_again_under_a_new_id(rig) -> None:
+    clock, server, shared, path, make = rig
+    d, p = one_prompt(rig, debounce=0.0, min_interval=0.0)
+    server.start(p["session"], p["id"])  # it had begun, and did not finish
+    outage(shared)
+    d.run_once()
+    assert len(server.prompts) == 2
+    second = server.prompts[1]
+    assert second["id"] != p["id"] and f"handled {p['id']}" in second["text"] and "worker-1" in second["text"]
+    led = Ledger(path)
+    new, old = led.dispatches()[0], led.dispatches()[1]
+    assert old.state == "failed" and "outage" in (old.error or "") and led.supersedes(new.id) == old.id
+    assert not led.escalations(), "an outage is not the model's fault"
+    server.reply(p["session"], second["id"], "done")
+    d.run_once()
+    assert Ledger(path).dispatches()[0].state == "completed"
+
+
+def test_a_turn_still_running_after_a_network_outage_is_left_alone(rig) -> None:
+    clock, server, shared, path, make = rig
+    d, p = one_prompt(rig, debounce=0.0, min_interval=0.0)
+    server.start(p["session"], p["id"])
+    server.status[p["session"]] = {"type": "busy"}
+    outage(shared)
+    d.run_once()
+    d.run_once()
+    assert len(server.prompts) == 1
+    server.reply(p["session"], p["id"], "finished after all")
+    del server.status[p["session"]]
+    d.run_once()
+    [row] = Ledger(path).dispatches()
+    assert row.state == "completed"

@@ -138,6 +138,7 @@ def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
     return {
         "state": daemon.get("state", "unknown") if running else "stopped",
         "pid": daemon.get("pid") if running else None,
+        "config": {"path": daemon.get("config"), "digest": daemon.get("config_digest")} if running else None,
         "server": {"url": server.get("url", cfg.server.url), "healthy": server.get("healthy") if running else None,
                    "version": server.get("version")},
         "stream": {"connected": bool(stream.get("connected")) and running,
@@ -206,6 +207,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     last = data["last_dispatch"] or {}
     rows = [
         ("state", data["state"] + (f" (pid {data['pid']})" if data["pid"] else "")),
+        *([("config", f"{data['config']['path']} (sha256 {data['config']['digest'] or '-'}…)")] if data["config"] else []),
         ("server", f"{data['server']['url']} " + {True: "up", False: "down", None: "-"}[data["server"]["healthy"]]
          + (f" {data['server']['version']}" if data["server"]["version"] else "")),
         ("stream", ("connected" if data["stream"]["connected"] else "disconnected")

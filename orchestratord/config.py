@@ -9,6 +9,7 @@ silently to a default. Relative paths are taken relative to the config file.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import re
 import shlex
@@ -192,6 +193,8 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     source: str = field(default="<defaults>", compare=False)
+    #: the first 12 hex digits of the file's SHA-256: which version of the file is in effect
+    digest: str = field(default="", compare=False)
 
 
 # -- value checkers: each returns the converted value or raises ValueError(message) --
@@ -673,7 +676,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                            "etc/opencode-orchestrator/orchestrator.toml) or pass --config"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{p}: cannot read: {exc}"]) from None
-    return parse_config(text, str(p), p.resolve().parent)
+    cfg = parse_config(text, str(p), p.resolve().parent)
+    return replace(cfg, digest=hashlib.sha256(text.encode("utf-8")).hexdigest()[:12])
 
 
 def dump_config(cfg: Config) -> str:

@@ -90,14 +90,15 @@ class Supervisor:
         except LedgerError as exc:
             raise StartupError(str(exc)) from exc
         self.ledger.set_state({"daemon": {"pid": os.getpid(), "state": "starting", "started_at": time.time(),
-                                          "config": self.config_path}})
+                                          "config": self.config_path, "config_digest": self.cfg.digest}})
         self.shared.update(session_id=self.ledger.get_meta(f"session:{self.cfg.server.url}") or self.cfg.session.id)
         self._metrics(self.cfg)
         for name in WORKER_SECTIONS:
             if self._enabled(name):
                 self._start_worker(name)
         self.shared.update(state=DaemonState.READY)
-        log.log(logs.NOTICE, logs.kv("started", config=self.config_path, server=self.cfg.server.url,
+        log.log(logs.NOTICE, logs.kv("started", config=self.config_path, digest=self.cfg.digest,
+                                     server=self.cfg.server.url,
                                      ledger=self.cfg.ledger.path, pid=os.getpid()))
         self.notifier.ready(self.shared.status_line())
         self._write_state(force=True)
@@ -283,7 +284,7 @@ class Supervisor:
         try:
             self.ledger.set_state({
                 "daemon": {"pid": os.getpid(), "state": s.state, "config": self.config_path,
-                           "status_line": self.shared.status_line()},
+                           "config_digest": self.cfg.digest, "status_line": self.shared.status_line()},
                 "server": {"url": s.server_url, "healthy": s.server_healthy, "version": s.server_version},
                 "stream": {"connected": s.stream_connected, "events_total": s.events_total,
                            "last_event_at": s.last_event_at},
@@ -364,7 +365,8 @@ class Supervisor:
                 else:
                     self.workers.pop(name, None)
             metrics.reload(True)
-            log.log(logs.NOTICE, logs.kv("config-reloaded", config=self.config_path,
+            self.shared.changed.set()  # the digest in the live state
+            log.log(logs.NOTICE, logs.kv("config-reloaded", config=self.config_path, digest=new.digest,
                                          changed=",".join(sorted(changed)) or "nothing",
                                          restarted=",".join(restart) or "none"))
             return True

@@ -36,6 +36,7 @@ class CaseResult:
     lost: int | None = None  # messages never reported, prompts recorded but never sent
     worst_recovery: float | None = None  # seconds from the fault's end to the daemon's recovery
     crashes: int = 0  # daemon exits nobody asked for
+    notes: str = ""
 
 
 def record(result: CaseResult) -> None:
@@ -50,7 +51,7 @@ def record(result: CaseResult) -> None:
 def table(rows: list[CaseResult]) -> str:
     """The rows as a Markdown table (what the README shows)."""
     heads = ["case", "runs", "messages written/reported", "prompts sent/duplicated/lost", "worst recovery",
-             "crashes"]
+             "crashes", "notes"]
 
     def cell(v: object) -> str:
         return "-" if v is None else str(v)
@@ -60,7 +61,7 @@ def table(rows: list[CaseResult]) -> str:
         msgs = "-" if r.written is None else f"{r.written}/{cell(r.reported)}"
         prompts = "-" if r.sent is None else f"{r.sent}/{cell(r.duplicated)}/{cell(r.lost)}"
         recovery = "-" if r.worst_recovery is None else f"{r.worst_recovery:.1f} s"
-        lines.append(f"| {r.case} | {r.runs} | {msgs} | {prompts} | {recovery} | {r.crashes} |")
+        lines.append(f"| {r.case} | {r.runs} | {msgs} | {prompts} | {recovery} | {r.crashes} | {r.notes} |")
     return "\n".join(lines)
 
 

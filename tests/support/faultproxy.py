@@ -1,0 +1,245 @@
+"""A TCP proxy on loopback between the daemon and the real server, told what to break.
+
+The daemon's ``server.url`` points at the proxy, so its health probes, its event stream
+and its prompts all pass through it. ``set()`` switches the fault:
+
+- ``pass``: bytes go through untouched;
+- ``latency``: every chunk from the server is held ``seconds`` before it goes on;
+- ``hang``: connections are accepted and then never answered;
+- ``cut``: each open connection is cut in the middle of the next chunk the server sends
+  (mid-event on the stream); ``now=True`` cuts them all at once;
+- ``slice``: the server's bytes go on one byte per write;
+- ``truncate``: each response is cut off after ``bytes`` bytes;
+- ``status``: requests get ``code`` (500, 502, 503) from the proxy itself;
+- ``refuse``: the listening socket is closed, so connections are refused.
+
+Switching to ``hang``, ``truncate``, ``status`` or ``refuse`` drops the open connections, so that
+pooled keep-alive connections meet the fault too. ``clear()`` goes back to ``pass``, closing connections that were left hanging (a server
+that recovers drops what it had stuck) and listening again after ``refuse``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = ("pass", "latency", "hang", "cut", "slice", "truncate", "status", "refuse")
+REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str = "pass"
+    seconds: float = 0.5  # latency
+    bytes: int = 64  # truncate
+    code: int = 503  # status
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Conn:
+    """One client connection and, unless it is answered by the proxy, its upstream."""
+
+    def __init__(self, client: socket.socket) -> None:
+        self.client = client
+        self.upstream: socket.socket | None = None
+        self.cut_next = False
+        self.closed = threading.Event()
+
+    def close(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        for s in (self.client, self.upstream):
+            if s is None:
+                continue
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+class FaultProxy:
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.fault = Fault()
+        self.lock = threading.Lock()
+        self.conns: set[_Conn] = set()
+        self.accepted = 0
+        self.listener: socket.socket | None = None
+        self.port = 0
+        self._stopped = threading.Event()
+        self._accept_thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- control ---------------------------------------------------------------------------
+
+    def start(self) -> "FaultProxy":
+        self._listen()
+        return self
+
+    def set(self, kind: str, now: bool = False, **opts: Any) -> None:
+        """Switch to fault ``kind`` (see the module docstring for the options)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown fault {kind!r}; one of {', '.join(KINDS)}")
+        with self.lock:
+            previous = self.fault
+            self.fault = Fault(kind, **opts)
+            conns = list(self.conns)
+        # Connections already open (pooled keep-alive ones included) would dodge a fault
+        # meant for every request: they are dropped, so the client reconnects into it.
+        if kind in ("hang", "status", "truncate", "refuse") or (kind == "cut" and now):
+            for c in conns:
+                c.close()
+        elif kind == "cut":
+            for c in conns:
+                c.cut_next = True
+        if kind == "refuse":
+            self._unlisten()
+        elif previous.kind == "refuse":
+            self._listen()
+        if previous.kind == "hang" and kind != "hang":
+            for c in conns:
+                if c.upstream is None:
+                    c.close()
+
+    def clear(self) -> None:
+        self.set("pass")
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._unlisten()
+        with self.lock:
+            conns = list(self.conns)
+        for c in conns:
+            c.close()
+        if self._accept_thread is not None:
+            self._accept_thread.join(5)
+
+    # -- listening ---------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        self.port = s.getsockname()[1]
+        self.listener = s
+        self._accept_thread = threading.Thread(target=self._accept, args=(s,), daemon=True, name="faultproxy")
+        self._accept_thread.start()
+
+    def _unlisten(self) -> None:
+        s, self.listener = self.listener, None
+        if s is not None:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
+            self._accept_thread.join(5)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed: refuse or stop
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(client)
+            with self.lock:
+                self.conns.add(conn)
+                self.accepted += 1
+                fault = self.fault
+            threading.Thread(target=self._serve, args=(conn, fault), daemon=True, name="faultproxy-conn").start()
+
+    # -- one connection ------------------------------------------------------------------------
+
+    def _serve(self, conn: _Conn, fault: Fault) -> None:
+        try:
+            if fault.kind == "status":
+                self._answer(conn, fault.code)
+            elif fault.kind == "hang":
+                conn.closed.wait()
+            else:
+                self._relay(conn, fault)
+        finally:
+            conn.close()
+            with self.lock:
+                self.conns.discard(conn)
+
+    def _answer(self, conn: _Conn, code: int) -> None:
+        """Read the request head, answer ``code`` and close, as a failing gateway would."""
+        conn.client.settimeout(5)
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                chunk = conn.client.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            body = f"fault proxy: {code}\n".encode()
+            conn.client.sendall(f"HTTP/1.1 {code} {REASONS.get(code, 'Error')}\r\nContent-Type: text/plain\r\n"
+                                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        except OSError:
+            pass
+
+    def _relay(self, conn: _Conn, fault: Fault) -> None:
+        try:
+            conn.upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+        except OSError:
+            return  # the server is down: the client sees the connection close
+        conn.upstream.settimeout(None)
+        conn.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        up = threading.Thread(target=self._client_to_server, args=(conn,), daemon=True, name="faultproxy-up")
+        up.start()
+        budget = fault.bytes if fault.kind == "truncate" else None
+        while not conn.closed.is_set():
+            try:
+                chunk = conn.upstream.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            current = self.fault
+            if current.kind == "latency":
+                time.sleep(current.seconds)  # the fault itself: the server is slow
+            if conn.cut_next:
+                self._send(conn, chunk[: max(1, len(chunk) // 2)], current)
+                break
+            if budget is not None:
+                chunk = chunk[:budget]
+                budget -= len(chunk)
+            if not self._send(conn, chunk, current) or budget == 0:
+                break
+        conn.close()
+        up.join(5)
+
+    def _send(self, conn: _Conn, data: bytes, fault: Fault) -> bool:
+        try:
+            if fault.kind == "slice":
+                for i in range(len(data)):
+                    conn.client.sendall(data[i:i + 1])
+            else:
+                conn.client.sendall(data)
+            return True
+        except OSError:
+            return False
+
+    def _client_to_server(self, conn: _Conn) -> None:
+        assert conn.upstream is not None
+        while not conn.closed.is_set():
+            try:
+                chunk = conn.client.recv(65536)
+                if not chunk:
+                    break
+                conn.upstream.sendall(chunk)
+            except OSError:
+                break
+        conn.close()

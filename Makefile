@@ -46,7 +46,7 @@ INSTALL_PATHS := sed -e 's|/usr/local/bin/opencode|$(OPENCODE)|g' \
 	-e 's|/usr/local/bin/orchestratord|$(BINDIR)/orchestratord|g' \
 	-e 's|/usr/local/share/doc/opencode-orchestrator|$(DOCDIR)|g'
 
-.PHONY: all venv opencode promtool test bench faults demo install uninstall check-tools clean
+.PHONY: all venv opencode promtool libfaketime test bench faults demo install uninstall check-tools clean
 
 all: test
 
@@ -88,13 +88,30 @@ $(PROMTOOL):
 
 promtool: $(PROMTOOL)
 
-test: venv opencode promtool
+# libfaketime moves the wall clock of the daemon under test (LD_PRELOAD) and leaves the
+# monotonic clock alone, for the clock-jump case. It comes out of Debian's libfaketime
+# package the same way, never installed; where apt-get cannot fetch it, that case skips.
+LIBFAKETIME := tests/.tools/libfaketime.so.1
+
+$(LIBFAKETIME):
+	@mkdir -p tests/.tools/deb
+	@if command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then \
+	  cd tests/.tools/deb && { apt-get download libfaketime >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null 2>&1 && apt-get download libfaketime >/dev/null 2>&1; }; } \
+	  && dpkg-deb -x libfaketime_*.deb root && cp root/usr/lib/*/faketime/libfaketime.so.1 ../libfaketime.so.1 \
+	  || echo "note: could not fetch libfaketime (Debian package libfaketime); the clock-jump test will skip" >&2; \
+	else echo "note: no apt-get here; the clock-jump test will skip" >&2; fi
+	@rm -rf tests/.tools/deb
+
+libfaketime: $(LIBFAKETIME)
+
+test: venv opencode promtool libfaketime
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: venv opencode
 	$(VPY) -m tests.bench.run --out $(BENCH_OUT)
 
-faults: venv opencode promtool
+faults: venv opencode promtool libfaketime
 	@mkdir -p $(dir $(FAULTS_OUT)) && rm -f $(FAULTS_OUT)
 	ORCHESTRATORD_FAULTS=long ORCHESTRATORD_FAULTS_REPORT=$(abspath $(FAULTS_OUT)) \
 	  $(VPY) -m pytest -m faults $(PYTEST_ARGS); status=$$?; \

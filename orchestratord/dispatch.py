@@ -46,6 +46,19 @@ FOLLOW_POLL = 2.0
 IDLE_WAIT = 60.0
 
 
+def seed_sends(dispatches: Sequence[Dispatch], now: float, wall: float) -> list[float]:
+    """Send times of earlier runs on this process's monotonic clock, oldest first.
+
+    Rebuilt from the ledger so a restart is no loophole in the hourly cap. Only the
+    ledger's wall-clock ``sent_at`` survives a restart, so this is the one place the cap
+    reads the wall clock: a send stamped later than now (the clock went back since) counts
+    as just made, never as one made in this process's future, which would hold prompts
+    back for the hour plus the size of the jump.
+    """
+    ages = [max(0.0, wall - d.sent_at) for d in dispatches if d.sent_at is not None]
+    return sorted(now - age for age in ages if age < 3600)
+
+
 @dataclass(frozen=True)
 class DispatchSettings:
     """What the dispatcher needs from the config, flattened."""
@@ -151,13 +164,10 @@ class Dispatcher(ServerWorker):
     def setup(self) -> None:
         super().setup()
         assert self.ledger is not None
-        now, wall = self.clock(), self.wall()
-        # Rebuild the rate-limit view from the ledger so a restart is no loophole.
-        for d in self.ledger.dispatches(limit=max(self.s.max_per_hour, 1) + 5):
-            if d.sent_at is not None and wall - d.sent_at < 3600:
-                self.sends.appendleft(now - (wall - d.sent_at))
+        self.sends.extend(seed_sends(self.ledger.dispatches(limit=max(self.s.max_per_hour, 1) + 5),
+                                     self.clock(), self.wall()))
         if self.sends:
-            self.last_sent = max(self.sends)
+            self.last_sent = self.sends[-1]
 
     # -- the loop ----------------------------------------------------------------
 

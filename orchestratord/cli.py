@@ -10,11 +10,12 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 from . import __version__, logs
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, dump_config, load_config, summarize
-from .ledger import Ledger, LedgerError
+from .ledger import Ledger, LedgerError, open_problem
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 DEFAULT_LOG_FILE = "/var/log/opencode-orchestrator/orchestratord.log"
@@ -123,7 +124,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     print(f"{args.config}: ok")
     print(summarize(cfg))
+    problem = _ledger_warning(cfg.ledger.path)
+    if problem:
+        # A warning, not an error: the config is fine, and a reload must still go through.
+        print(("<4>" if logs.under_journal() else "") + f"warning: {problem}", file=sys.stderr)
     return EXIT_OK
+
+
+def _ledger_warning(path: str) -> str | None:
+    """Why the daemon would refuse this ledger at start, found cheaply (its header and schema)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ledger = Ledger(path, readonly=True)
+        try:
+            ledger.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        finally:
+            ledger.close()
+    except LedgerError as exc:
+        return str(exc)
+    except sqlite3.DatabaseError as exc:
+        return open_problem(path, exc)
+    return None
 
 
 def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
@@ -150,7 +172,49 @@ def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
         "escalations": _escalation_totals(ledger),
         "busy_sessions": st.get("sessions", []) if running else [],
         "stalls": _recent_stalls(ledger),
+        "ledger": ledger_view(cfg.ledger.path, st, running),
     }
+
+
+#: a running daemon writes its state every few seconds; older than this, it cannot
+STATE_STALE_SECONDS = 30.0
+
+
+def ledger_view(path: str, st: dict[str, Any], running: bool, now: float | None = None) -> dict[str, Any]:
+    """Whether the daemon can write its ledger: what it recorded, and what the filesystem says now.
+
+    A daemon whose ledger fails may not be able to record even that, so a state row
+    that has stopped moving, a read-only or full filesystem count as failing too.
+    """
+    now = time.time() if now is None else now
+    recorded = st.get("ledger") or {}
+    written_at = (st.get("daemon") or {}).get("written_at")
+    problem = None
+    if recorded.get("failing"):
+        problem = recorded.get("error")
+    disk = _filesystem_problem(path)
+    if disk:
+        problem = f"{problem}; {disk}" if problem else disk
+    if running and isinstance(written_at, (int, float)) and now - written_at > STATE_STALE_SECONDS:
+        problem = (problem + "; " if problem else "") + f"state not written for {now - written_at:.0f}s"
+    from .ledgerwatch import fix_for
+
+    return {"path": path, "failing": bool(problem) and running, "problem": problem,
+            "since": recorded.get("since") if recorded.get("failing") else None,
+            "fix": fix_for(problem) if problem else None, "last": recorded.get("last")}
+
+
+def _filesystem_problem(path: str) -> str | None:
+    """A read-only or full filesystem under the ledger, as the OS sees it now."""
+    try:
+        fs = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        return f"its directory: {exc.strerror or exc}"
+    if fs.f_flag & os.ST_RDONLY:
+        return "the filesystem is read-only"
+    if fs.f_bavail * fs.f_frsize < 64 * 1024:
+        return "no space left on its filesystem"
+    return None
 
 
 def _recent_stalls(ledger: Ledger) -> list[dict[str, Any]]:
@@ -220,6 +284,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows.append(("escalations", f"{esc['total']}" + (
         f", last {_when(esc['last']['at'])} {esc['last']['rule']} by {esc['last']['teammate'] or esc['last']['session_id'] or '-'}"
         if esc["last"] else "")))
+    rows.append(("ledger", _ledger_line(data["ledger"])))
     for b in data["busy_sessions"]:
         what = f"waiting on {b['waiting']}" if b.get("waiting") else f"last activity {b['quiet_seconds']:g}s ago"
         rows.append(("busy", f"{b['id']}{' (orchestrator)' if b.get('own') else ''} for {b['busy_seconds']:g}s, {what}"))
@@ -231,6 +296,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return EXIT_OK
+
+
+def _ledger_line(led: dict[str, Any]) -> str:
+    if led["failing"]:
+        since = f" since {_when(led['since'])}" if led["since"] else ""
+        return f"FAILING{since}: {led['problem']}; fix: {led['fix']}"
+    text = "ok" if not led["problem"] else f"ok for now, but {led['problem']}"
+    last = led.get("last")
+    if last:
+        text += f" (last failed {_when(last['since'])} to {_when(last['until'])}: {last['error']})"
+    return text
 
 
 def cmd_events(args: argparse.Namespace) -> int:

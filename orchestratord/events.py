@@ -82,6 +82,7 @@ class EventReader(Worker):
         self._seq_changed = False  # since it was last written to the ledger
         self._reported_oversized = 0
         self._reported_undecodable = 0
+        self._saved_seq: dict[str, int] = {}  # the seq the ledger holds
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -94,6 +95,7 @@ class EventReader(Worker):
                 self.last_seq = {k: int(v) for k, v in json.loads(saved).items()}
             except (ValueError, AttributeError):
                 self.last_seq = {}
+        self._saved_seq = dict(self.last_seq)
 
     def teardown(self) -> None:
         self._flush()
@@ -288,6 +290,17 @@ class EventReader(Worker):
         if store and (self.store == "all" or (self.store == "default" and event.type not in HIGH_VOLUME)):
             self._add_row(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
         self._observe(event)
+        before = self._saved_seq
+        try:
+            self._act(event, wall)
+        except Exception:
+            # Not recorded, so not done: a catch-up after the reconnect sees this event again.
+            self._saved_seq = before
+            self._unwritten([])
+            raise
+
+    def _act(self, event: Event, wall: float) -> None:
+        """Judge the event and raise the triggers it matches, each recorded before it counts."""
         own = self.shared.session_id
         if self.judge is not None and event.type in ("message.part.updated", "permission.asked"):
             seen = seen_in_event(event, own)
@@ -370,8 +383,13 @@ class EventReader(Worker):
 
     def _save_seq(self) -> None:
         if self.ledger is not None and (meta := self._seq_to_save()):
-            self.ledger.add_events((), meta)
+            try:
+                self.ledger.add_events((), meta)
+            except Exception:
+                self._unwritten([])
+                raise
             self._seq_changed = False
+            self._saved_seq = dict(self.last_seq)
 
     def _add_row(self, row: EventRow) -> None:
         if not self._batch:
@@ -403,7 +421,24 @@ class EventReader(Worker):
         if self._batch and self.ledger is not None:
             batch, self._batch = self._batch, []
             meta = self._seq_to_save()
-            self.ledger.add_events(batch, meta)  # the rows and the seq they reach, in one transaction
+            try:
+                self.ledger.add_events(batch, meta)  # the rows and the seq they reach, in one transaction
+            except Exception:
+                self._unwritten(batch)
+                raise
+            self._seq_changed = False
+            self._saved_seq = dict(self.last_seq)
+
+    def _unwritten(self, batch: list[EventRow]) -> None:
+        """A write failed: keep the rows for the next flush, and step back to the last saved seq.
+
+        The stream is read again after a reconnect, from the seq the ledger holds: what
+        came after it is caught up (and its triggers raised) once the ledger takes
+        writes again, instead of being taken as done.
+        """
+        self._batch[:0] = batch[-BATCH_ROWS * 10:]
+        if self.last_seq != self._saved_seq:
+            self.last_seq = dict(self._saved_seq)
             self._seq_changed = False
 
 

@@ -241,6 +241,8 @@ class InboxWatcher(Worker):
         self.observer: Any = None
         self.watching: Path | None = None
         self.initialized = False
+        #: messages logged by this process whose "reported" mark did not reach the ledger
+        self.logged: set[int] = set()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -325,8 +327,15 @@ class InboxWatcher(Worker):
             self.retry_at = None
         with self.dirty_lock:
             batch, self.dirty = self.dirty, set()
-        for path in sorted(batch):
-            self._read(path)
+        todo = sorted(batch)
+        try:
+            while todo:
+                self._read(todo[0])
+                todo.pop(0)
+        finally:
+            if todo:  # the ledger failed: these files are read again on the next try
+                with self.dirty_lock:
+                    self.dirty.update(todo)
         if not self.initialized:
             assert self.ledger is not None
             self.ledger.set_meta("inbox.initialized", str(self.wall()))
@@ -409,12 +418,14 @@ class InboxWatcher(Worker):
         if state.broken is not None:
             self.log.info(logs.kv("inbox-readable-again", path=str(path)))
         state.broken, state.first_failure = None, None
-        state.signature = sig
         if skipped and state.skipped_logged != sig:
             state.skipped_logged = sig
             self.log.warning(logs.kv("inbox-entries-skipped", path=str(path), count=len(skipped), first=skipped[0],
                                      fix="each message needs string 'from', 'text' and 'timestamp'"))
         self._record(messages)
+        # Only now is this version of the file done: if recording failed (the ledger
+        # cannot be written), the rescan still sees it as changed and reads it again.
+        state.signature = sig
 
     def _failed(self, path: Path, state: _FileState, sig: tuple[int, int, int], exc: InboxError) -> None:
         now = self.clock()
@@ -469,15 +480,18 @@ class InboxWatcher(Worker):
                     trigger_id = self.ledger.trigger_for_ckey(ckey, self.wall() - CKEY_WINDOW)
                 else:
                     triggered = True
-            metrics.teammate_message(msg.team)
-            self.log.log(logs.NOTICE, logs.kv("teammate-message", team=msg.team, **{"from": msg.sender},
-                                              to=msg.recipient, type=None if msg.type == "message" else msg.type,
-                                              summary=msg.short()))
+            if m["id"] not in self.logged:  # a retry after a failed mark_reported logs nothing twice
+                self.logged.add(m["id"])
+                metrics.teammate_message(msg.team)
+                self.log.log(logs.NOTICE, logs.kv("teammate-message", team=msg.team, **{"from": msg.sender},
+                                                  to=msg.recipient, type=None if msg.type == "message" else msg.type,
+                                                  summary=msg.short()))
             # Judged before it is marked reported: a crash in between judges it again,
             # and the escalation's key makes that a no-op.
             if self.judge is not None and self.judge(self.ledger, msg):
                 self.on_escalation()
             self.ledger.mark_reported(m["id"], trigger_id, now=self.wall())
+            self.logged.discard(m["id"])
         if triggered:
             self.on_trigger()
 

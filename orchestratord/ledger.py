@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, Sequence
 
-from . import metrics
+from . import ledgerwatch, metrics
 from .worker import crash_point
 
 SCHEMA_VERSION = 4
@@ -159,6 +159,16 @@ class LedgerError(Exception):
     """The ledger file cannot be opened or written; the message says what to fix."""
 
 
+def open_problem(path: str, exc: BaseException | str) -> str:
+    """One line for a ledger that will not open: which file, what is wrong, what to do."""
+    text = str(exc)
+    if "not a database" in text or "malformed" in text or "corrupt" in text or isinstance(exc, str):
+        return (f"ledger {path} is damaged or not a SQLite database ({text}): move it aside "
+                f"(mv {path} {path}.broken) and start again, and a fresh ledger is created there; or point "
+                "ledger.path at another file")
+    return f"cannot open ledger {path}: {text}; {ledgerwatch.fix_for(exc)}"
+
+
 @dataclass(frozen=True)
 class Trigger:
     id: int
@@ -264,6 +274,10 @@ class Ledger:
             else:
                 directory = os.path.dirname(os.path.abspath(path))
                 os.makedirs(directory, exist_ok=True)
+                if not os.access(directory, os.W_OK):
+                    # SQLite writes -wal and -shm files beside the ledger: the directory must be writable too.
+                    raise LedgerError(f"ledger directory {directory} is not writable (a read-only filesystem or "
+                                      f"its permissions): {ledgerwatch.fix_for('readonly')}")
                 self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
             self.db.execute("PRAGMA busy_timeout=10000")
             if not readonly:
@@ -272,11 +286,22 @@ class Ledger:
                 self.db.execute("PRAGMA foreign_keys=ON")
                 self._migrate()
         except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"cannot open ledger {path}: {exc}; check ledger.path, its directory's "
-                              f"permissions and free space, or move a corrupt file aside") from exc
+            raise LedgerError(open_problem(path, exc)) from exc
         except OSError as exc:
             raise LedgerError(f"cannot create the ledger's directory for {path}: {exc}; check ledger.path "
                               f"and the permissions (systemd: StateDirectory=)") from exc
+        #: (device, inode) of the file this connection writes: a file deleted or replaced
+        #: under the daemon no longer matches what is at ``path``
+        self.identity = ledgerwatch.identity(path)
+
+    def verify(self) -> None:
+        """Raise LedgerError if the file is damaged (a quick check of every page, once at start)."""
+        try:
+            rows = [r[0] for r in self.db.execute("PRAGMA quick_check(3)")]
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(open_problem(self.path, exc)) from exc
+        if rows != ["ok"]:
+            raise LedgerError(open_problem(self.path, "; ".join(rows)))
 
     def close(self) -> None:
         self.db.close()

@@ -36,6 +36,7 @@ class Snapshot:
     session_busy: bool
     busy_sessions: list[str]
     pending_triggers: int
+    ledger_failing: bool = False
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Shared:
     waiting: dict[str, str] = field(default_factory=dict)  # sessionID -> "permission bash" / "question"
     went_busy: dict[str, float] = field(default_factory=dict)  # monotonic time of the last busy event
     pending_triggers: int = 0
+    ledger_failing: bool = False  # writes to the ledger fail (see ledgerwatch)
     changed: threading.Event = field(default_factory=threading.Event)
 
     def update(self, **values: Any) -> None:
@@ -146,7 +148,8 @@ class Shared:
                 server_version=self.server_version, stream_connected=self.stream_connected,
                 events_total=self.events_total, last_event_at=self.last_event_at, session_id=self.session_id,
                 session_busy=self.session_id in self.statuses if self.session_id else False,
-                busy_sessions=sorted(self.statuses), pending_triggers=self.pending_triggers)
+                busy_sessions=sorted(self.statuses), pending_triggers=self.pending_triggers,
+                ledger_failing=self.ledger_failing)
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=."""
@@ -158,4 +161,4 @@ class Shared:
         session = "none" if not s.session_id else ("busy" if s.session_busy else "idle")
         return (f"{s.state}: server {server}, stream {stream}, session {session}, "
                 f"{s.pending_triggers} pending trigger{'s' if s.pending_triggers != 1 else ''}, "
-                f"{s.events_total} events")
+                f"{s.events_total} events" + (", ledger failing" if s.ledger_failing else ""))

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from typing import Any, Callable
 
-from . import logs, metrics
+from . import ledgerwatch, logs, metrics
 from .config import Config, ConfigError, load_config
 from .dispatch import Dispatcher, DispatchSettings
 from .events import EventReader
@@ -79,6 +80,8 @@ class Supervisor:
         self.last_prune = clock()
         self.last_textfile = 0.0
         self.stop_requested = False
+        self.exit_code = 0
+        self.health = ledgerwatch.HEALTH = ledgerwatch.LedgerHealth(cfg.ledger.path, clock=clock)
 
     # -- start -------------------------------------------------------------------
 
@@ -87,10 +90,19 @@ class Supervisor:
         self.password = self._password(self.cfg)
         try:
             self.ledger = Ledger(self.cfg.ledger.path)
+            self.ledger.verify()
         except LedgerError as exc:
+            if self.ledger is not None:
+                self.ledger.close()
+                self.ledger = None
             raise StartupError(str(exc)) from exc
-        self.ledger.set_state({"daemon": {"pid": os.getpid(), "state": "starting", "started_at": time.time(),
-                                          "config": self.config_path, "config_digest": self.cfg.digest}})
+        try:
+            self.ledger.set_state({"daemon": {"pid": os.getpid(), "state": "starting", "started_at": time.time(),
+                                              "config": self.config_path, "config_digest": self.cfg.digest}})
+        except sqlite3.Error as exc:
+            self.ledger.close()
+            self.ledger = None
+            raise StartupError(f"cannot write ledger {self.cfg.ledger.path}: {exc}; {ledgerwatch.fix_for(exc)}") from exc
         self.shared.update(session_id=self.ledger.get_meta(f"session:{self.cfg.server.url}") or self.cfg.session.id)
         self._metrics(self.cfg)
         for name in WORKER_SECTIONS:
@@ -247,15 +259,19 @@ class Supervisor:
         if self.watchdog_every is not None and not stale and now - self.last_pet >= self.watchdog_every * 0.9:
             if self.notifier.watchdog():
                 self.last_pet = now
+        self._check_ledger_file()
+        self._write_state(now=now)
+        if self.shared.ledger_failing != self.health.failing:
+            self.shared.update(ledger_failing=self.health.failing)
         snap = self.shared.snapshot()
-        degraded = snap.server_healthy is False or not snap.stream_connected or bool(stale)
+        degraded = (snap.server_healthy is False or not snap.stream_connected or bool(stale)
+                    or snap.ledger_failing)
         if self.shared.state in (DaemonState.READY, DaemonState.DEGRADED):
             self.shared.update(state=DaemonState.DEGRADED if degraded else DaemonState.READY)
         line = self.shared.status_line()
         if line != self.last_status:
             self.last_status = line
             self.notifier.status(line)
-        self._write_state(now=now)
         textfile = self.cfg.metrics.textfile
         if textfile and now - self.last_textfile >= self.cfg.metrics.textfile_interval_seconds:
             self.last_textfile = now
@@ -275,7 +291,9 @@ class Supervisor:
         self._start_worker(name)
 
     def _write_state(self, now: float | None = None, force: bool = False) -> None:
+        """Copy the live state to the ledger; while the ledger fails, this write is the probe."""
         now = self.clock() if now is None else now
+        force = force or self.health.failing
         if self.ledger is None or (not force and not self.shared.changed.is_set() and now - self.last_state_write < STATE_EVERY):
             return
         self.shared.changed.clear()
@@ -284,7 +302,9 @@ class Supervisor:
         try:
             self.ledger.set_state({
                 "daemon": {"pid": os.getpid(), "state": s.state, "config": self.config_path,
-                           "config_digest": self.cfg.digest, "status_line": self.shared.status_line()},
+                           "config_digest": self.cfg.digest, "status_line": self.shared.status_line(),
+                           "written_at": time.time()},
+                "ledger": self.health.view(),
                 "server": {"url": s.server_url, "healthy": s.server_healthy, "version": s.server_version},
                 "stream": {"connected": s.stream_connected, "events_total": s.events_total,
                            "last_event_at": s.last_event_at},
@@ -293,8 +313,68 @@ class Supervisor:
             })
         except Exception as exc:
             metrics.ledger_error()
-            log.error(logs.kv("ledger-write-failed", what="status", error=str(exc),
-                              fix="check free space and permissions of ledger.path"))
+            if ledgerwatch.is_trouble(exc):
+                self.health.failed(exc, where="supervisor")
+            else:
+                log.error(logs.kv("ledger-write-failed", what="status", error=str(exc),
+                                  fix="check free space and permissions of ledger.path"))
+            return
+        if self.health.failing:
+            # Writes go through again: every worker retries what it could not record now,
+            # not at the end of its backoff.
+            for worker in self.workers.values():
+                worker.wake()
+            if self.health.succeeded():
+                self.shared.changed.set()  # write the recovered view at once
+
+    def _check_ledger_file(self) -> None:
+        """Restore the ledger if its file was deleted or replaced under the running daemon.
+
+        SQLite would go on writing into the deleted inode, and all of it would be gone
+        at the next start. The open connection still has everything: the workers are
+        stopped (closing their connections), the database is copied back to its path,
+        and they start again on it.
+        """
+        if self.ledger is None or self.ledger.identity is None:
+            return
+        path = self.cfg.ledger.path
+        found = ledgerwatch.identity(path)
+        if found == self.ledger.identity:
+            return
+        what = "deleted" if found is None else "replaced by another file"
+        log.critical(logs.kv("ledger-missing", path=path, what=what,
+                             action="restoring it from the daemon's open connection; workers reopen it",
+                             fix="never delete or replace the ledger of a running daemon; stop it first"))
+        names = list(self.workers)
+        self._stop_workers(names)
+        old = self.ledger
+        try:
+            tmp = ledgerwatch.copy_out(old.db, path)
+        except (OSError, sqlite3.Error) as exc:
+            tmp = None
+            log.critical(logs.kv("ledger-restore-failed", path=path, error=f"{type(exc).__name__}: {exc}",
+                                 lost="what the daemon recorded before now",
+                                 action="starting again on a new ledger at the same path",
+                                 fix=ledgerwatch.fix_for(exc)))
+        old.close()
+        aside = None
+        try:
+            if tmp is not None:
+                aside = ledgerwatch.put_back(tmp, path)
+            self.ledger = Ledger(path)
+        except (OSError, LedgerError) as exc:
+            # Nothing to write to: stop, and let the service manager start us again.
+            log.critical(logs.kv("ledger-restore-failed", path=path, error=str(exc), action="stopping",
+                                 fix=ledgerwatch.fix_for(exc)))
+            self.ledger = None
+            self.stop_requested = True
+            self.exit_code = 1
+            return
+        if tmp is not None:
+            log.log(logs.NOTICE, logs.kv("ledger-restored", path=path, moved_aside=aside))
+        for name in names:
+            self._start_worker(name)
+        self.shared.changed.set()
 
     def _prune(self) -> None:
         assert self.ledger is not None
@@ -354,6 +434,7 @@ class Supervisor:
                 assert self.ledger is not None
                 self.ledger.close()
                 self.ledger = Ledger(new.ledger.path)
+                self.health.path = new.ledger.path
             if "server" in changed:
                 self.shared.update(server_url=new.server.url, server_healthy=None, server_version=None,
                                    session_id=None)
@@ -390,7 +471,7 @@ class Supervisor:
                 log.error(logs.kv("ledger-write-failed", what="final state", error=str(exc)))
             self.ledger.close()
         log.log(logs.NOTICE, logs.kv("stopped"))
-        return 0
+        return self.exit_code
 
 
 def threads_alive() -> list[str]:

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
-from . import logs, metrics
+from . import ledgerwatch, logs, metrics
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -123,8 +123,15 @@ class Worker:
             if isinstance(exc, sqlite3.Error):
                 metrics.ledger_error()
             backoff = min(30.0, 0.5 * 2 ** min(self.errors, 6))
-            self.log.error(logs.kv("worker-error", worker=self.name, error=f"{type(exc).__name__}: {exc}",
-                                   retry_in=f"{backoff:g}s"), exc_info=self.errors == 1)
+            line = logs.kv("worker-error", worker=self.name, error=f"{type(exc).__name__}: {exc}",
+                           retry_in=f"{backoff:g}s")
+            if isinstance(exc, sqlite3.Error) and ledgerwatch.is_trouble(exc):
+                # One critical line for the whole spell (ledger-failing), not one per worker per retry;
+                # the supervisor wakes us as soon as a write goes through again.
+                ledgerwatch.HEALTH.failed(exc, where=self.name)
+                self.log.debug(line)
+            else:
+                self.log.error(line, exc_info=self.errors == 1)
             return backoff
 
     def _run(self) -> None:

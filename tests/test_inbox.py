@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from orchestratord import logs
 from orchestratord.inbox import (MAX_INBOX_BYTES, InboxError, InboxWatcher, TeamMessage, content_key, message_ckey,
                                  message_type, parse_inbox, read_inbox_file)
 from orchestratord.ledger import Ledger
 from orchestratord.triggers import _message_ckey
+from tests.support.logcapture import caplog  # noqa: F401 - the fixture
 from tests.support.team import make_team
 
 TEAM = "my-team"
@@ -139,22 +138,6 @@ class World:
 @pytest.fixture
 def world(tmp_path: Path) -> World:
     return World(tmp_path)
-
-
-@pytest.fixture
-def caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog that also sees the package logger (which does not propagate once set up)."""
-    logger = logging.getLogger(logs.ROOT)
-    old_propagate, logger.propagate = logger.propagate, False
-    logger.addHandler(caplog.handler)
-    old = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-        logger.setLevel(old)
-        logger.propagate = old_propagate
 
 
 def test_first_start_records_existing_messages_without_reporting(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

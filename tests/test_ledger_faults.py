@@ -1,0 +1,443 @@
+"""Ledger trouble: a full disk, a read-only filesystem, the file deleted under the daemon, a corrupt file.
+
+The daemon-level cases put the ledger on a small tmpfs mounted under the test's temp
+dir (root only; skipped, saying why, otherwise) and run the daemon against the real
+server; every mount is undone in the fixture's teardown, after the daemons stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from orchestratord import logs
+from orchestratord.cli import ledger_view
+from orchestratord.events import EventReader
+from orchestratord.inbox import InboxWatcher
+from orchestratord.ledger import EventRow, Ledger, LedgerError
+from orchestratord.ledgerwatch import LedgerHealth, fix_for, is_trouble
+from orchestratord.state import Shared
+from tests.support.logcapture import caplog  # noqa: F401 - the fixture
+from tests.support import faults
+from tests.support.bed import NO_IDLE, TEAM, Bed, orchestrator_prompts, request_text, script_orchestrator
+from tests.support.daemon import Daemon, holds, ledger_rows, status_json, wait_for, write_config
+from tests.support.team import append_message, make_team
+
+pytestmark = pytest.mark.faults
+
+FULL = sqlite3.OperationalError("database or disk is full")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def events_named(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r.msg, "event", None) == name]
+
+
+# -- the failing/recovered tracker ----------------------------------------------------
+
+def test_a_burst_of_failures_is_one_critical_line_and_one_recovery(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    health = LedgerHealth("/var/lib/x/ledger.sqlite3", settle=2.0, clock=clock, wall=clock)
+    assert health.failed(FULL, where="inbox") is True
+    for _ in range(50):  # every worker, every retry
+        clock.now += 0.1
+        assert health.failed(FULL, where="events") is False
+    failing = events_named(caplog, "ledger-failing")
+    assert len(failing) == 1 and failing[0].levelno == logging.CRITICAL
+    line = str(failing[0].msg)
+    assert "/var/lib/x/ledger.sqlite3" in line and "disk is full" in line and "free space" in line
+    assert health.view()["failing"] and health.view()["since"] == 1000.0
+
+    assert health.succeeded() is False, "a write right after a failure does not end the spell"
+    clock.now += 2.0
+    assert health.succeeded() is True
+    assert health.succeeded() is False
+    recovered = events_named(caplog, "ledger-recovered")
+    assert len(recovered) == 1 and recovered[0].levelno == logs.NOTICE
+    view = health.view()
+    assert not view["failing"] and view["last"]["until"] == clock.now and view["episodes"] == 1
+
+    clock.now += 10
+    assert health.failed(sqlite3.OperationalError("attempt to write a readonly database")) is True
+    assert len(events_named(caplog, "ledger-failing")) == 2, "a new spell is a new line"
+    assert "writable" in str(events_named(caplog, "ledger-failing")[1].msg)
+
+
+def test_failures_that_keep_coming_between_good_writes_stay_one_spell(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    health = LedgerHealth("l.db", settle=2.0, clock=clock, wall=clock)
+    for _ in range(20):  # a nearly full disk: small writes go through, bigger ones fail
+        health.failed(FULL)
+        clock.now += 1.0
+        health.succeeded()
+    assert len(events_named(caplog, "ledger-failing")) == 1
+    assert not events_named(caplog, "ledger-recovered")
+
+
+def test_which_errors_are_ledger_trouble() -> None:
+    assert is_trouble(FULL)
+    assert is_trouble(sqlite3.OperationalError("attempt to write a readonly database"))
+    assert is_trouble(sqlite3.OperationalError("disk I/O error"))
+    assert is_trouble(OSError(28, "No space left on device"))
+    assert not is_trouble(sqlite3.OperationalError("no such table: x"))
+    assert not is_trouble(sqlite3.IntegrityError("UNIQUE constraint failed"))
+    assert not is_trouble(ValueError("x"))
+    assert "free space" in fix_for(FULL)
+    assert "move the ledger file aside" in fix_for(sqlite3.DatabaseError("file is not a database"))
+
+
+def test_status_calls_a_stale_state_row_failing(tmp_path: Path) -> None:
+    st = {"daemon": {"written_at": 100.0}, "ledger": {"failing": False}}
+    assert not ledger_view(str(tmp_path / "l.db"), st, running=True, now=110.0)["failing"]
+    view = ledger_view(str(tmp_path / "l.db"), st, running=True, now=200.0)
+    assert view["failing"] and "not written for 100s" in view["problem"]
+    assert not ledger_view(str(tmp_path / "l.db"), st, running=False, now=200.0)["failing"]
+    st["ledger"] = {"failing": True, "since": 90.0, "error": "OperationalError: database or disk is full"}
+    view = ledger_view(str(tmp_path / "l.db"), st, running=True, now=101.0)
+    assert view["failing"] and view["since"] == 90.0 and "free space" in view["fix"]
+
+
+# -- workers keep what they could not record ---------------------------------------------
+
+def test_inbox_messages_not_recorded_are_read_again(tmp_path: Path) -> None:
+    base = tmp_path / "claude"
+    make_team(base, TEAM, members=["worker-1"])
+    clock = Clock()
+    w = InboxWatcher(ledger_path=str(tmp_path / "ledger.db"), base_dir=str(base), teams=(TEAM,), lead="team-lead",
+                     watch_members=False, poll_interval=3600.0, report_existing=False, on_trigger=lambda: None,
+                     notify=False, clock=clock, wall=clock)
+    w.setup()
+    try:
+        w.run_once()  # the first scan: nothing there yet
+        append_message(base, TEAM, "team-lead", "worker-1", "written while the disk is full")
+        w._changed(base / "teams" / TEAM / "inboxes" / "team-lead.json")
+        assert w.ledger is not None
+        real = w.ledger.record_messages
+
+        def full(*a: Any, **k: Any) -> Any:
+            raise FULL
+        w.ledger.record_messages = full  # type: ignore[method-assign]
+        w.run_once()
+        assert w.errors == 1
+        w.ledger.record_messages = real  # type: ignore[method-assign]
+        w.run_once()  # no rescan is due: the file must still be marked to read
+        rows = w.ledger.messages()
+        assert [(r["text"], r["reported_at"] is not None) for r in rows] == [("written while the disk is full", True)]
+    finally:
+        w.teardown()
+
+
+def test_events_not_written_are_kept_and_their_seq_is_not_taken_as_saved(tmp_path: Path) -> None:
+    r = EventReader(shared=Shared(), make_client=lambda: None, ledger_path=str(tmp_path / "ledger.db"),  # type: ignore[arg-type,return-value]
+                    stream="global", directory=None, read_timeout=5, max_event_bytes=1 << 20, reconnect_max=1,
+                    store="default", rules=(), on_trigger=lambda: None, on_own_activity=lambda: None)
+    r.ledger = Ledger(str(tmp_path / "ledger.db"))
+    try:
+        r._note_seq("ses_a", 5)
+        r._add_row(EventRow(1.0, "e1", "session.idle", "ses_a", None, "{}"))
+        r._flush()
+        r._note_seq("ses_a", 9)
+        r._add_row(EventRow(2.0, "e2", "session.idle", "ses_a", None, "{}"))
+        real = r.ledger.add_events
+
+        def full(*a: Any, **k: Any) -> None:
+            raise FULL
+        r.ledger.add_events = full  # type: ignore[method-assign]
+        with pytest.raises(sqlite3.OperationalError):
+            r._flush()
+        assert [row.event_id for row in r._batch] == ["e2"], "the row waits for the next flush"
+        assert r.last_seq == {"ses_a": 5}, "the catch-up after the reconnect starts where the ledger is"
+        r.ledger.add_events = real  # type: ignore[method-assign]
+        r._add_row(EventRow(3.0, "e3", "session.idle", "ses_a", None, "{}"))
+        r._flush()
+        assert [e["event_id"] for e in r.ledger.events()] == ["e3", "e2", "e1"]
+    finally:
+        r.ledger.close()
+
+
+# -- a damaged file at start -------------------------------------------------------------
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(8192))
+
+
+def _not_sqlite(path: Path) -> None:
+    path.write_text("# notes, not a database\n" * 50)
+
+
+def _truncated(path: Path) -> None:
+    led = Ledger(str(path))
+    for i in range(2000):
+        led.record_transition("test", "x", "y" * 200)
+    led.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    led.close()
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _quiet_config(tmp_path: Path, ledger: Path) -> Path:
+    """A daemon that refuses or starts before it ever talks to a server."""
+    return write_config(tmp_path / "orchestrator.toml", server_url="http://127.0.0.1:9", ledger=ledger,
+                        teams_base=tmp_path)
+
+
+def starts_and_stops(cfg: Path, tmp_path: Path) -> None:
+    d = Daemon(cfg, tmp_path).start()
+    try:
+        d.wait_log(r"\bstarted\b")
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("damage", [_garbage, _not_sqlite, _truncated], ids=["garbage", "not-sqlite", "truncated"])
+def test_a_damaged_ledger_refuses_the_start_saying_what_to_do(tmp_path: Path, damage: Callable[[Path], None]) -> None:
+    ledger = tmp_path / "ledger.sqlite3"
+    damage(ledger)
+    cfg = _quiet_config(tmp_path, ledger)
+    check = subprocess.run([sys.executable, "-m", "orchestratord", "check-config", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0 and "warning:" in check.stderr and str(ledger) in check.stderr
+
+    d = Daemon(cfg, tmp_path).start()
+    try:
+        assert d.wait_exit(15) == 1
+        refused = d.grep("startup-failed")
+        assert len(refused) == 1 and "CRITICAL" in refused[0], d.log()
+        assert str(ledger) in refused[0] and "move it aside" in refused[0]
+        assert not d.grep("Traceback")
+    finally:
+        d.close()
+    shutil.move(str(ledger), str(ledger) + ".broken")
+    starts_and_stops(cfg, tmp_path)
+    faults.record(faults.CaseResult(case=f"ledger: damaged at start ({damage.__name__.strip('_')})", runs=1))
+
+
+def test_wal_and_shm_left_by_a_kill_open_fine(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.sqlite3"
+    cfg = _quiet_config(tmp_path, ledger)
+    d = Daemon(cfg, tmp_path).start()
+    try:
+        d.wait_log(r"\bstarted\b")
+        wait_for(lambda: ledger_rows(ledger, "SELECT 1 FROM transitions WHERE component='server'"), 15,
+                 "a transition row")
+        d.kill()
+        assert Path(str(ledger) + "-wal").exists() and Path(str(ledger) + "-shm").exists()
+        d = Daemon(cfg, tmp_path).start()
+        d.wait_log(r"\bstarted\b")
+        assert not d.grep("startup-failed")
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+
+# -- small filesystems ----------------------------------------------------------------
+
+class Mounts:
+    """tmpfs mounts under the test's temp dir, undone at teardown after the daemons stop."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.mounted: list[Path] = []
+
+    def tmpfs(self, name: str, size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command")
+        where = self.tmp / name
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        self.mounted.append(where)
+        return where
+
+    def remount(self, where: Path, mode: str) -> None:
+        done = subprocess.run(["mount", "-o", f"remount,{mode}", str(where)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+    def close(self) -> None:
+        for where in reversed(self.mounted):
+            if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def mounts(tmp_path: Path) -> Iterator[Mounts]:
+    m = Mounts(tmp_path)
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+@pytest.fixture
+def ledger_fs(bed: Bed, mounts: Mounts) -> Iterator[Callable[[str], Path]]:
+    """Put the bed's ledger on a tmpfs of the given size; the daemons stop before it is unmounted."""
+    def put(size: str) -> Path:
+        where = mounts.tmpfs("ledger-fs", size)
+        bed.ledger = where / "ledger.sqlite3"
+        return where
+    try:
+        yield put
+    finally:
+        for d in bed.daemons:
+            d.stop()
+
+
+def fill(where: Path) -> Path:
+    """Fill the filesystem to the last byte; delete the file to give the space back."""
+    filler = where / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def reported(bed: Bed, texts: list[str]) -> list[tuple[str, Any]]:
+    marks = ",".join("?" * len(texts))
+    return ledger_rows(bed.ledger, f"SELECT text, reported_at FROM messages WHERE text IN ({marks})", tuple(texts))
+
+
+def test_disk_full_keeps_watching_and_every_message_is_reported_once_after(bed: Bed, ledger_fs: Callable[[str], Path]) -> None:
+    where = ledger_fs("24m")
+    bed.write_config(extra=NO_IDLE)
+    script_orchestrator(bed.model)
+    d = bed.ready_daemon()
+    runs = faults.runs(1, 5)
+    written: list[str] = []
+    for run in range(runs):
+        filler = fill(where)
+        texts = [f"FULL-{run}-{i}: written while the ledger's disk is full" for i in range(3)]
+        for text in texts:
+            append_message(bed.teams_dir, TEAM, "team-lead", "worker-1", text, summary=text[:20])
+        written += texts
+        d.wait_log("ledger-failing", count=run + 1, timeout=30)
+        line = d.grep("ledger-failing")[run]
+        assert "CRITICAL" in line and str(bed.ledger) in line and "free space" in line
+        wait_for(lambda: "ledger failing" in " ".join(d.notify.fields()), 15, "STATUS= saying the ledger fails")
+        st = status_json(bed.config)
+        assert st["state"] != "stopped" and st["ledger"]["failing"], st["ledger"]
+        holds(lambda: len(d.grep("ledger-failing")) == run + 1 and d.proc is not None and d.proc.poll() is None,
+              3, "one critical line for the whole spell, and the daemon up")
+        assert not reported(bed, texts), "nothing could be recorded on a full disk"
+        filler.unlink()
+        d.wait_log("ledger-recovered", count=run + 1, timeout=30)
+        wait_for(lambda: len([r for r in reported(bed, texts) if r[1]]) == len(texts), 30,
+                 "every message written during the trouble reported")
+    markers = [t.split(":")[0] + ":" for t in written]  # the summary, which the prompt quotes
+    wait_for(lambda: all(any(m in request_text(p) for p in orchestrator_prompts(bed.model)) for m in markers), 60,
+             "the orchestrator told about every message")
+    rows = reported(bed, written)
+    assert sorted(r[0] for r in rows) == sorted(written) and all(r[1] for r in rows)
+    for text in written:
+        assert len(d.grep(f"teammate-message .*{text[:12]}")) == 1, f"{text} reported more than once"
+    assert len(d.grep("ledger-failing")) == runs and len(d.grep("ledger-recovered")) == runs
+    wait_for(lambda: not status_json(bed.config)["ledger"]["failing"], 15, "status saying the ledger is fine again")
+    assert d.proc is not None and d.proc.poll() is None
+    faults.record(faults.CaseResult(case="ledger: disk full", runs=runs, written=len(written),
+                                    reported=len([r for r in rows if r[1]]), crashes=0))
+
+
+@pytest.mark.parametrize("names", [("",), ("", "-wal", "-shm")], ids=["file", "file-wal-shm"])
+def test_a_ledger_deleted_under_the_daemon_is_restored_with_its_history(bed: Bed, names: tuple[str, ...]) -> None:
+    bed.write_config(extra=NO_IDLE)
+    script_orchestrator(bed.model)
+    d = bed.ready_daemon()
+    runs = faults.runs(1, 3)
+    written: list[str] = []
+    for run in range(runs):
+        before = f"DEL-{run}-before: written before the ledger was deleted"
+        append_message(bed.teams_dir, TEAM, "team-lead", "worker-1", before)
+        wait_for(lambda: reported(bed, [before]) and reported(bed, [before])[0][1], 30, "the first message reported")
+        for suffix in names:
+            os.unlink(str(bed.ledger) + suffix)
+        after = f"DEL-{run}-after: written after the ledger was deleted"
+        append_message(bed.teams_dir, TEAM, "team-lead", "worker-1", after)
+        written += [before, after]
+        line = d.wait_log("ledger-missing", count=run + 1)[run]
+        assert "CRITICAL" in line and str(bed.ledger) in line
+        d.wait_log("ledger-restored", count=run + 1)
+        wait_for(lambda: len([r for r in reported(bed, written) if r[1]]) == len(written), 30,
+                 "both messages reported in the restored ledger")
+    assert d.proc is not None and d.proc.poll() is None
+    assert d.stop() == 0
+    # The real proof: a new start sees everything, the history included.
+    rows = reported(bed, written)
+    assert sorted(r[0] for r in rows) == sorted(written)
+    for text in written:
+        assert len(d.grep(f"teammate-message .*{text[:10]}")) == 1
+    d2 = bed.daemon()
+    d2.notify.wait("READY=1")
+    holds(lambda: not d2.grep("teammate-message"), 1, "nothing reported a second time after the restart")
+    faults.record(faults.CaseResult(case=f"ledger: deleted under the daemon ({'+'.join(n or 'db' for n in names)})",
+                                    runs=runs, written=len(written), reported=len(rows), crashes=0))
+
+
+def test_a_read_only_ledger_directory_refuses_the_start(tmp_path: Path, mounts: Mounts) -> None:
+    where = mounts.tmpfs("ro", "4m")
+    ledger = where / "ledger.sqlite3"
+    cfg = _quiet_config(tmp_path, ledger)
+    starts_and_stops(cfg, tmp_path)
+    mounts.remount(where, "ro")
+    for present in (True, False):
+        if not present:
+            mounts.remount(where, "rw")
+            ledger.unlink()
+            mounts.remount(where, "ro")
+        d = Daemon(cfg, tmp_path).start()
+        try:
+            assert d.wait_exit(15) == 1
+            refused = d.grep("startup-failed")
+            assert len(refused) == 1 and "CRITICAL" in refused[0], d.log()
+            assert str(where) in refused[0] and "not writable" in refused[0] and "ledger.path" in refused[0]
+        finally:
+            d.close()
+    faults.record(faults.CaseResult(case="ledger: read-only directory at start", runs=2))
+
+
+def test_json_status_shows_the_ledger(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.sqlite3"
+    led = Ledger(str(ledger))
+    led.set_state({"daemon": {"pid": os.getpid(), "state": "ready", "written_at": 0.0},
+                   "ledger": {"failing": True, "since": 5.0, "error": "OperationalError: database or disk is full"}})
+    led.close()
+    out = subprocess.run([sys.executable, "-m", "orchestratord", "status", "--config",
+                          str(_quiet_config(tmp_path, ledger))], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    line = [x for x in out.stdout.splitlines() if x.startswith("ledger")]
+    assert line and "FAILING" in line[0] and "free space" in line[0], out.stdout
+    data = json.loads(subprocess.run([sys.executable, "-m", "orchestratord", "status", "--json", "--config",
+                                      str(tmp_path / "orchestrator.toml")], capture_output=True, text=True,
+                                     timeout=30).stdout)
+    assert data["ledger"]["failing"] and data["ledger"]["path"] == str(ledger)
+
+
+def test_ledger_error_is_raised_for_a_directory_that_cannot_be_made(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LedgerError, match="ledger.path"):
+        Ledger(str(tmp_path / "file" / "ledger.sqlite3"))

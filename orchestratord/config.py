@@ -684,7 +684,7 @@ def dump_config(cfg: Config) -> str:
     """The effective config as TOML (every key, defaults filled in)."""
     out: dict[str, Any] = {}
     for f in fields(cfg):
-        if f.name in ("source", "triggers", "safety"):
+        if f.name in ("source", "digest", "triggers", "safety"):
             continue
         section = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(getattr(cfg, f.name)).items()
                    if v is not None}

@@ -47,6 +47,10 @@ ALLOWED: dict[tuple[str, str], tuple[int, str]] = {
     ("guard.py", "Guard.__init__"): (1, "the injected wall clock: ledger stamps only"),
     ("cli.py", "_when"): (1, "turns a stored stamp into local time for people (reads no clock)"),
     ("logs.py", "LineFormatter.format"): (1, "a log line's local time, for people"),
+    ("supervisor.py", "Supervisor._write_state"): (1, "written_at of the live state, read by status in another process"),
+    ("cli.py", "ledger_view"): (1, "the age of written_at, a wall stamp written by another process"),
+    ("ledgerwatch.py", "LedgerHealth.__init__"): (1, "the injected wall clock: when a failing spell began, for people"),
+    ("ledgerwatch.py", "put_back"): (1, "the name given to a file moved aside, for people"),
 }
 
 # Attribute chains that read (or hand out) the wall clock.

@@ -16,6 +16,8 @@ import pytest
 from tests.support.daemon import Daemon, holds, ledger_rows, wait_for, write_config
 from tests.support.fakeserver import FakeOpencode
 
+pytestmark = pytest.mark.faults
+
 SEND_DONE = {
     "type": "message.part.updated",
     "properties": {"sessionID": "ses_teammate", "part": {

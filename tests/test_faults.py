@@ -66,10 +66,12 @@ def integrity(bed: Bed) -> str:
 
 
 def conclude(bed: Bed, flow: Flow, case: str, runs: int, d: Daemon | None, server_url: str | None = None,
-             worst: float | None = None, notes: str = "") -> None:
+             worst: float | None = None, notes: str = "", killed: bool = False) -> None:
     """The end of every case: wait for the flow to settle, count, record the row, assert."""
     wait_settled(bed, flow, 180)
-    t = tally(bed, flow, bed.daemons, server_url)
+    t = tally(bed, flow, bed.daemons, server_url, killed=killed)
+    if t.log_repeats:
+        notes += f"; {t.log_repeats} log lines repeated after a kill between the line and its commit"
     ok = integrity(bed)
     crashes = 0 if d is None or alive(d) else 1
     faults.record(faults.CaseResult(case=case, runs=runs, written=t.written, reported=t.reported, sent=t.sent,
@@ -215,7 +217,8 @@ def test_daemon_sigkilled_at_random_moments(bed: Bed) -> None:
         flow.stop()
     last_daemon = bed.daemon()
     last_daemon.notify.wait("READY=1", timeout=30)
-    conclude(bed, flow, "daemon SIGKILL at random moments", kills, last_daemon, notes="integrity_check after each: ok")
+    conclude(bed, flow, "daemon SIGKILL at random moments", kills, last_daemon, notes="integrity_check after each: ok",
+             killed=True)
 
 
 # -- reload storms ----------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import pytest
 import sseclient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,9 +23,25 @@ from orchestratord.inbox import InboxError, parse_inbox
 from orchestratord.policy import COMMAND, MESSAGE, PATH, TOOL, build_rules, evaluate
 from orchestratord.stream import FrameGuard, normalize
 from orchestratord.triggers import match_all
+from tests.support import faults
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+pytestmark = pytest.mark.faults
+
+# The long form (make faults) tries twenty times as many inputs.
+FUZZ = settings(max_examples=faults.runs(100, 2000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 JUDGE = Judge(build_rules(()))
+
+
+@pytest.fixture(autouse=True)
+def _row(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each fuzzed parser is a row of the fault table."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None:
+        faults.record(faults.CaseResult(
+            case=f"fuzz: {request.node.name.removeprefix('test_').replace('_', ' ')}",
+            runs=faults.runs(100, 2000), crashes=0 if report.passed else 1,
+            notes="inputs generated"))
 
 
 def _seed_frames() -> list[bytes]:

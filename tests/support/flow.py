@@ -73,6 +73,7 @@ class Tally:
     duplicated: int
     lost: int
     problems: list[str]
+    log_repeats: int = 0  # log lines written twice by a daemon killed before it committed the report
 
     def assert_exact(self) -> None:
         assert not self.problems and self.reported == self.written and self.duplicated == 0 and self.lost == 0, \
@@ -102,10 +103,15 @@ def wait_settled(bed: "Bed", flow: Flow, timeout: float = 120.0) -> None:
     wait_for(done, timeout, f"all {len(markers)} messages reported and every prompt finished")
 
 
-def tally(bed: "Bed", flow: Flow, daemons: Iterable[Daemon], server_url: str | None = None) -> Tally:
+def tally(bed: "Bed", flow: Flow, daemons: Iterable[Daemon], server_url: str | None = None,
+          killed: bool = False) -> Tally:
     """Count what became of the flow's messages (call after ``wait_settled``).
 
     ``server_url`` is the daemon's ``server.url`` (the fault proxy's, when there is one).
+    The log line of a report is written before the report is committed, so a daemon
+    killed in between writes it again after its restart: with ``killed``, such repeats
+    are counted apart (``log_repeats``) instead of as duplicates; the ledger must still
+    hold each message, trigger and completed prompt once.
     """
     written = set(flow.written)
     problems: list[str] = []
@@ -113,10 +119,14 @@ def tally(bed: "Bed", flow: Flow, daemons: Iterable[Daemon], server_url: str | N
     recorded = Counter(m for text, _ in rows for m in _markers(text))
     reported = {m for text, at in rows if at is not None for m in _markers(text)}
     logged = Counter(m for d in daemons for line in d.grep(r"teammate-message ") for m in _markers(line))
-    duplicated = sum(c - 1 for c in recorded.values() if c > 1) + sum(c - 1 for c in logged.values() if c > 1)
+    repeats = sum(c - 1 for c in logged.values() if c > 1)
+    duplicated = sum(c - 1 for c in recorded.values() if c > 1) + (0 if killed else repeats)
     for m in sorted(written):
-        if logged[m] != 1:
+        if logged[m] == 0 or (logged[m] > 1 and not killed):
             problems.append(f"{m} reported in the log {logged[m]} times")
+    triggers = Counter(m for (detail,) in ledger_rows(bed.ledger, "SELECT detail FROM triggers WHERE rule = 'teammate-message'")
+                       for m in _markers(detail))
+    duplicated += sum(c - 1 for c in triggers.values() if c > 1)
 
     dispatches = ledger_rows(bed.ledger, "SELECT id, message_id, state, sent_at, prompt FROM dispatches")
     ids = Counter(r[1] for r in dispatches)
@@ -140,4 +150,4 @@ def tally(bed: "Bed", flow: Flow, daemons: Iterable[Daemon], server_url: str | N
         problems.append(f"{uncovered[0][0]} triggers never covered by a prompt")
         lost += uncovered[0][0]
     return Tally(written=len(written), reported=len(written & reported), sent=len(sent), duplicated=duplicated,
-                 lost=lost, problems=problems)
+                 lost=lost, problems=problems, log_repeats=repeats if killed else 0)

@@ -210,6 +210,11 @@ def _filesystem_problem(path: str) -> str | None:
         fs = os.statvfs(os.path.dirname(os.path.abspath(path)))
     except OSError as exc:
         return f"its directory: {exc.strerror or exc}"
+    from .ledgerwatch import read_only_filesystem
+
+    read_only = read_only_filesystem(path)
+    if read_only:
+        return read_only
     if fs.f_flag & os.ST_RDONLY:
         return "the filesystem is read-only"
     if fs.f_bavail * fs.f_frsize < 64 * 1024:

@@ -50,14 +50,59 @@ def is_trouble(exc: BaseException) -> bool:
                                    "malformed", "not a database"))
 
 
+#: what :func:`read_only_filesystem` says of a filesystem the kernel made read-only
+AFTER_ERROR = "the filesystem turned read-only after an error"
+
+
+def read_only_filesystem(path: str) -> str | None:
+    """Whether the filesystem under ``path``'s directory is read-only now, and why; None if not.
+
+    ext4 with ``errors=remount-ro`` stops writes after an error; newer kernels show that
+    only as ``emergency_ro`` in the mount's options (``statvfs`` still says writable), older
+    ones as ``ro`` with errors counted under /sys/fs/ext4.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        dev = os.stat(directory).st_dev
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return None
+    source, options = "", set()
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 6 and fields[2] == f"{os.major(dev)}:{os.minor(dev)}" and "-" in fields:
+                    tail = fields[fields.index("-") + 1:]
+                    source = tail[1] if len(tail) > 1 else ""
+                    options = set(fields[5].split(",")) | set((tail[2] if len(tail) > 2 else "").split(","))
+                    break
+    except OSError:
+        pass
+    if "emergency_ro" in options:
+        return AFTER_ERROR
+    if not (read_only or "ro" in options):
+        return None
+    try:
+        with open(f"/sys/fs/ext4/{os.path.basename(source)}/errors_count") as fh:
+            if source and int(fh.read().strip() or 0) > 0:
+                return AFTER_ERROR
+    except (OSError, ValueError):
+        pass
+    return "the filesystem is read-only"
+
+
 def fix_for(exc: BaseException | str) -> str:
     """What an operator should do about this error, in a few words."""
     text = str(exc)
     code = getattr(exc, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
+    if AFTER_ERROR in text:
+        return ("stop the daemon, unmount the ledger's filesystem, fsck it and mount it again (see dmesg for "
+                "the error), then start the daemon: it reads what it could not record from the inboxes")
     if primary == 13 or "disk is full" in text or "No space" in text:
         return "free space on the ledger's filesystem"
-    if primary in (3, 8) or "readonly" in text or "Read-only" in text or "ermission" in text:
+    if primary in (3, 8) or "readonly" in text or "ead-only" in text or "ermission" in text:
         return "make the ledger's directory and file writable by the daemon (systemd: StateDirectory=), or change ledger.path"
     if primary in (11, 26) or "malformed" in text or "not a database" in text:
         return "stop the daemon, move the ledger file aside and start again: a fresh one is created"
@@ -100,6 +145,10 @@ class LedgerHealth:
     def failed(self, exc: BaseException | str, where: str = "") -> bool:
         """A write failed; True (and the critical line) if that starts an episode."""
         error = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else exc
+        if self.current is None and self.path:  # a new spell: say so if the filesystem went read-only
+            why = read_only_filesystem(self.path)
+            if why and why not in error:
+                error = f"{error} ({why})"
         with self.lock:
             self.last_failure = self.clock()
             if self.current is not None:
@@ -107,7 +156,7 @@ class LedgerHealth:
             self.current = Episode(since=self.wall(), error=error)
             self.episodes += 1
         log.critical(logs.kv("ledger-failing", path=self.path, error=error, where=where or None,
-                             fix=fix_for(exc),
+                             fix=fix_for(error if AFTER_ERROR in error else exc),
                              action="still watching; what cannot be recorded now is retried, not dropped"))
         return True
 

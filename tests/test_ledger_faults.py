@@ -24,7 +24,7 @@ from orchestratord.cli import ledger_view
 from orchestratord.events import EventReader
 from orchestratord.inbox import InboxWatcher
 from orchestratord.ledger import EventRow, Ledger, LedgerError
-from orchestratord.ledgerwatch import LedgerHealth, fix_for, is_trouble
+from orchestratord.ledgerwatch import AFTER_ERROR, LedgerHealth, fix_for, is_trouble
 from orchestratord.state import Shared
 from tests.support.logcapture import caplog  # noqa: F401 - the fixture
 from tests.support import faults
@@ -100,6 +100,8 @@ def test_which_errors_are_ledger_trouble() -> None:
     assert not is_trouble(ValueError("x"))
     assert "free space" in fix_for(FULL)
     assert "move the ledger file aside" in fix_for(sqlite3.DatabaseError("file is not a database"))
+    assert "fsck" in fix_for(f"OperationalError: disk I/O error ({AFTER_ERROR})")
+    assert "writable" in fix_for("the filesystem is read-only")
 
 
 def test_status_calls_a_stale_state_row_failing(tmp_path: Path) -> None:

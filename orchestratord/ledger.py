@@ -282,7 +282,12 @@ class Ledger:
             self.db.execute("PRAGMA busy_timeout=10000")
             if not readonly:
                 self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
+                # FULL: each commit is on the disk before it returns. With NORMAL, commits since
+                # the last checkpoint live in the page cache, and a filesystem that turns
+                # read-only after an error (or a power cut) drops them: messages already
+                # reported would be reported again, and a young ledger would come back empty,
+                # so the next start took the waiting messages for old ones and skipped them.
+                self.db.execute("PRAGMA synchronous=FULL")
                 self.db.execute("PRAGMA foreign_keys=ON")
                 self._migrate()
         except sqlite3.DatabaseError as exc:

@@ -251,11 +251,13 @@ def test_wal_and_shm_left_by_a_kill_open_fine(tmp_path: Path) -> None:
 # -- small filesystems ----------------------------------------------------------------
 
 class Mounts:
-    """tmpfs mounts under the test's temp dir, undone at teardown after the daemons stop."""
+    """tmpfs and loop-mounted ext4 mounts under the test's temp dir, undone at teardown after the daemons stop."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.mounted: list[Path] = []
+        self.images: dict[Path, Path] = {}  # mount point -> its ext4 image
+        self.loops: dict[Path, str] = {}  # mount point -> its /dev/loopN
 
     def tmpfs(self, name: str, size: str) -> Path:
         if os.geteuid() != 0:
@@ -275,10 +277,67 @@ class Mounts:
         done = subprocess.run(["mount", "-o", f"remount,{mode}", str(where)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
 
+    def ext4(self, name: str, size_mib: int = 8) -> Path:
+        """A small ext4 in an image file under the temp dir, loop-mounted with errors=remount-ro."""
+        if os.geteuid() != 0:
+            pytest.skip("loop-mounting an ext4 image needs root")
+        for tool in ("mount", "umount", "losetup", "findmnt", "mkfs.ext4", "e2fsck"):
+            if shutil.which(tool) is None:
+                pytest.skip(f"no {tool} command")
+        image = self.tmp / f"{name}.img"
+        with open(image, "wb") as fh:
+            fh.truncate(size_mib << 20)
+        made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
+        if made.returncode != 0:
+            pytest.skip(f"mkfs.ext4 failed: {made.stderr.strip()}")
+        where = self.tmp / name
+        where.mkdir()
+        self.images[where] = image
+        self._mount_image(where, skip=True)
+        if not self.error_trigger(where).exists():
+            pytest.skip(f"{self.error_trigger(where)} missing: this kernel cannot be told to fail a filesystem")
+        return where
+
+    def _mount_image(self, where: Path, skip: bool = False) -> None:
+        done = subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(self.images[where]), str(where)],
+                              capture_output=True, text=True)
+        if done.returncode != 0 and skip:
+            pytest.skip(f"cannot loop-mount an ext4 image here: {done.stderr.strip()}")
+        assert done.returncode == 0, done.stderr
+        self.mounted.append(where)
+        found = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(where)], capture_output=True, text=True)
+        self.loops[where] = found.stdout.strip()
+
+    def error_trigger(self, where: Path) -> Path:
+        return Path("/sys/fs/ext4") / Path(self.loops[where]).name / "trigger_fs_error"
+
+    def fail(self, where: Path) -> None:
+        """Report an error on the filesystem, as ext4 does on an I/O error: errors=remount-ro makes it read-only."""
+        self.error_trigger(where).write_text("1\n")
+
+    def repair(self, where: Path) -> str:
+        """Unmount, fsck the image and mount it again (writable); what e2fsck said."""
+        self._unmount(where)
+        checked = subprocess.run(["e2fsck", "-fy", str(self.images[where])], capture_output=True, text=True)
+        assert checked.returncode in (0, 1), f"e2fsck exited {checked.returncode}: {checked.stdout}{checked.stderr}"
+        self._mount_image(where)
+        return checked.stdout
+
+    def _unmount(self, where: Path) -> None:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+        self.mounted.remove(where)
+        loop = self.loops.pop(where, "")
+        if loop.startswith("/dev/loop"):  # mount -o loop detaches on umount; make sure
+            listed = subprocess.run(["losetup", "-n", "-O", "BACK-FILE", loop], capture_output=True, text=True)
+            if listed.returncode == 0 and str(self.images[where]) in listed.stdout:
+                subprocess.run(["losetup", "-d", loop], capture_output=True)
+
     def close(self) -> None:
-        for where in reversed(self.mounted):
-            if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", str(where)], capture_output=True)
+        for where in reversed(list(self.mounted)):
+            self._unmount(where)
+        for image in self.images.values():
+            image.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -363,6 +422,87 @@ def test_disk_full_keeps_watching_and_every_message_is_reported_once_after(bed: 
     assert d.proc is not None and d.proc.poll() is None
     faults.record(faults.CaseResult(case="ledger: disk full", runs=runs, written=len(written),
                                     reported=len([r for r in rows if r[1]]), crashes=0))
+
+
+@pytest.fixture
+def ext4_ledger(bed: Bed, mounts: Mounts) -> Iterator[Path]:
+    """The bed's ledger on a loop-mounted ext4 that can be failed; the daemons stop before it is unmounted."""
+    where = mounts.ext4("ledger-fs")
+    bed.ledger = where / "ledger.sqlite3"
+    try:
+        yield where
+    finally:
+        for d in bed.daemons:
+            d.stop()
+
+
+def read_only(where: Path) -> bool:
+    try:
+        (where / "probe").write_text("x")
+    except OSError:
+        return True
+    (where / "probe").unlink()
+    return False
+
+
+def test_a_filesystem_turned_read_only_keeps_watching_and_nothing_is_lost(bed: Bed, mounts: Mounts,
+                                                                         ext4_ledger: Path) -> None:
+    where = ext4_ledger
+    bed.write_config(extra=NO_IDLE)
+    script_orchestrator(bed.model)
+    runs = faults.runs(1, 3)
+    daemons: list[Daemon] = []
+    before_spell: list[str] = []
+    written: list[str] = []
+    for run in range(runs):
+        d = bed.ready_daemon()
+        daemons.append(d)
+        before = f"ROFS-{run}-before: written while the ledger's filesystem is fine"
+        append_message(bed.teams_dir, TEAM, "team-lead", "worker-1", before, summary=before[:20])
+        wait_for(lambda: [r for r in reported(bed, [before]) if r[1]], 30, "the first message reported")
+        before_spell.append(before)
+
+        mounts.fail(where)
+        wait_for(lambda: read_only(where), 10, "the kernel to make the filesystem read-only")
+        texts = [f"ROFS-{run}-{i}: written while the ledger's filesystem is read-only" for i in range(3)]
+        for text in texts:
+            append_message(bed.teams_dir, TEAM, "team-lead", "worker-1", text, summary=text[:20])
+        written += texts
+        line = d.wait_log("ledger-failing", timeout=30)[0]
+        assert "CRITICAL" in line and str(bed.ledger) in line and "after an error" in line and "fsck" in line, line
+        wait_for(lambda: "ledger failing" in " ".join(d.notify.fields()), 15, "STATUS= saying the ledger fails")
+        st = status_json(bed.config)
+        assert st["state"] != "stopped" and st["ledger"]["failing"], st["ledger"]
+        assert "after an error" in st["ledger"]["problem"] and "fsck" in st["ledger"]["fix"], st["ledger"]
+        holds(lambda: len(d.grep("ledger-failing")) == 1 and d.proc is not None and d.proc.poll() is None,
+              3, "one critical line for the whole spell, and the daemon up")
+        assert not d.grep(rf"teammate-message .*ROFS-{run}-\d"), "nothing written during the spell can be recorded"
+
+        assert d.stop() == 0, d.log()[-30:]
+        assert not d.grep("Traceback"), "\n".join(d.log())
+        mounts.repair(where)
+
+    d = bed.ready_daemon()
+    daemons.append(d)
+    wait_for(lambda: len([r for r in reported(bed, written) if r[1]]) == len(written), 30,
+             "every message written while the filesystem was read-only reported")
+    rows = reported(bed, before_spell + written)
+    assert sorted(r[0] for r in rows) == sorted(before_spell + written) and all(r[1] for r in rows)
+    for text in before_spell + written:  # reported, not skipped as old, and not twice
+        times = sum(len(x.grep(f"teammate-message .*{text[:12]}")) for x in daemons)
+        assert times == 1, f"{text!r} reported {times} times"
+    markers = [t.split(":")[0] + ":" for t in written]
+    wait_for(lambda: all(any(m in request_text(p) for p in orchestrator_prompts(bed.model)) for m in markers), 60,
+             "the orchestrator told about every message")
+    db = sqlite3.connect(f"file:{bed.ledger}?mode=ro", uri=True)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        db.close()
+    assert d.proc is not None and d.proc.poll() is None
+    faults.record(faults.CaseResult(case="ledger: filesystem turned read-only while running", runs=runs,
+                                    written=len(written), reported=len([r for r in rows if r[0] in written and r[1]]),
+                                    crashes=0))
 
 
 @pytest.mark.parametrize("names", [("",), ("", "-wal", "-shm")], ids=["file", "file-wal-shm"])

@@ -317,6 +317,7 @@ class Dispatcher(ServerWorker):
         assert self.ledger is not None and self.client is not None
         crash_point("before-post")
         posted_at = self.clock()  # before the POST: the session may go busy before it returns
+        outages = self.shared.outages  # likewise: the server may die as soon as it has answered
         try:
             self.client.prompt_async(d.session_id, d.prompt, d.message_id, agent=self.s.agent, model=self.s.model)
         except NotFound:
@@ -340,7 +341,7 @@ class Dispatcher(ServerWorker):
         self.last_sent = now
         self.sends.append(now)
         self.follow_started[d.id] = posted_at
-        self.follow_outages[d.id] = self.shared.outages
+        self.follow_outages[d.id] = outages
         self.shared.set_status(d.session_id, "busy")
         triggers = self.ledger.triggers_for(d.id)
         wall = self.wall()
@@ -406,7 +407,8 @@ class Dispatcher(ServerWorker):
                                               error=error, reply=_shorten(text, 200) or None))
             return 0.0
         quiet = self.clock() - max(started, self.shared.last_activity.get(d.session_id, started))
-        if quiet > self.s.turn_timeout:
+        if quiet > self.s.turn_timeout and self.shared.stream_connected:
+            # (With the stream down its silence says nothing; the reconnect starts the count afresh.)
             return self._stuck(d, text, tools, quiet)
         if self.clock() - started > self.s.completion_timeout:
             self.ledger.finish_dispatch(d.id, TIMEOUT, reply_text=text, tool_calls=tools,
@@ -431,7 +433,7 @@ class Dispatcher(ServerWorker):
         new ID; a turn still running is followed as before.
         """
         assert self.ledger is not None and self.client is not None
-        self.follow_outages[d.id] = self.shared.outages
+        seen = self.shared.outages  # noted as handled only once the look-ups below have answered
         try:
             self.client.get_message(d.session_id, d.message_id)
         except NotFound:
@@ -440,9 +442,11 @@ class Dispatcher(ServerWorker):
             return self._post(d, first=False)
         entry = self.client.session_status().get(d.session_id)
         if isinstance(entry, dict) and entry.get("type") in ("busy", "retry"):
+            self.follow_outages[d.id] = seen
             return FOLLOW_POLL
         finished, *_ = outcome(self.client.messages(d.session_id, limit=50), d.message_id)
         if finished:
+            self.follow_outages[d.id] = seen
             return 0.0  # it ended while we looked: the next step records it
         header = (f"(The server went down while it handled {d.message_id}; that turn did not finish. "
                   "This prompt carries the same reports.)\n\n")

@@ -14,13 +14,14 @@ import json
 import random
 import select
 import socket
+import sqlite3
 import threading
 import time
 from typing import Any, Callable, Sequence
 
 import requests
 
-from . import logs, metrics
+from . import ledgerwatch, logs, metrics
 from .guard import Judge, seen_in_event, seen_in_permission
 from .ledger import EventRow, Ledger
 from .opencode import AuthError, OpencodeClient, OpencodeError
@@ -138,22 +139,29 @@ class EventReader(Worker):
             self._resp = resp
         self._waiting = _poller(resp)
         try:
-            self._connected()
-            self._consume(resp)
-            reason = "server closed the stream"
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-            reason = "read timed out" if "timed out" in str(exc) else f"connection lost: {str(exc)[:120]}"
-        finally:
-            with self._resp_lock:
-                self._resp = None
-            self._waiting = None
-            resp.close()
-            self._flush()
+            try:
+                self._connected()
+                self._consume(resp)
+                reason = "server closed the stream"
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                reason = "read timed out" if "timed out" in str(exc) else f"connection lost: {str(exc)[:120]}"
+            finally:
+                with self._resp_lock:
+                    self._resp = None
+                self._waiting = None
+                resp.close()
+                self._flush()
+        except BaseException:
+            # A failed write (or anything else) ends this connection too: say so, or status,
+            # the stall watch and the dispatcher would trust a stream nobody is reading.
+            self.shared.update(stream_connected=False)
+            metrics.stream_connected(False)
+            raise
         if self.stopping:
             return 0.0
         self.shared.update(stream_connected=False)
         metrics.stream_connected(False)
-        self.ledger.record_transition("stream", "disconnected", reason)
+        self._transition("disconnected", reason)
         self.log.warning(logs.kv("stream-disconnected", path=self.path, reason=reason))
         return self._failed(reason, log=False)
 
@@ -172,7 +180,7 @@ class EventReader(Worker):
         self._failures = 0
         self.shared.update(stream_connected=True)
         metrics.stream_connected(True)
-        self.ledger.record_transition("stream", "connected", self.path)
+        self._transition("connected", self.path)
         self.log.info(logs.kv("stream-connected", path=self.path))
         del first
         # Events are not replayed: re-read what they would have told us.
@@ -185,6 +193,16 @@ class EventReader(Worker):
         self._reread_permissions()
         self._catch_up()
         self.on_own_activity()
+
+    def _transition(self, state: str, detail: str) -> None:
+        """Note a connect or disconnect in the ledger's history; a failing ledger does not end the stream."""
+        assert self.ledger is not None
+        try:
+            self.ledger.record_transition("stream", state, detail)
+        except sqlite3.Error as exc:
+            if not ledgerwatch.is_trouble(exc):
+                raise
+            ledgerwatch.HEALTH.failed(exc, where=self.name)
 
     def _reread_permissions(self) -> None:
         """Requests asked while we were away are not replayed: note who waits, judge them."""

@@ -116,6 +116,7 @@ def rig(tmp_path: Path):
     clock = Clock()
     server = FakeServer()
     shared = Shared(server_url="http://x", clock=clock)
+    shared.update(stream_connected=True)
     path = str(tmp_path / "ledger.db")
 
     def make(**kw: Any) -> Dispatcher:
@@ -311,6 +312,21 @@ def test_a_silent_turn_is_aborted_and_an_active_one_left_alone(rig) -> None:
     assert len(server.prompts) == 2, "the next trigger gets a fresh prompt"
 
 
+def test_a_turn_is_not_called_silent_while_the_stream_is_down(rig) -> None:
+    clock, server, shared, path, make = rig
+    d, p = one_prompt(rig, debounce=0.0, min_interval=0.0, turn_timeout=30.0, completion_timeout=1000.0)
+    server.start(p["session"], p["id"])
+    shared.update(stream_connected=False)  # e.g. the reader cannot write the ledger: no events are read
+    clock.t += 120
+    d.run_once()
+    assert Ledger(path).open_dispatches() and getattr(server, "aborted", []) == []
+    shared.update(stream_connected=True)
+    shared.touch(p["session"])  # the reconnect starts the count afresh
+    clock.t += 31
+    d.run_once()
+    assert server.aborted == [p["session"]]
+
+
 def test_a_prompt_caught_by_the_abort_of_a_stuck_turn_is_requeued(rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, min_interval=0.0, turn_timeout=30.0)
@@ -471,3 +487,44 @@ def test_a_turn_still_running_after_a_network_outage_is_left_alone(rig) -> None:
     d.run_once()
     [row] = Ledger(path).dispatches()
     assert row.state == "completed"
+
+
+def test_an_outage_that_begins_as_the_post_returns_is_not_missed(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make(debounce=0.0, min_interval=0.0, start_timeout=30.0)
+    accept = server.prompt_async
+
+    def accept_then_die(sid: str, text: str, message_id: str, **kw: Any) -> None:
+        accept(sid, text, message_id, **kw)
+        server.messages_by_session[sid].clear()  # answered 204, then killed before storing it
+        outage(shared)  # and the health watch saw it before the dispatcher went on
+
+    server.prompt_async = accept_then_die  # type: ignore[method-assign]
+    add_triggers(path, 1)
+    for _ in range(3):
+        if server.prompts:
+            break
+        d.run_once()
+    server.prompt_async = accept  # type: ignore[method-assign]
+    d.run_once()
+    [first, again] = server.prompts
+    assert again["id"] == first["id"], "sent again under the same ID at once, not after start_timeout"
+    assert not Ledger(path).escalations()
+
+
+def test_an_outage_whose_look_up_fails_is_looked_at_again(rig) -> None:
+    clock, server, shared, path, make = rig
+    d, p = one_prompt(rig, debounce=0.0, min_interval=0.0)
+    server.messages_by_session[p["session"]].clear()
+    outage(shared)
+    look_up = server.get_message
+
+    def flapping(sid: str, mid: str) -> dict[str, Any]:
+        server.get_message = look_up  # type: ignore[method-assign]
+        raise Unreachable("connection refused")  # the server went away again mid-look-up
+
+    server.get_message = flapping  # type: ignore[method-assign]
+    d.run_once()
+    assert len(server.prompts) == 1
+    d.run_once()
+    assert [q["id"] for q in server.prompts] == [p["id"], p["id"]]

@@ -583,3 +583,55 @@ def test_ledger_error_is_raised_for_a_directory_that_cannot_be_made(tmp_path: Pa
     (tmp_path / "file").write_text("x")
     with pytest.raises(LedgerError, match="ledger.path"):
         Ledger(str(tmp_path / "file" / "ledger.sqlite3"))
+
+
+def test_a_stream_that_cannot_be_recorded_is_not_reported_as_connected(tmp_path: Path) -> None:
+    """The reader connects and reads, but its writes fail: the stream must not look watched."""
+    frames = [b'data: {"type":"server.connected","properties":{}}\n\n',
+              b'data: {"type":"session.idle","properties":{"sessionID":"ses_a"}}\n\n']
+
+    class Resp:
+        raw = None
+
+        def iter_content(self, size: int) -> Any:
+            return iter(frames)
+
+        def close(self) -> None:
+            pass
+
+    class Client:
+        def open_stream(self, path: str, read_timeout: float) -> Resp:
+            return Resp()
+
+        def session_status(self) -> dict[str, Any]:
+            return {}
+
+        def permissions(self) -> list[Any]:
+            return []
+
+        def sync_history(self, seqs: Any) -> list[Any]:
+            return []
+
+    shared = Shared()
+    health = LedgerHealth(str(tmp_path / "ledger.db"))
+    r = EventReader(shared=shared, make_client=Client, ledger_path=str(tmp_path / "ledger.db"),  # type: ignore[arg-type]
+                    stream="global", directory=None, read_timeout=5, max_event_bytes=1 << 20, reconnect_max=1,
+                    store="default", rules=(), on_trigger=lambda: None, on_own_activity=lambda: None)
+    r.client = Client()  # type: ignore[assignment]
+    r.ledger = Ledger(str(tmp_path / "ledger.db"))
+
+    def full(*a: Any, **k: Any) -> None:
+        raise FULL
+    import orchestratord.ledgerwatch as lw
+    saved, lw.HEALTH = lw.HEALTH, health
+    try:
+        r.ledger.record_transition = full  # type: ignore[method-assign]
+        r.ledger.add_events = full  # type: ignore[method-assign]
+        with pytest.raises(sqlite3.OperationalError):
+            r.step()
+        assert shared.events_total == 1, "the events were read: a failed history note did not end the connection"
+        assert shared.stream_connected is False, "a stream whose events cannot be recorded is not watched"
+        assert health.current is not None, "and the ledger's trouble is on record"
+    finally:
+        lw.HEALTH = saved
+        r.ledger.close()

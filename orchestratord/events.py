@@ -311,10 +311,12 @@ class EventReader(Worker):
         before = self._saved_seq
         try:
             self._act(event, wall)
-        except Exception:
-            # Not recorded, so not done: a catch-up after the reconnect sees this event again.
-            self._saved_seq = before
-            self._unwritten([])
+        except Exception as exc:
+            if isinstance(exc, sqlite3.Error) and ledgerwatch.is_trouble(exc):
+                # Not recorded, so not done: a catch-up after the reconnect sees this event again.
+                # (Any other error would come back with it at every reconnect: that one is passed.)
+                self._saved_seq = before
+                self._unwritten([])
             raise
 
     def _act(self, event: Event, wall: float) -> None:

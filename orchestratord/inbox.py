@@ -477,7 +477,10 @@ class InboxWatcher(Worker):
                     rule="teammate-message", dedup=f"inbox:{msg.identity}", team=msg.team, teammate=msg.sender,
                     ckey=ckey, window=CKEY_WINDOW, now=self.wall())
                 if trigger_id is None:
-                    trigger_id = self.ledger.trigger_for_ckey(ckey, self.wall() - CKEY_WINDOW)
+                    # Its own trigger from an earlier try (however long ago), else the stream's for the same words.
+                    own = self.ledger.trigger_for_dedup(f"inbox:{msg.identity}")
+                    trigger_id = own if own is not None else self.ledger.trigger_for_ckey(ckey, self.wall() - CKEY_WINDOW)
+                    triggered = triggered or own is not None  # the earlier try may have stopped before the wake
                 else:
                     triggered = True
             if m["id"] not in self.logged:  # a retry after a failed mark_reported logs nothing twice

@@ -413,6 +413,10 @@ class Ledger:
         metrics.trigger(kind)
         return cur.lastrowid
 
+    def trigger_for_dedup(self, dedup: str) -> int | None:
+        row = self.db.execute("SELECT id FROM triggers WHERE dedup=?", (dedup,)).fetchone()
+        return row[0] if row else None
+
     def trigger_for_ckey(self, ckey: str, since: float) -> int | None:
         row = self.db.execute("SELECT id FROM triggers WHERE ckey=? AND at >= ? ORDER BY id LIMIT 1",
                               (ckey, since)).fetchone()

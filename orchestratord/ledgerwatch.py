@@ -61,35 +61,54 @@ def read_only_filesystem(path: str) -> str | None:
     only as ``emergency_ro`` in the mount's options (``statvfs`` still says writable), older
     ones as ``ro`` with errors counted under /sys/fs/ext4.
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     try:
         dev = os.stat(directory).st_dev
         read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
     except OSError:
         return None
-    source, options = "", set()
+    mount = _mount_of(directory, f"{os.major(dev)}:{os.minor(dev)}")
+    if mount is None:
+        return "the filesystem is read-only" if read_only else None
+    source, options, super_options = mount
+    if "emergency_ro" in options | super_options:
+        return AFTER_ERROR
+    if not (read_only or "ro" in options or "ro" in super_options):
+        return None
+    if "ro" in super_options and source:  # the filesystem itself, not one read-only view of it
+        try:
+            with open(f"/sys/fs/ext4/{os.path.basename(source)}/errors_count") as fh:
+                if int(fh.read().strip() or 0) > 0:
+                    return AFTER_ERROR
+        except (OSError, ValueError):
+            pass
+    return "the filesystem is read-only"
+
+
+def _mount_of(directory: str, dev: str, table: str = "/proc/self/mountinfo") -> tuple[str, set[str], set[str]] | None:
+    """(source, mount options, superblock options) of the mount ``directory`` is on.
+
+    The deepest mount point above it on that device: a service's read-only view of
+    ``/`` (ProtectSystem=strict) shares the device with its writable state directory.
+    """
+    best: tuple[int, tuple[str, set[str], set[str]]] | None = None
     try:
-        with open("/proc/self/mountinfo") as fh:
+        with open(table) as fh:
             for line in fh:
                 fields = line.split()
-                if len(fields) > 6 and fields[2] == f"{os.major(dev)}:{os.minor(dev)}" and "-" in fields:
-                    tail = fields[fields.index("-") + 1:]
-                    source = tail[1] if len(tail) > 1 else ""
-                    options = set(fields[5].split(",")) | set((tail[2] if len(tail) > 2 else "").split(","))
-                    break
+                if len(fields) < 7 or fields[2] != dev or "-" not in fields[6:]:
+                    continue
+                point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+                if not (directory == point or directory.startswith(point.rstrip("/") + "/")):
+                    continue
+                tail = fields[fields.index("-", 6) + 1:]
+                found = (tail[1] if len(tail) > 1 else "", set(fields[5].split(",")),
+                         set((tail[2] if len(tail) > 2 else "").split(",")))
+                if best is None or len(point) >= best[0]:  # later mounts over the same point win
+                    best = (len(point), found)
     except OSError:
-        pass
-    if "emergency_ro" in options:
-        return AFTER_ERROR
-    if not (read_only or "ro" in options):
         return None
-    try:
-        with open(f"/sys/fs/ext4/{os.path.basename(source)}/errors_count") as fh:
-            if source and int(fh.read().strip() or 0) > 0:
-                return AFTER_ERROR
-    except (OSError, ValueError):
-        pass
-    return "the filesystem is read-only"
+    return None if best is None else best[1]
 
 
 def fix_for(exc: BaseException | str) -> str:

@@ -70,6 +70,8 @@ class Supervisor:
         self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
         self.workers: dict[str, Worker] = {}
         self.restarts: dict[str, list[float]] = {}
+        self._restoring = False  # a deleted ledger found, its restore waiting for the workers to stop
+        self._woken_in = 0  # the ledger failure spell whose recovery the workers were woken for
         self.password: str | None = None
         self.ledger: Ledger | None = None
         self.watchdog_every = watchdog_interval()
@@ -321,10 +323,15 @@ class Supervisor:
             return
         if self.health.failing:
             # Writes go through again: every worker retries what it could not record now,
-            # not at the end of its backoff.
-            for worker in self.workers.values():
-                worker.wake()
-            if self.health.succeeded():
+            # not at the end of its backoff; once per spell and at its end, not at every
+            # probe (writes that keep failing now and then would have the stream reconnect
+            # every second).
+            ended = self.health.succeeded()
+            if ended or self._woken_in != self.health.episodes:
+                self._woken_in = self.health.episodes
+                for worker in self.workers.values():
+                    worker.wake()
+            if ended:
                 self.shared.changed.set()  # write the recovered view at once
 
     def _check_ledger_file(self) -> None:
@@ -338,15 +345,25 @@ class Supervisor:
         if self.ledger is None or self.ledger.identity is None:
             return
         path = self.cfg.ledger.path
-        found = ledgerwatch.identity(path)
+        try:
+            found = ledgerwatch.identity(path)
+        except OSError:
+            return  # cannot tell (EIO, EACCES): the failing writes say what is wrong
         if found == self.ledger.identity:
             return
-        what = "deleted" if found is None else "replaced by another file"
-        log.critical(logs.kv("ledger-missing", path=path, what=what,
-                             action="restoring it from the daemon's open connection; workers reopen it",
-                             fix="never delete or replace the ledger of a running daemon; stop it first"))
         names = list(self.workers)
+        if not self._restoring:
+            what = "deleted" if found is None else "replaced by another file"
+            log.critical(logs.kv("ledger-missing", path=path, what=what,
+                                 action="restoring it from the daemon's open connection; workers reopen it",
+                                 fix="never delete or replace the ledger of a running daemon; stop it first"))
+            self._restoring = True
         self._stop_workers(names)
+        if any(w.alive() for w in self.workers.values()):
+            # A worker still holds the old file: copying now would give the restored file
+            # -wal and -shm names the old connection still writes. Try again at the next tick.
+            return
+        self._restoring = False
         old = self.ledger
         try:
             tmp = ledgerwatch.copy_out(old.db, path)

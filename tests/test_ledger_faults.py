@@ -117,30 +117,61 @@ def test_status_calls_a_stale_state_row_failing(tmp_path: Path) -> None:
 
 # -- workers keep what they could not record ---------------------------------------------
 
-def test_inbox_messages_not_recorded_are_read_again(tmp_path: Path) -> None:
+def _failing(obj: Any, name: str) -> Callable[[], None]:
+    """Make ``obj.name`` fail as on a full disk; returns what puts it back."""
+    real = getattr(obj, name)
+
+    def full(*a: Any, **k: Any) -> Any:
+        raise FULL
+    setattr(obj, name, full)
+    return lambda: setattr(obj, name, real)
+
+
+def _lead_inbox_with_a_message(tmp_path: Path, text: str, woken: list[int]) -> tuple[InboxWatcher, Clock]:
+    """A watcher on the lead's inbox, past its first scan, with one new message found."""
     base = tmp_path / "claude"
     make_team(base, TEAM, members=["worker-1"])
     clock = Clock()
     w = InboxWatcher(ledger_path=str(tmp_path / "ledger.db"), base_dir=str(base), teams=(TEAM,), lead="team-lead",
-                     watch_members=False, poll_interval=3600.0, report_existing=False, on_trigger=lambda: None,
-                     notify=False, clock=clock, wall=clock)
+                     watch_members=False, poll_interval=3600.0, report_existing=False,
+                     on_trigger=lambda: woken.append(1), notify=False, clock=clock, wall=clock)
     w.setup()
-    try:
-        w.run_once()  # the first scan: nothing there yet
-        append_message(base, TEAM, "team-lead", "worker-1", "written while the disk is full")
-        w._changed(base / "teams" / TEAM / "inboxes" / "team-lead.json")
-        assert w.ledger is not None
-        real = w.ledger.record_messages
+    w.run_once()  # the first scan: nothing there yet
+    append_message(base, TEAM, "team-lead", "worker-1", text)
+    w._changed(base / "teams" / TEAM / "inboxes" / "team-lead.json")
+    return w, clock
 
-        def full(*a: Any, **k: Any) -> Any:
-            raise FULL
-        w.ledger.record_messages = full  # type: ignore[method-assign]
+
+def test_inbox_messages_not_recorded_are_read_again(tmp_path: Path) -> None:
+    w, _ = _lead_inbox_with_a_message(tmp_path, "written while the disk is full", [])
+    try:
+        assert w.ledger is not None
+        restore = _failing(w.ledger, "record_messages")
         w.run_once()
         assert w.errors == 1
-        w.ledger.record_messages = real  # type: ignore[method-assign]
+        restore()
         w.run_once()  # no rescan is due: the file must still be marked to read
         rows = w.ledger.messages()
         assert [(r["text"], r["reported_at"] is not None) for r in rows] == [("written while the disk is full", True)]
+    finally:
+        w.teardown()
+
+
+def test_a_message_marked_reported_long_after_its_trigger_keeps_the_link(tmp_path: Path) -> None:
+    woken: list[int] = []
+    w, clock = _lead_inbox_with_a_message(tmp_path, "done with the parser", woken)
+    try:
+        assert w.ledger is not None
+        restore = _failing(w.ledger, "mark_reported")
+        w.run_once()  # the trigger is written, marking the message fails, the wake never came
+        assert w.errors == 1 and woken == []
+        restore()
+        clock.now += 3600  # the disk stayed full for an hour
+        w.run_once()
+        [row] = w.ledger.messages()
+        [trigger] = w.ledger.pending_triggers()
+        assert row["reported_at"] is not None and row["trigger_id"] == trigger.id
+        assert woken, "the dispatcher is told of the waiting trigger"
     finally:
         w.teardown()
 
@@ -635,3 +666,118 @@ def test_a_stream_that_cannot_be_recorded_is_not_reported_as_connected(tmp_path:
     finally:
         lw.HEALTH = saved
         r.ledger.close()
+
+
+def test_the_mount_under_the_ledger_is_the_deepest_one_on_its_device(tmp_path: Path) -> None:
+    """Under ProtectSystem=strict, / is a read-only view of the device the state directory is on."""
+    from orchestratord.ledgerwatch import _mount_of
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "22 1 8:1 / / ro,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro\n"
+        "23 22 0:5 / /proc rw,nosuid - proc proc rw\n"
+        "40 22 8:1 /var/lib/opencode-orchestrator /var/lib/opencode-orchestrator rw,relatime - ext4 /dev/sda1 rw\n"
+        "41 22 8:1 /home /home ro,relatime - ext4 /dev/sda1 rw\n"
+        "50 22 7:0 / /mnt/my\\040ledger rw,relatime - ext4 /dev/loop0 rw,emergency_ro\n")
+    source, options, super_options = _mount_of("/var/lib/opencode-orchestrator", "8:1", str(table)) or ("", set(), set())
+    assert source == "/dev/sda1" and "rw" in options, "the writable state directory, not the read-only /"
+    _, options, _ = _mount_of("/var/lib/opencode-orchestrator-old", "8:1", str(table)) or ("", set(), set())
+    assert "ro" in options, "a sibling whose name starts the same is under /"
+    _, options, _ = _mount_of("/home/me/.claude", "8:1", str(table)) or ("", set(), set())
+    assert "ro" in options
+    _, _, super_options = _mount_of("/mnt/my ledger", "7:0", str(table)) or ("", set(), set())
+    assert "emergency_ro" in super_options
+    assert _mount_of("/srv", "9:9", str(table)) is None
+
+
+# -- the supervisor's side, one pass at a time ----------------------------------------------
+
+class StubWorker:
+    """What the supervisor asks of a worker, counted; ``holds`` keeps it alive after stop."""
+
+    def __init__(self, name: str, holds: bool = False) -> None:
+        self.name, self.holds, self.wakes, self.stopping = name, holds, 0, False
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def join(self, timeout: float) -> bool:
+        return not self.holds
+
+    def alive(self) -> bool:
+        return self.holds or not self.stopping
+
+    def fresh(self, now: float | None = None) -> bool:
+        return True
+
+
+def supervisor_on(tmp_path: Path, clock: Clock) -> Any:
+    from orchestratord.config import load_config
+    from orchestratord.supervisor import Supervisor
+    cfg = load_config(write_config(tmp_path / "c.toml", server_url="http://127.0.0.1:9", ledger=tmp_path / "l.db",
+                                   teams_base=tmp_path / "teams"))
+    sup = Supervisor(cfg, str(tmp_path / "c.toml"), clock=clock)
+    sup.ledger = Ledger(cfg.ledger.path)
+    return sup
+
+
+def test_workers_are_woken_once_when_writes_go_through_again_not_at_every_probe(tmp_path: Path) -> None:
+    clock = Clock()
+    sup = supervisor_on(tmp_path, clock)
+    w = StubWorker("events")
+    sup.workers = {"events": w}
+    try:
+        sup.health.failed(FULL, where="events")
+        for _ in range(5):  # writes go through, but a worker's keep failing now and then
+            clock.now += 1.0
+            sup._write_state(now=clock.now)
+            sup.health.failed(FULL, where="events")
+        assert w.wakes == 1, "a reconnect a second while the spell lasts would flood the log"
+        clock.now += 60.0
+        sup._write_state(now=clock.now)
+        assert not sup.health.failing and w.wakes == 2, "and once more when the spell ends"
+    finally:
+        sup.ledger.close()
+
+
+def test_a_deleted_ledger_waits_for_every_worker_to_let_go_before_it_is_restored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    sup = supervisor_on(tmp_path, clock)
+    stuck = StubWorker("dispatch", holds=True)
+    sup.workers = {"dispatch": stuck}
+    started: list[str] = []
+    sup._start_worker = started.append  # type: ignore[method-assign]
+    try:
+        sup.ledger.record_transition("test", "kept")
+        os.unlink(sup.cfg.ledger.path)
+        for _ in range(3):
+            sup._check_ledger_file()
+        assert not os.path.exists(sup.cfg.ledger.path) and started == [], "not copied while the old file is held"
+        assert len(events_named(caplog, "ledger-missing")) == 1, "said once, not at every pass"
+        stuck.holds = False
+        sup._check_ledger_file()
+        assert started == ["dispatch"] and os.path.exists(sup.cfg.ledger.path)
+        assert [t["state"] for t in Ledger(sup.cfg.ledger.path).transitions()] == ["kept"]
+    finally:
+        if sup.ledger is not None:
+            sup.ledger.close()
+
+
+def test_a_ledger_that_cannot_be_looked_at_is_not_taken_for_deleted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    sup = supervisor_on(tmp_path, clock)
+    import orchestratord.ledgerwatch as lw
+
+    def eio(path: str) -> None:
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(lw, "identity", eio)
+    started: list[str] = []
+    sup._start_worker = started.append  # type: ignore[method-assign]
+    try:
+        sup._check_ledger_file()  # used to end the main thread
+        assert started == [] and sup.ledger is not None and not sup.stop_requested
+    finally:
+        sup.ledger.close()

@@ -479,9 +479,6 @@ class Ledger:
         row = self.db.execute(_DISPATCH_COLUMNS + " WHERE id=?", (dispatch_id,)).fetchone()
         return _dispatch(row) if row else None
 
-    def sent_since(self, since: float) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM dispatches WHERE sent_at >= ?", (since,)).fetchone()[0]
-
     def dispatch_totals(self) -> dict[str, Any]:
         sent = self.db.execute("SELECT COUNT(*), MAX(sent_at) FROM dispatches WHERE sent_at IS NOT NULL").fetchone()
         last = self.db.execute("SELECT state FROM dispatches WHERE state NOT IN (?, ?) ORDER BY id DESC LIMIT 1",

@@ -87,9 +87,18 @@ class Worker:
         self.heartbeat = self.clock()
 
     def wait(self, seconds: float) -> None:
-        """Sleep up to ``seconds``, returning early on wake or stop."""
-        if seconds > 0 and not self._stop.is_set():
-            self._wake.wait(seconds)
+        """Sleep up to ``seconds``, returning early on wake or stop.
+
+        A worker that waits is not hung: the heartbeat goes on in slices of half its
+        ``stall_after``, or a long wait (the hourly cap reached, a long minimum interval)
+        would stop the watchdog pings and get the service restarted, again and again.
+        """
+        end = time.monotonic() + seconds  # the real time Event.wait sleeps, whatever clock is injected
+        while seconds > 0 and not self._stop.is_set():
+            if self._wake.wait(min(seconds, self.stall_after / 2)):
+                break
+            self.beat()
+            seconds = end - time.monotonic()
         self._wake.clear()
 
     # -- the loop --------------------------------------------------------------

@@ -44,7 +44,8 @@ def sample(pid: int) -> Sample:
 ])
 def test_soak(bed: Bed, minutes: float, every: float) -> None:
     write_config(bed.config, server_url=bed.server.url, ledger=bed.ledger, teams_base=bed.teams_dir,
-                 extra=NO_IDLE + "\n[stalls]\nenabled = false\n")
+                 extra=NO_IDLE + "\n[stalls]\nenabled = false\n",
+                 max_per_hour=100_000)  # about a prompt a second: 30 minutes of it would pass 1,000 an hour
     script_orchestrator(bed.model, reply="noted")
     d = bed.daemon()
     d.notify.wait("READY=1", timeout=30)
@@ -80,3 +81,4 @@ def test_soak(bed: Bed, minutes: float, every: float) -> None:
     assert end.threads <= base.threads + 2, f"threads grow: {notes}"
     assert end.rss <= base.rss + 16 * MiB, f"memory grows: {notes}"
     assert len(d.grep(r"\bteammate-message .*soak turn")) == turns, "each turn's send_message reported once"
+    assert d.grep(r"\b(worker-hung|worker-restart|worker-died|worker-error)\b") == [], "every worker kept going"

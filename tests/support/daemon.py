@@ -99,7 +99,7 @@ class NotifyListener:
 
 def write_config(path: Path, *, server_url: str, ledger: Path, teams_base: Path, extra: str = "",
                  debounce: float = 0.2, min_interval: float = 0.0, password_file: Path | None = None,
-                 health_interval: float = 0.25) -> Path:
+                 health_interval: float = 0.25, max_per_hour: int = 1000) -> Path:
     """A config for tests: fast intervals, everything under the test's temp dir."""
     pw = f'password_file = "{password_file}"\n' if password_file else ""
     path.write_text(f"""
@@ -125,7 +125,7 @@ names = ["my-team"]
 [dispatch]
 debounce_seconds = {debounce}
 min_interval_seconds = {min_interval}
-max_per_hour = 1000
+max_per_hour = {max_per_hour}
 
 [log]
 level = "debug"

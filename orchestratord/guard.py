@@ -202,6 +202,7 @@ class Guard(ServerWorker):
         self.own_session = own_session
         self.on_trigger = on_trigger
         self.wall = wall
+        self._told = False  # a tell trigger written in this step: wake the dispatcher once, at its end
         self.hooks: Hooks | None = None
 
     def setup(self) -> None:
@@ -221,10 +222,17 @@ class Guard(ServerWorker):
         assert self.ledger is not None
         items = self.ledger.open_escalations()
         retry = False
-        for e in items:
-            if self.stopping:
-                return 0.0
-            retry = not self.handle(e) or retry
+        self._told = False
+        try:
+            for e in items:
+                if self.stopping:
+                    return 0.0
+                retry = not self.handle(e) or retry
+        finally:
+            if self._told:
+                # One wake for the batch: the escalations of one message (a text can match
+                # several rules) go to the orchestrator in one prompt, not one each.
+                self.on_trigger()
         if retry:
             return 2.0
         return 0.0 if len(items) >= 100 else 20.0  # woken at once on a new one
@@ -289,7 +297,7 @@ class Guard(ServerWorker):
                                       team=e.team, teammate=e.teammate, session_id=e.session_id, now=self.wall())
         outcome["trigger"] = tid
         if tid is not None:
-            self.on_trigger()
+            self._told = True
 
     def _abort(self, e: Escalation, outcome: dict[str, Any]) -> bool:
         assert self.client is not None and e.session_id is not None

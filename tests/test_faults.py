@@ -71,7 +71,7 @@ def conclude(bed: Bed, flow: Flow, case: str, runs: int, d: Daemon | None, serve
     wait_settled(bed, flow, 180)
     t = tally(bed, flow, bed.daemons, server_url, killed=killed)
     if t.log_repeats:
-        notes += f"; {t.log_repeats} log lines repeated after a kill between the line and its commit"
+        notes += f"; log lines repeated after a kill between the line and its commit: {t.log_repeats}"
     ok = integrity(bed)
     crashes = 0 if d is None or alive(d) else 1
     faults.record(faults.CaseResult(case=case, runs=runs, written=t.written, reported=t.reported, sent=t.sent,

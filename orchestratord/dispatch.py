@@ -38,6 +38,9 @@ def session_permission(extra: Sequence[tuple[str, str, str]] = ()) -> list[dict[
 
 
 MAX_LISTED = 25
+#: triggers that skip the quiet period and the minimum interval, and come first in the prompt:
+#: a safety escalation, and a teammate held waiting for a person
+URGENT_KINDS = ("escalation", "hold")
 # After aborting a stuck turn the server takes a moment to wind it down; a prompt sent
 # meanwhile is aborted with it. Wait this long, and requeue a prompt that was caught anyway.
 ABORT_SETTLE = 1.5
@@ -86,7 +89,7 @@ def render_prompt(template: str, triggers: Sequence[Trigger], teams: Sequence[st
     """The prompt text: the template with the teams, the lead and a list of what happened."""
     lines = []
     # Escalations first, whatever their age: they are what the orchestrator must act on.
-    triggers = sorted(triggers, key=lambda t: (t.kind != "escalation", t.id))
+    triggers = sorted(triggers, key=lambda t: (t.kind not in URGENT_KINDS, t.id))
     for t in triggers[:MAX_LISTED]:
         who = f" teammate {t.teammate}" if t.teammate else ""
         team = f" team {t.team}" if t.team else ""
@@ -201,19 +204,25 @@ class Dispatcher(ServerWorker):
         if known:
             try:
                 info = self.client.get_session(known)
-                if info.get("permission") != ruleset:
-                    # The config may have changed since it was created: restate the rules.
+                current = info.get("permission") if isinstance(info.get("permission"), list) else []
+                if current[len(current) - len(ruleset):] != ruleset:
+                    # The config may have changed since it was created: the server appends what
+                    # is sent, and the last matching rule wins, so the whole ruleset goes again.
                     self.client.set_session_permission(known, ruleset)
                     self.log.info(logs.kv("session-permission-updated", session=known, rules=len(ruleset)))
                 self._use_session(known)
                 return
             except NotFound:
                 self.log.warning(logs.kv("session-missing", session=known, action="creating a new one"))
-        info = self.client.create_session(self.s.session_title, ruleset)
-        sid = info["id"]
-        self.ledger.set_meta(key, sid)
+        self.shared.update(own_session_pending=True)
+        try:
+            info = self.client.create_session(self.s.session_title, ruleset)
+            sid = info["id"]
+            self.ledger.set_meta(key, sid)
+            self._use_session(sid)
+        finally:
+            self.shared.update(own_session_pending=False)
         self.log.log(logs.NOTICE, logs.kv("session-created", session=sid, title=self.s.session_title))
-        self._use_session(sid)
 
     def _use_session(self, sid: str) -> None:
         if sid != self.session_id:
@@ -246,7 +255,7 @@ class Dispatcher(ServerWorker):
             return IDLE_WAIT
         newest = max(self.seen[t.id] for t in pending)
         oldest = min(self.seen[t.id] for t in pending)
-        urgent = any(t.kind == "escalation" for t in pending)
+        urgent = any(t.kind in URGENT_KINDS for t in pending)
         # Quiet period after the newest trigger, but never starve a steady trickle. An
         # escalation skips the quiet period and the minimum interval.
         wait = min(newest + self.s.debounce, oldest + max(4 * self.s.debounce, 2.0)) - now

@@ -36,6 +36,14 @@ SYSTEM_DIRS = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/opt", "
 
 
 @dataclass(frozen=True)
+class Context:
+    """Where a command runs: what the guard knows of the session."""
+
+    project: str | None = None  # the session's working directory (absolute)
+    home: str | None = None  # the home directory of the server's user, if known
+
+
+@dataclass(frozen=True)
 class Finding:
     rule: str
     severity: str
@@ -352,10 +360,15 @@ DEFAULT_RULES: tuple[Rule, ...] = (
          description="reading or sending ~/.ssh, .env, cloud credentials"),
     Rule("lead-takeover", frozenset({MESSAGE}), check=check_takeover, actions=("escalate", "tell"),
          description="a message that tries to take over the lead or disable the orchestrator"),
+    # Not a check of any text: the guard compares a send_message call's sender with the
+    # teammate whose session made the call (see guard.forged_sender).
+    Rule("forged-sender", frozenset(), actions=("escalate", "tell"),
+         description="a send_message signed with a name other than the calling teammate's"),
 )
 
 
-def evaluate(text: str, kind: str, rules: Sequence[Rule] = DEFAULT_RULES) -> list[Finding]:
+def evaluate(text: str, kind: str, rules: Sequence[Rule] = DEFAULT_RULES,
+             context: Context | None = None) -> list[Finding]:
     """Every enabled rule for ``kind`` that matches ``text``."""
     if not text or not text.strip():
         return []

@@ -54,6 +54,9 @@ class Shared:
     events_total: int = 0
     last_event_at: float | None = None  # wall time
     session_id: str | None = None
+    # Set by the dispatcher while it creates the orchestrator's session: a new session titled
+    # like it may be ours, and must not be given a teammate's rules before we know.
+    own_session_pending: bool = False
     statuses: dict[str, str] = field(default_factory=dict)  # sessionID -> busy | retry
     busy_since: dict[str, float] = field(default_factory=dict)  # monotonic
     # Written by the event reader alone, for every event of a session: plain dict stores

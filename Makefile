@@ -11,6 +11,8 @@
 #                   the figures in $(BENCH_OUT)
 #   make faults     the long form of the fault-injection cases (about an hour,
 #                   the soak included); prints the results table, kept in $(FAULTS_OUT)
+#   make docs       write docs/configuration.md from the config schema (a test fails
+#                   when it is out of date)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -46,7 +48,7 @@ INSTALL_PATHS := sed -e 's|/usr/local/bin/opencode|$(OPENCODE)|g' \
 	-e 's|/usr/local/bin/orchestratord|$(BINDIR)/orchestratord|g' \
 	-e 's|/usr/local/share/doc/opencode-orchestrator|$(DOCDIR)|g'
 
-.PHONY: all venv opencode promtool libfaketime test bench faults demo install uninstall check-tools clean
+.PHONY: all venv opencode promtool libfaketime test bench faults demo docs install uninstall check-tools clean
 
 all: test
 
@@ -119,6 +121,10 @@ faults: venv opencode promtool libfaketime
 
 demo: venv opencode
 	$(VPY) -m tests.support.demo
+
+docs: venv
+	$(VPY) -m orchestratord config reference > docs/configuration.md.tmp || { rm -f docs/configuration.md.tmp; exit 1; }
+	mv docs/configuration.md.tmp docs/configuration.md
 
 install: venv
 	@case "$(INSTALL_PYTHON)" in /*) ;; *) echo "error: INSTALL_PYTHON must be an absolute path" >&2; exit 1;; esac

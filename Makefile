@@ -5,7 +5,8 @@
 #   make demo       the whole thing working, offline: a real opencode serve with a
 #                   scripted model and a sample team, and the daemon in front of it
 #   make install    the package, the systemd units, the example config, the
-#                   sysusers/tmpfiles snippets (DESTDIR and PREFIX are honoured)
+#                   sysusers/tmpfiles snippets, the README and docs/ (DESTDIR and
+#                   PREFIX are honoured)
 #   make uninstall  remove what install put there; never the config or the ledger
 #   make bench      the same setup, then the benchmarks: one table on stdout,
 #                   the figures in $(BENCH_OUT)
@@ -144,6 +145,8 @@ install: venv
 	install -m 0644 packaging/tmpfiles.d/opencode-orchestrator.conf "$(DESTDIR)$(TMPFILESDIR)/opencode-orchestrator.conf"
 	install -m 0644 README.md packaging/systemd/opencode-orchestrator.service.d/teams-in-home.conf \
 		packaging/launchd/org.opencode-orchestrator.orchestratord.plist "$(DESTDIR)$(DOCDIR)/"
+	install -d "$(DESTDIR)$(DOCDIR)/docs"
+	install -m 0644 docs/*.md "$(DESTDIR)$(DOCDIR)/docs/"
 	install -m 0644 etc/opencode-orchestrator/orchestrator.toml "$(DESTDIR)$(DOCDIR)/orchestrator.toml.example"
 	@if [ -e "$(CONFIG_DIR)/orchestrator.toml" ]; then \
 		echo "kept the existing $(CONFIG_DIR)/orchestrator.toml (the shipped one is $(DESTDIR)$(DOCDIR)/orchestrator.toml.example)"; \

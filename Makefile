@@ -5,12 +5,15 @@
 #   make demo       the whole thing working, offline: a real opencode serve with a
 #                   scripted model and a sample team, and the daemon in front of it
 #   make install    the package, the systemd units, the example config, the
-#                   sysusers/tmpfiles snippets (DESTDIR and PREFIX are honoured)
+#                   sysusers/tmpfiles snippets, the README and docs/ (DESTDIR and
+#                   PREFIX are honoured)
 #   make uninstall  remove what install put there; never the config or the ledger
 #   make bench      the same setup, then the benchmarks: one table on stdout,
 #                   the figures in $(BENCH_OUT)
 #   make faults     the long form of the fault-injection cases (about an hour,
 #                   the soak included); prints the results table, kept in $(FAULTS_OUT)
+#   make docs       write docs/configuration.md from the config schema (a test fails
+#                   when it is out of date)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -46,7 +49,7 @@ INSTALL_PATHS := sed -e 's|/usr/local/bin/opencode|$(OPENCODE)|g' \
 	-e 's|/usr/local/bin/orchestratord|$(BINDIR)/orchestratord|g' \
 	-e 's|/usr/local/share/doc/opencode-orchestrator|$(DOCDIR)|g'
 
-.PHONY: all venv opencode promtool libfaketime test bench faults demo install uninstall check-tools clean
+.PHONY: all venv opencode promtool libfaketime test bench faults demo docs install uninstall check-tools clean
 
 all: test
 
@@ -120,6 +123,10 @@ faults: venv opencode promtool libfaketime
 demo: venv opencode
 	$(VPY) -m tests.support.demo
 
+docs: venv
+	$(VPY) -m orchestratord config reference > docs/configuration.md.tmp || { rm -f docs/configuration.md.tmp; exit 1; }
+	mv docs/configuration.md.tmp docs/configuration.md
+
 install: venv
 	@case "$(INSTALL_PYTHON)" in /*) ;; *) echo "error: INSTALL_PYTHON must be an absolute path" >&2; exit 1;; esac
 	@$(INSTALL_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: INSTALL_PYTHON=$(INSTALL_PYTHON) is missing or older than 3.11; set it to a Python 3.11+ the service user can run" >&2; exit 1; }
@@ -138,6 +145,8 @@ install: venv
 	install -m 0644 packaging/tmpfiles.d/opencode-orchestrator.conf "$(DESTDIR)$(TMPFILESDIR)/opencode-orchestrator.conf"
 	install -m 0644 README.md packaging/systemd/opencode-orchestrator.service.d/teams-in-home.conf \
 		packaging/launchd/org.opencode-orchestrator.orchestratord.plist "$(DESTDIR)$(DOCDIR)/"
+	install -d "$(DESTDIR)$(DOCDIR)/docs"
+	install -m 0644 docs/*.md "$(DESTDIR)$(DOCDIR)/docs/"
 	install -m 0644 etc/opencode-orchestrator/orchestrator.toml "$(DESTDIR)$(DOCDIR)/orchestrator.toml.example"
 	@if [ -e "$(CONFIG_DIR)/orchestrator.toml" ]; then \
 		echo "kept the existing $(CONFIG_DIR)/orchestrator.toml (the shipped one is $(DESTDIR)$(DOCDIR)/orchestrator.toml.example)"; \

@@ -265,6 +265,13 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from .configdoc import reference
+
+    print(reference(), end="")
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     ledger = _open_ledger(cfg)
@@ -517,11 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", action="store_true",
                    help="for a systemd --user service: config under ~/.config, ledger under ~/.local/state")
     p.add_argument("--force", action="store_true", help="replace an existing file")
-    p = sub.add_parser("config", help="show the effective config")
+    p = sub.add_parser("config", help="show the effective config, or what every key means")
     config_sub = p.add_subparsers(dest="config_command", required=True)
     p = config_sub.add_parser("show", help="print the effective config as TOML, every default filled in")
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH, help=f"config file (default {DEFAULT_CONFIG_PATH})")
     p.set_defaults(func=cmd_config_show)
+    p = config_sub.add_parser("reference", help="print the configuration reference (Markdown): every key, its "
+                              "type, default and meaning")
+    p.set_defaults(func=cmd_config_reference)
     p = add("status", cmd_status, "show what the daemon is doing, from its ledger")
     p.add_argument("--json", action="store_true")
     p = add("events", cmd_events, "list recorded server events")

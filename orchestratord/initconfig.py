@@ -1,8 +1,8 @@
 """``orchestratord init-config``: a short starting config that passes ``check-config``.
 
 It sets only what differs between machines (the server, the teams, the ledger); every
-other key keeps its default, which ``orchestratord config show`` prints and the README's
-configuration reference explains. It never replaces an existing file unless told to.
+other key keeps its default, which ``orchestratord config show`` prints and
+``orchestratord config reference`` explains. It never replaces an existing file unless told to.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ HEADER = """\
 #
 # Only the settings that differ between machines are here; every other key has its
 # default. `orchestratord config show --config {path}` prints the effective config with
-# every key, and the README's configuration reference explains each one.
+# every key, and `orchestratord config reference` explains each one.
 # Check a change with `orchestratord check-config --config {path}`, then apply it with
 # `systemctl reload {unit}` (or SIGHUP).
 

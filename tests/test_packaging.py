@@ -101,8 +101,16 @@ def test_make_install_and_uninstall_with_destdir_and_prefix(tmp_path: Path) -> N
                  "usr/lib/systemd/user/opencode-orchestrator.service", "usr/lib/sysusers.d/opencode-orchestrator.conf",
                  "usr/lib/tmpfiles.d/opencode-orchestrator.conf", "etc/opencode-orchestrator/orchestrator.toml",
                  "usr/share/doc/opencode-orchestrator/teams-in-home.conf",
+                 "usr/share/doc/opencode-orchestrator/README.md",
                  "usr/lib/opencode-orchestrator/orchestratord/cli.py"):
         assert path in installed, path
+    docs = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert docs and all(f"usr/share/doc/opencode-orchestrator/docs/{name}" in installed for name in docs), docs
+    pages = [(str(unit.relative_to(dest)), url) for unit in dest.glob("usr/lib/systemd/*/*.service")
+             for line in unit_keys(unit).get("Documentation", []) for url in line.split()]
+    assert len({name for name, _ in pages}) >= 4, pages
+    for name, url in pages:  # every Documentation= page is there once installed
+        assert url.startswith("file:///") and (dest / url[len("file:///"):]).is_file(), (name, url)
     unit = (dest / "usr/lib/systemd/system/opencode-orchestrator.service").read_text()
     assert "ExecStart=/usr/bin/orchestratord run" in unit and "/usr/local" not in unit
     assert (dest / "usr/bin/orchestratord").read_text().startswith("#!/usr/bin/python3")

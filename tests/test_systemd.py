@@ -227,7 +227,7 @@ def test_the_journal_filters_by_priority(machine: Machine) -> None:
 
 
 def test_journal_field_queries_find_the_daemon_events(machine: Machine) -> None:
-    """The README's `journalctl ORCH_EVENT=…` queries: native journal entries with fields of their own."""
+    """The `journalctl ORCH_EVENT=…` queries of docs/operating.md: native journal entries with fields of their own."""
     sd = machine.sd
     sd.check("systemctl", "restart", UNIT)
     wait_for(lambda: any(m.startswith("stream-connected") for m in machine.unit_messages()), 15, "stream-connected")

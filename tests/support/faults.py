@@ -3,8 +3,8 @@
 ``make test`` runs every fault case in its quick form (a few repetitions). ``make
 faults`` sets ``ORCHESTRATORD_FAULTS=long`` for the long form and
 ``ORCHESTRATORD_FAULTS_REPORT`` to a JSON-lines file, where each case appends one row
-(``record``); ``python -m tests.support.faults FILE`` prints the rows as the table the
-README's Reliability section shows.
+(``record``); ``python -m tests.support.faults FILE`` prints the rows as the table
+docs/reliability.md shows.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def record(result: CaseResult) -> None:
 
 
 def table(rows: list[CaseResult]) -> str:
-    """The rows as a Markdown table (what the README shows)."""
+    """The rows as a Markdown table (what docs/reliability.md shows)."""
     heads = ["case", "runs", "messages written/reported", "prompts sent/duplicated/lost", "worst recovery",
              "crashes", "notes"]
 

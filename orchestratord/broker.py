@@ -175,6 +175,7 @@ class Broker(ServerWorker):
         self.held_since: dict[str, float] = {}  # request -> monotonic time it was first held
         self.release_at_stop = False  # set by the supervisor for a clean stop, not for a restart
         self._escalated = False
+        self._resync_failures = 0
         self._brokered: set[str] = set()  # sessions whose ruleset ends with our rules, as last seen
         self._users: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self.watch: dict[str, Watch] = {}
@@ -241,7 +242,9 @@ class Broker(ServerWorker):
                 if not self._do_resync():
                     with self._lock:
                         self._resync = True
-                    return 2.0
+                    # The stream's reconnect asks again as soon as the server is back.
+                    return min(30.0, 2.0 * 2 ** min(self._resync_failures, 4))
+                self._resync_failures = 0
             self._cover_seen()
             self._check_users()
             wait = self._follow_restarts()
@@ -537,7 +540,11 @@ class Broker(ServerWorker):
             listing = self.client.list_sessions()
             open_requests = [r for r in self.client.permissions() if isinstance(r, dict)]
         except OpencodeError as exc:
-            self.log.warning(logs.kv("broker-resync-failed", error=str(exc), action="retrying in 2s"))
+            self._resync_failures += 1
+            if self._resync_failures == 1:  # once per spell; a server that is down, the health watch reports
+                level = logging.INFO if isinstance(exc, Unreachable) else logging.WARNING
+                self.log.log(level, logs.kv("broker-resync-failed", error=str(exc),
+                                            action="listing sessions and requests again once the server answers"))
             return False
         for raw in listing:
             info = SessionInfo.from_api(raw)

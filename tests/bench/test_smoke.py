@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench import corpus, ingest, memory, run
+from tests.bench import broker, corpus, ingest, memory, run
 from tests.bench.replay import ReplayServer
 
 
@@ -68,3 +68,10 @@ def test_memory_stages_and_table(tmp_path: Path, stream: corpus.Corpus) -> None:
                                  "python_start_and_import_ms": 60.0, "writer_rows_per_s": 3},
                       "memory": out, "live": fake_live})
     assert "ingest: reader, default store" in text and "after 200 messages" in text
+
+
+def test_broker_piece_times_every_request(tmp_path: Path) -> None:
+    out = broker.run(tmp_path, 12, lambda s: None)
+    assert out["requests"] == 12 and out["rejected"] == 1 and out["approved"] == 11
+    assert out["decision"]["n"] == 12
+    assert [row[0] for row in run.broker_rows(out, str)][0].startswith("broker: permission.asked")

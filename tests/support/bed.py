@@ -144,7 +144,7 @@ def tool_results(req: dict[str, Any]) -> int:
 
 
 def script_commands(model: ScriptedModel, marker: str, commands: list[str], text: str = "done",
-                    first_delay: float = 0.0) -> None:
+                    first_delay: float = 0.0, first: bool = False) -> None:
     """A teammate turn that runs ``commands`` one bash call at a time, then answers ``text``.
 
     ``first_delay`` is how long the model takes to its first call (a real model's think time).
@@ -157,7 +157,7 @@ def script_commands(model: ScriptedModel, marker: str, commands: list[str], text
             return Reply.tool_call("bash", {"command": commands[step], "description": f"step {step + 1}"})
         return Reply.text(text)
 
-    model.add_rule(lambda r: marker in request_text(r), answer)
+    model.add_rule(lambda r: marker in request_text(r), answer, first=first)
 
 
 def script_orchestrator(model: ScriptedModel, reply: str = "Checked the inbox; worker-1 is on track.",

@@ -170,6 +170,7 @@ def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
         "dispatch": {"pending_triggers": ledger.count_pending_triggers(), **totals},
         "last_dispatch": (lambda d: d[0].as_dict() if d else None)(ledger.dispatches(limit=1)),
         "escalations": _escalation_totals(ledger),
+        "permissions": _permission_totals(ledger),
         "busy_sessions": st.get("sessions", []) if running else [],
         "stalls": _recent_stalls(ledger),
         "ledger": ledger_view(cfg.ledger.path, st, running),
@@ -238,6 +239,13 @@ def _escalation_totals(ledger: Ledger) -> dict[str, Any]:
         return {"total": 0, "last": None}
 
 
+def _permission_totals(ledger: Ledger) -> dict[str, Any]:
+    try:
+        return ledger.permission_totals()
+    except sqlite3.OperationalError:  # a ledger from before the broker, opened read-only
+        return {"held": 0, "total": 0, "brokered_sessions": 0}
+
+
 def cmd_init_config(args: argparse.Namespace) -> int:
     from .initconfig import InitOptions, write_initial
 
@@ -296,6 +304,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows.append(("escalations", f"{esc['total']}" + (
         f", last {_when(esc['last']['at'])} {esc['last']['rule']} by {esc['last']['teammate'] or esc['last']['session_id'] or '-'}"
         if esc["last"] else "")))
+    perm = data["permissions"]
+    rows.append(("permissions", f"{perm['held']} held for a person" + (" (orchestratord permissions)" if perm["held"]
+                                                                      else "")
+                 + f", {perm['total']} answered or held in all, {perm['brokered_sessions']} sessions brokered"))
     rows.append(("ledger", _ledger_line(data["ledger"])))
     for b in data["busy_sessions"]:
         what = f"waiting on {b['waiting']}" if b.get("waiting") else f"last activity {b['quiet_seconds']:g}s ago"

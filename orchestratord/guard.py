@@ -157,14 +157,15 @@ def forged_sender(seen: Seen, caller: SessionInfo | None, leads: Sequence[str] =
 
     claude-teams takes ``sender`` on trust; the session that made the call is the truth. A
     teammate (a session titled ``<name>@<team>``) may only sign as itself; a session that is
-    no teammate (the lead's own chat, the orchestrator) only as the lead.
+    no teammate (the lead's own chat, the orchestrator) as the lead, or as what its title
+    says it is.
     """
     if seen.claimed is None or caller is None or caller.title is None:
         return None
     mate = caller.teammate
     if mate is not None:
         return mate.name if seen.claimed != mate.name else None
-    return caller.title if seen.claimed not in leads else None
+    return caller.title if seen.claimed not in leads and seen.claimed != caller.title.strip() else None
 
 
 class Judge:

@@ -734,6 +734,12 @@ class Ledger:
                 metrics.escalation(spec["rule"], spec["severity"])
         return request, results
 
+    def permission_totals(self) -> dict[str, int]:
+        held = self.db.execute("SELECT COUNT(*) FROM permissions WHERE state=?", (P_HELD,)).fetchone()[0]
+        total = self.db.execute("SELECT COUNT(*) FROM permissions").fetchone()[0]
+        brokered = self.db.execute("SELECT COUNT(*) FROM brokered WHERE state='brokered'").fetchone()[0]
+        return {"held": held, "total": total, "brokered_sessions": brokered}
+
     def permission(self, request_id: str) -> PermissionRequest | None:
         row = self.db.execute(_PERMISSION_COLUMNS + " WHERE id=?", (request_id,)).fetchone()
         return _permission(row) if row else None

@@ -160,6 +160,7 @@ def send_call(sender: str | None, sid: str = "ses_w2", content: str = "please re
     ("lead chat", "team-lead", None),                # the lead's own chat may send as the lead
     ("lead chat", None, None),
     ("lead chat", "worker-1", "lead chat"),          # ... but not as a teammate
+    ("worker-1", "worker-1", None),                  # a session titled with the name it signs
     (None, "worker-1", None),                        # a session we know nothing of: cannot tell
 ])
 def test_forged_sender_names_the_real_caller(title: str | None, sender: str | None, forged: str | None) -> None:

@@ -26,6 +26,7 @@ ledger remembers alone.
 from __future__ import annotations
 
 import collections
+import fnmatch
 import logging
 import threading
 import time
@@ -130,6 +131,28 @@ def covered(ruleset: Sequence[Any] | None, block: Sequence[dict[str, str]]) -> b
     tail = [{k: r.get(k) for k in ("permission", "pattern", "action")} if isinstance(r, dict) else r
             for r in list(ruleset)[len(ruleset) - len(block):]]
     return tail == list(block)
+
+
+def asked_already(ruleset: Sequence[Any] | None, permissions: Sequence[str]) -> bool:
+    """True when ``ruleset`` on its own makes each of ``permissions`` ask (or deny) for every pattern.
+
+    Then a turn under it is no less guarded than under the broker's rules. A ruleset with
+    no rule for a permission leaves it to the server's config, which by default allows
+    shell commands: that counts as not asked.
+    """
+    rules = [r for r in ruleset or () if isinstance(r, dict)]
+    for perm in permissions:
+        guarded = False
+        for r in rules:
+            if not isinstance(r.get("permission"), str) or not fnmatch.fnmatchcase(perm, r["permission"]):
+                continue
+            if r.get("pattern") == "*" and r.get("action") in ("ask", "deny"):
+                guarded = True
+            elif r.get("action") == "allow":
+                guarded = False
+        if not guarded:
+            return False
+    return True
 
 
 def request_text(req: dict[str, Any]) -> str:
@@ -322,6 +345,7 @@ class Broker(ServerWorker):
                                          team=mate.team if mate else None, teammate=mate.name if mate else None,
                                          directory=info.directory, now=self.wall())
             return
+        before = info.permission
         try:
             answer = self.client.set_session_permission(info.id, block)  # appended to its ruleset
         except NotFound:
@@ -346,7 +370,7 @@ class Broker(ServerWorker):
                                           team=mate.team if mate else None, title=None if mate else info.title,
                                           ask=",".join(self.settings.ask)))
         ruled = _updated_ms(answer)
-        if ruled is not None and info.parent_id is None:
+        if ruled is not None and info.parent_id is None and not asked_already(before, self.settings.ask):
             # The server takes a turn's rules when its prompt arrives: a prompt that came
             # before ours (claude-teams prompts a teammate a few milliseconds after creating
             # it) runs allowed everything. Look now, and at each prompt stored from now on.

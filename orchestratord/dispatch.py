@@ -156,7 +156,8 @@ class Dispatcher(ServerWorker):
         self.last_sent: float | None = None
         self.last_sweep: float = clock()
         self.follow_started: dict[int, float] = {}
-        self.follow_outages: dict[int, int] = {}  # dispatch id -> shared.outages when last looked at
+        # dispatch id -> (shared.outages, shared.stream_losses) when last looked at
+        self.follow_outages: dict[int, tuple[int, int]] = {}
         self._cap_logged = False
         self._busy_warned: float | None = None
         self.aborted_at: float | None = None
@@ -326,7 +327,7 @@ class Dispatcher(ServerWorker):
         assert self.ledger is not None and self.client is not None
         crash_point("before-post")
         posted_at = self.clock()  # before the POST: the session may go busy before it returns
-        outages = self.shared.outages  # likewise: the server may die as soon as it has answered
+        outages = self._outages()  # likewise: the server may die as soon as it has answered
         try:
             self.client.prompt_async(d.session_id, d.prompt, d.message_id, agent=self.s.agent, model=self.s.model)
         except NotFound:
@@ -385,7 +386,7 @@ class Dispatcher(ServerWorker):
                 self._forget_session()
             return 0.0
         finished, text, tools, error = outcome(messages, d.message_id)
-        if not finished and self.follow_outages.setdefault(d.id, self.shared.outages) != self.shared.outages:
+        if not finished and self._outage_since(d.id):
             return self._after_outage(d)
         answered = any(isinstance(m, dict) and isinstance(m.get("info"), dict)
                        and m["info"].get("parentID") == d.message_id for m in messages)
@@ -432,6 +433,20 @@ class Dispatcher(ServerWorker):
 
     # -- turns that never start or never end ------------------------------------
 
+    def _outages(self) -> tuple[int, int]:
+        return self.shared.outages, self.shared.stream_losses
+
+    def _outage_since(self, dispatch_id: int) -> bool:
+        """Whether the server may have restarted since ``dispatch_id`` was last looked at.
+
+        That takes both: the health watch saw it down, and the event stream ended. A probe
+        that only timed out while the stream went on (a loaded machine) is no restart, and
+        taking it for one would send a second prompt beside one that is merely slow to start.
+        """
+        then = self.follow_outages.setdefault(dispatch_id, self._outages())
+        now = self._outages()
+        return now[0] != then[0] and now[1] != then[1]
+
     def _after_outage(self, d: Dispatch) -> float:
         """The server went down while ``d`` was in flight: find out what became of it.
 
@@ -442,7 +457,7 @@ class Dispatcher(ServerWorker):
         new ID; a turn still running is followed as before.
         """
         assert self.ledger is not None and self.client is not None
-        seen = self.shared.outages  # noted as handled only once the look-ups below have answered
+        seen = self._outages()  # noted as handled only once the look-ups below have answered
         try:
             self.client.get_message(d.session_id, d.message_id)
         except NotFound:

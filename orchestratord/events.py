@@ -169,12 +169,12 @@ class EventReader(Worker):
         except BaseException:
             # A failed write (or anything else) ends this connection too: say so, or status,
             # the stall watch and the dispatcher would trust a stream nobody is reading.
-            self.shared.update(stream_connected=False)
+            self.shared.stream_lost()
             metrics.stream_connected(False)
             raise
         if self.stopping:
             return 0.0
-        self.shared.update(stream_connected=False)
+        self.shared.stream_lost()
         metrics.stream_connected(False)
         self._transition("disconnected", reason)
         self.log.warning(logs.kv("stream-disconnected", path=self.path, reason=reason))

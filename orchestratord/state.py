@@ -51,6 +51,9 @@ class Shared:
     server_version: str | None = None
     outages: int = 0  # times the server was seen going down: a prompt in flight may have died with it
     stream_connected: bool = False
+    # Times a connected stream ended. A restarted server always ends it; a health probe that
+    # only timed out (a loaded machine) does not, and is no reason to think a turn died.
+    stream_losses: int = 0
     events_total: int = 0
     last_event_at: float | None = None  # wall time
     session_id: str | None = None
@@ -72,6 +75,14 @@ class Shared:
         with self.lock:
             for key, value in values.items():
                 setattr(self, key, value)
+        self.changed.set()
+
+    def stream_lost(self) -> None:
+        """The stream was connected and is no more (counted once per connection)."""
+        with self.lock:
+            if self.stream_connected:
+                self.stream_losses += 1
+            self.stream_connected = False
         self.changed.set()
 
     def set_status(self, session_id: str, status: str | None) -> None:

@@ -128,6 +128,16 @@ def test_covered_means_the_ruleset_ends_with_the_block() -> None:
     assert not covered(None, ASK)
 
 
+def test_a_ruleset_that_asks_already_needs_no_restart() -> None:
+    from orchestratord.broker import asked_already
+    assert asked_already([{"permission": "bash", "pattern": "*", "action": "ask"}], ["bash"])
+    assert asked_already([{"permission": "*", "pattern": "*", "action": "deny"}], ["bash"])
+    assert not asked_already(ALLOW_ALL, ["bash"]), "claude-teams' teammates"
+    assert not asked_already([], ["bash"]) and not asked_already(None, ["bash"]), "the server's default allows"
+    assert not asked_already(ASK + [{"permission": "bash", "pattern": "git *", "action": "allow"}], ["bash"])
+    assert not asked_already(ASK, ["bash", "edit"])
+
+
 def test_the_strictest_finding_decides() -> None:
     actions = {"recursive-delete": ("escalate", "reject", "tell"), "git-discard": ("escalate", "hold", "tell"),
                "credentials": ("escalate",)}.get

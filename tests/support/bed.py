@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from tests.support.daemon import Daemon, ledger_rows, wait_for, write_config
-from tests.support.llm import Reply, ScriptedModel
+from tests.support.llm import Reply, ScriptedModel, last_user_text
 from tests.support.server import OpencodeServer
 from tests.support.team import make_team
 
@@ -132,8 +132,12 @@ def bed(tmp_path: Path, opencode: OpencodeServer, model: ScriptedModel, team: Pa
 
 
 def script_teammate(model: ScriptedModel, marker: str, calls: list[dict[str, Any]], text: str = "sent") -> None:
-    """A teammate turn: on ``marker`` call send_message once per entry, then answer ``text``."""
-    model.add_rule(lambda r: marker in request_text(r) and not last_is_tool_result(r),
+    """A teammate turn: on a prompt saying ``marker`` call send_message once per entry, then answer ``text``.
+
+    Only the prompt itself counts (as a model would do what it is asked last): a turn the
+    daemon restarts with "carry on" does not send them all again.
+    """
+    model.add_rule(lambda r: marker in last_user_text(r) and not last_is_tool_result(r),
                    Reply.tool_calls([("claude-teams_send_message", c) for c in calls]))
     model.add_rule(lambda r: marker in request_text(r) and last_is_tool_result(r), Reply.text(text))
 

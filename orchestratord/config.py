@@ -349,7 +349,7 @@ PATH_KEYS = {("ledger", "path"), ("server", "password_file"), ("teams", "base_di
 TOP_KEYS = (*SCHEMA, "triggers", "safety")
 
 RULE_KINDS = ("command", "path", "message", "tool")
-RULE_ACTIONS = ("escalate", "reject", "tell", "abort")
+RULE_ACTIONS = ("escalate", "reject", "hold", "tell", "abort")
 SEVERITIES = ("critical", "high", "medium", "low")
 
 

@@ -3,10 +3,10 @@
 Judging is cheap and pure (see :mod:`.policy`), so it happens in the thread that sees the
 input: the event reader for tool calls, permission requests and the orchestrator's own
 output, the inbox watcher for teammate messages. That thread records the escalation in
-the ledger and logs it at critical priority before it moves on, so a crash cannot lose
-one. The :class:`Guard` worker then carries out what the rule asks (reject the
-permission request, tell the orchestrator, abort the session, run the hooks), each
-action once, from the ledger.
+the ledger and logs it (at critical priority; a hold rule's at warning) before it moves
+on, so a crash cannot lose one. The :class:`Guard` worker then carries out what the rule
+asks (reject the permission request or note that it is held for a person, tell the
+orchestrator, abort the session, run the hooks), each action once, from the ledger.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .hooks import Hooks
 from .inbox import TeamMessage, message_ckey
 from .ledger import Escalation, Ledger
 from .opencode import NotFound, OpencodeClient, OpencodeError, Unreachable
-from .policy import COMMAND, MESSAGE, PATH, TOOL, Finding, Rule, build_rules, evaluate
+from .policy import COMMAND, MESSAGE, PATH, TOOL, Context, Finding, Rule, build_rules, evaluate
 from .stream import Event
 from .triggers import _message_ckey
 from .worker import ServerWorker
@@ -48,6 +48,7 @@ class Seen:
     team: str | None = None
     teammate: str | None = None
     permission_id: str | None = None
+    directory: str | None = None  # where the session runs (its project), when the event says
 
 
 # -- what there is to judge --------------------------------------------------------
@@ -61,7 +62,7 @@ def seen_in_event(event: Event, own_session: str | None) -> list[Seen]:
     """Tool calls and permission requests in any session; the orchestrator's own text."""
     props = event.properties
     if event.type == "permission.asked":
-        return seen_in_permission(props)
+        return [replace(s, directory=event.directory) for s in seen_in_permission(props)]
     if event.type != "message.part.updated":
         return []
     part = props.get("part")
@@ -82,7 +83,7 @@ def seen_in_event(event: Event, own_session: str | None) -> list[Seen]:
     tool = str(part.get("tool") or "")
     key = f"call:{part.get('messageID')}:{part.get('callID') or part.get('id')}"
     source = FROM_OUTPUT if sid and sid == own_session else FROM_TOOL
-    return [Seen(source, kind, text, key, session_id=sid, team=team, teammate=who)
+    return [Seen(source, kind, text, key, session_id=sid, team=team, teammate=who, directory=event.directory)
             for kind, text, team, who, key in _tool_inputs(tool, inp, key)]
 
 
@@ -149,7 +150,8 @@ class Judge:
     def findings(self, seen: Seen) -> list[Finding]:
         if not self.enabled or self.allowed(seen.text):
             return []
-        return evaluate(seen.text, seen.kind, self.rules)
+        where = Context(project=seen.directory) if seen.directory and seen.directory.startswith("/") else None
+        return evaluate(seen.text, seen.kind, self.rules, where)
 
     def actions(self, rule: str) -> tuple[str, ...]:
         for r in self.rules:
@@ -251,6 +253,11 @@ class Guard(ServerWorker):
                 done.append(f"reject:{e.permission_id}")
             else:
                 finished = False
+        if "hold" in e.actions and "reject" not in e.actions and e.permission_id and "hold" not in done:
+            outcome["hold"] = f"{e.permission_id}: left for a person to answer"
+            self.log.log(logs.NOTICE, logs.kv("permission-held", permission=e.permission_id, rule=e.rule,
+                                              session=e.session_id, teammate=e.teammate, seen=e.what))
+            done.append("hold")
         if "tell" in e.actions and "tell" not in done:
             self._tell(e, outcome)
             done.append("tell")

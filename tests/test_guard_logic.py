@@ -59,6 +59,15 @@ def test_bash_call_is_a_command_and_keyed_by_call() -> None:
     assert [f.rule for f in JUDGE.findings(seen)] == ["recursive-delete"]
 
 
+def test_commands_are_judged_in_the_directory_the_event_names() -> None:
+    [seen] = seen_in_event(tool_event("bash", {"command": "rm -rf /p"}), own_session=None)
+    assert seen.directory == "/p" and [f.rule for f in JUDGE.findings(seen)] == ["recursive-delete"]
+    [build] = seen_in_event(tool_event("bash", {"command": "cd /p/build && rm -rf *"}), own_session=None)
+    assert JUDGE.findings(build) == []
+    [asked] = seen_in_event(event("permission.asked", permission("rm -rf ../p")), own_session=None)
+    assert asked.directory == "/p" and [f.rule for f in JUDGE.findings(asked)] == ["recursive-delete"]
+
+
 def test_pending_call_without_input_is_not_judged() -> None:
     assert seen_in_event(tool_event("bash", {}, status="pending"), None) == []
 
@@ -227,6 +236,25 @@ def test_guard_answered_elsewhere_and_abort(tmp_path: Path) -> None:
     [e] = g.ledger.escalations()
     assert e.handled_at and e.outcome["reject"] == "per_1: already answered" and client.aborted == ["ses_w1"]
     assert told == [], "this rule does not tell"
+    g.teardown()
+
+
+def test_a_held_command_is_left_for_a_person(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    client, told = FakeClient(), []
+    g = guard(tmp_path, client, told)
+    assert g.ledger is not None
+    with caplog.at_level(logging.INFO, logger="orchestratord"):
+        JUDGE.record(g.ledger, seen_in_permission(permission("env git reset --hard")), "ses_orch")
+        g.run_once()
+    [e] = g.ledger.escalations()
+    assert (e.rule, e.severity, e.actions) == ("git-discard", "medium", ("escalate", "hold"))
+    assert client.replies == [] and told == [], "neither answered nor told: a person decides"
+    assert e.handled_at is not None and e.outcome["hold"] == "per_1: left for a person to answer"
+    levels = {r.getMessage().split()[0]: r.levelno for r in caplog.records}
+    assert levels["escalation"] == logging.WARNING and "permission-held" in levels
+    JUDGE.record(g.ledger, seen_in_permission(permission("command git push --force")), "ses_orch")
+    g.run_once()
+    assert [(pid, reply) for pid, reply, _ in client.replies] == [("per_1", "reject")], "force-push stays refused"
     g.teardown()
 
 

@@ -98,15 +98,15 @@ def _rsync(call: Call, r: Reading) -> str | None:
 def danger(operand: str, cwd: str | None, r: Reading) -> str | None:
     """What destroying ``operand`` destroys, when it is work; None when it is not."""
     for alt in _brace_expansions(operand):
-        trimmed = alt.rstrip("/") or "/"
-        last = trimmed.rsplit("/", 1)[-1]
-        if last in (".", ".."):
-            return f"{alt} (the working directory{' and above' if last == '..' else ''})"
-        if cwd is None and everything(last) and re.fullmatch(r"(\.{1,2}/)*", trimmed[:-len(last)]):
-            return f"{alt} (everything in the working directory)"
         path = shell.expand_path(alt, cwd, r.home_dir)
         if path is not None and (why := judge(path, r.project, r.home)):
             return f"{alt} ({why})"
+        trimmed = alt.rstrip("/") or "/"
+        last = trimmed.rsplit("/", 1)[-1]
+        if last in (".", ".."):
+            return f"{alt} ({'the directory itself' if last == '.' else 'a parent directory'})"
+        if cwd is None and everything(last) and re.fullmatch(r"(\.{1,2}/)*", trimmed[:-len(last)]):
+            return f"{alt} (everything in the working directory)"
     return None
 
 

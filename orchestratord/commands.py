@@ -6,8 +6,8 @@ push`` runs git; ``bash -c '…'``, ``eval``, a heredoc or an ``echo … |`` fed
 scripts that are read in turn; the words after ``echo``, ``grep`` or ``git commit -m`` are
 only data. The rules ask a :class:`Reading` for the calls of the programs they judge.
 
-Prose (a teammate's message) and whatever the shell reading could not read are read the
-old, cautious way: wherever a program is named, a call starts.
+Prose (a teammate's message) and whatever the shell reading could not read are read word
+by word (:mod:`.prose`): wherever a program is named, a call starts.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Container, Iterator, Sequence
 
 from . import code, lexer, shell
+from .prose import segments
 
 COMMAND, PATH, MESSAGE, TOOL = "command", "path", "message", "tool"  # what a rule can look at
 MAX_DEPTH = 8  # scripts inside scripts read before the rest is judged word by word
@@ -400,43 +401,3 @@ def find_commands(args: Sequence[str]) -> Iterator[list[str]]:
                 i += 1
             yield argv
         i += 1
-
-
-# -- words, for prose and for what the shell reading could not read -------------------
-
-OPERATORS = {";", "&&", "||", "|", "&", "|&", "(", ")", "{", "}", "\n", "`", "$(", "<(", ">(", "!"}
-
-
-def _dequote_fallback(text: str) -> list[str]:
-    text = re.sub(r"[\"'`\\]", "", text)
-    return re.findall(r"\|\||&&|\$\(|[;|&(){}\n]|[^\s;|&(){}]+", text)
-
-
-def tokens(text: str) -> list[str]:
-    """Shell-like tokens with quotes removed and operators separate."""
-    text = text.replace("\\\n", " ")
-    lex = shlex.shlex(text, posix=True, punctuation_chars=";&|()<>")
-    lex.whitespace_split = True
-    lex.commenters = ""
-    try:
-        out = list(lex)
-    except ValueError:  # unbalanced quotes: prose, or an evasion attempt
-        out = _dequote_fallback(text)
-    result: list[str] = []
-    for tok in out:  # ``$(`` and backticks end up glued to words; split them off
-        result.extend(piece for piece in re.split(r"(\$\(|`|<\(|>\()", tok) if piece)
-    return result
-
-
-def segments(text: str, depth: int = 0) -> list[list[str]]:
-    """The token lists between shell operators; a quoted piece with spaces is read as a script too."""
-    segs: list[list[str]] = [[]]
-    nested: list[list[str]] = []
-    for tok in tokens(text):
-        if depth < MAX_DEPTH and any(c.isspace() for c in tok.strip()) and tok.strip() != text.strip():
-            nested.extend(segments(tok, depth + 1))  # sh -c '…', eval "…", ssh host '…', or a quote in prose
-        if tok in OPERATORS or (tok and set(tok) <= set(";&|()<>")):
-            segs.append([tok] if tok in ("|", "|&") else [])
-        else:
-            segs[-1].append(tok)
-    return [s for s in segs if s] + nested

@@ -23,6 +23,7 @@ SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/l
 SYSTEM_TOPS = ("/opt", "/srv", "/mnt", "/media", "/home", "/Users", "/snap", "/run", "/tmp", "/var/tmp", "/nix",
                "/lost+found")  # the directory itself, and everything in it at once
 SCRATCH = ("/tmp", "/var/tmp")  # what is in them is there to be deleted
+PRECIOUS = (".ssh", ".gnupg", ".aws", ".kube", ".config", ".local", "Documents", "Desktop")  # in a home
 NARROWING = {"-name", "-iname", "-path", "-ipath", "-regex", "-iregex", "-wholename", "-iwholename", "-newer",
              "-mtime", "-mmin", "-atime", "-amin", "-ctime", "-cmin", "-size", "-user", "-group", "-uid", "-gid",
              "-empty", "-perm", "-links", "-inum", "-samefile", "-lname", "-ilname", "-newermt"}
@@ -42,6 +43,12 @@ def check_recursive_delete(r: Reading) -> str | None:
             for op in operands:
                 if why := danger(op, call.cwd, r):
                     return f"recursive delete of {why}"
+    for call in r.calls({"mv"}):
+        _, operands = options(call.args)
+        if len(operands) >= 2 and operands[-1] == "/dev/null":
+            for op in operands[:-1]:
+                if why := danger(op, call.cwd, r):
+                    return f"move to /dev/null of {why}"
     for call in r.calls({"find"}):
         if why := _find(call, r):
             return why
@@ -124,6 +131,11 @@ def judge(path: str, project: str | None, home: str | None) -> str | None:
         return f"{inside}a home directory"
     if project and (base == project or project.startswith(base.rstrip("/") + "/")):
         return f"{inside}the project directory" if base == project else "a directory above the project"
+    if project and base == f"{project}/.git":
+        return f"{inside}the project's git history"
+    parent, _, name = base.rpartition("/")
+    if name in PRECIOUS and is_home(parent, home):
+        return f"{inside}{name} in a home directory"
     if base in SYSTEM_TOPS and (not whole or base not in SCRATCH):
         return f"{inside}the system directory {base}"
     for tree in SYSTEM_TREES:

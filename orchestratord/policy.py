@@ -205,7 +205,7 @@ def check_chmod(r: Reading) -> str | None:
         if not operands:
             continue
         mode, targets = operands[0], operands[1:]
-        if not (recursive or mode.endswith("777")) or not MODE.fullmatch(mode):
+        if not (recursive or mode.endswith("777") or mode in ("000", "0000")) or not MODE.fullmatch(mode):
             continue
         for t in targets:
             path = shell.expand_path(t, call.cwd, r.home_dir) if call.cwd else _loose_path(t)
@@ -276,8 +276,9 @@ HOLD_ACTIONS = ("escalate", "hold")
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("recursive-delete", frozenset({COMMAND, MESSAGE}), check=check_recursive_delete,
-         description="recursive delete of /, a home, the project or above it, everything in one of those, . or .., "
-                     "or anything under a system directory; also by find, rsync --delete and interpreter code"),
+         description="recursive delete of /, a home (or its keys and documents), the project, its .git or a "
+                     "directory above it, everything in one of those, . or .., or anything under a system directory; "
+                     "also by find, rsync --delete, mv to /dev/null and interpreter code"),
     Rule("disk-wipe", frozenset({COMMAND, MESSAGE}), check=check_disk_wipe,
          description="mkfs, dd or a redirection to a block device, shred, wipefs, partitioning"),
     Rule("fork-bomb", frozenset({COMMAND, MESSAGE}), check=check_fork_bomb, description="fork bomb"),
@@ -292,7 +293,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("pipe-to-shell", frozenset({COMMAND, MESSAGE}), check=check_pipe_to_shell,
          description="curl/wget output run by a shell"),
     Rule("chmod-root", frozenset({COMMAND, MESSAGE}), check=check_chmod,
-         description="recursive chmod/chown of / or a home"),
+         description="recursive, 777 or 000 chmod/chown of /, a home or a system directory"),
     Rule("credentials", frozenset({COMMAND, PATH}), check=check_credentials,
          description="reading or sending ~/.ssh, .env, cloud credentials"),
     Rule("lead-takeover", frozenset({MESSAGE}), check=check_takeover, actions=("escalate", "tell"),

@@ -36,14 +36,16 @@ BLOCKED: dict[str, dict[str, list[str]]] = {
         "a home": [
             "rm -rf ~", "rm -rf ~/", "rm -rf ~/*", "rm -rf ~/.*", "rm -rf $HOME", 'rm -rf "$HOME"',
             'rm -rf "${HOME}/"', "rm -rf /home/dev", "rm -rf /home/alice", "rm -rf /root", "cd ~ && rm -rf *",
-            "rm -rf ~dev", "cd; rm -rf ./*",
+            "rm -rf ~dev", "cd; rm -rf ./*", "rm -rf ~/.ssh", "rm -rf ~/Documents/*", "rm -rf /home/dev/.gnupg",
+            "mv ~/.ssh /dev/null",
         ],
         "the project and above it": [
             "rm -rf /srv/project", "rm -rf /srv/project/", "rm -rf /srv", "rm -rf .", "rm -rf ./", "rm -rf ..",
             "rm -rf ../", "rm -rf *", "rm -rf ./*", "rm -rf .*", "rm -rf ./.*", "rm -rf {*,.*}", "rm -rf .[!.]*",
             'rm -rf "$PWD"', 'rm -rf "$(pwd)"', "rm -rf `pwd`/*", "cd .. && rm -rf project", "cd /srv && rm -rf project",
             "cd / && rm -rf srv", "cd /srv/project/build && rm -rf ../../project", "cd /etc; rm -rf nginx",
-            "rm -rf /srv/project/*", "rm -rf src/../*", "cd build\nrm -rf ..",
+            "rm -rf /srv/project/*", "rm -rf src/../*", "cd build\nrm -rf ..", "rm -rf .git", "rm -rf ./.git/",
+            "mv /srv/project /dev/null",
         ],
         "find and rsync": [
             "find . -delete", "find / -name '*' -delete", "find ~ -type f -delete", "find /srv/project -mindepth 1 -delete",
@@ -164,7 +166,7 @@ BLOCKED: dict[str, dict[str, list[str]]] = {
     "chmod-root": {
         "permissions of / and homes": [
             "chmod -R 777 /", "sudo chmod -R 777 /etc", "chmod 777 /", "sudo chown -R nobody /home",
-            "chown -R dev:dev /usr", "chmod -R 000 ~", "chmod -R a+rwx /var", "sudo chgrp -R staff /",
+            "chown -R dev:dev /usr", "chmod -R 000 ~", "chmod -R a+rwx /var", "sudo chgrp -R staff /", "chmod 000 /",
         ],
     },
     "credentials": {
@@ -267,7 +269,8 @@ ALLOWED: dict[str, list[str]] = {
         "cd build && rm -rf *", "cd /srv/project/frontend && rm -rf node_modules", "find . -name '*.pyc' -delete",
         "find . -name __pycache__ -type d -exec rm -rf {} +", "find /tmp/work -mindepth 1 -delete",
         "find build -type f -delete", "rm file.txt", "rm -i notes.txt", "rsync -a --delete build/ /srv/www/html/",
-        "rsync -av src/ backup/", "(cd build && rm -rf ./*)",
+        "rsync -av src/ backup/", "(cd build && rm -rf ./*)", "rm -rf ~/.config/nvim", "rm -rf vendor/lib/.git",
+        "rm -f ~/Downloads/old.iso", "mv build /tmp/old-build", "mv debug.log /dev/null",
     ],
     "everything else": [
         "mkdir -p build/out", "cp -r src dst", "mv old.txt new.txt", "chmod +x scripts/run.sh", "chmod -R u+w build",
@@ -279,7 +282,7 @@ ALLOWED: dict[str, list[str]] = {
         'echo "done" > /dev/null', "sudo systemctl restart nginx", "sudo apt-get install -y ripgrep", "brew install jq",
         "nohup python3 server.py > server.log 2>&1 &", "xargs -n1 echo < list.txt", "git ls-files | xargs wc -l",
         "find . -name '*.go' | xargs gofmt -l", "sh -c 'echo $HOME'", "sudo -u postgres psql -c '\\l'", "fdisk -l",
-        "parted /dev/sda print", "history | tail", "ssh prod 'df -h'",
+        "parted /dev/sda print", "history | tail", "ssh prod 'df -h'", "chmod 000 secret.txt",
     ],
 }
 

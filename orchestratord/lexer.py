@@ -26,6 +26,8 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "e": "\x1b", 
 
 @dataclass
 class Word:
+    """A word as the program receives it, or as written where that depends on run time ($HOME)."""
+
     text: str = ""
     quoted: bool = False  # some of it was quoted or escaped: never a keyword
     plain: int = -1  # how many leading characters were unquoted (-1: all)
@@ -34,6 +36,8 @@ class Word:
 
 @dataclass
 class Redirect:
+    """``>file``, ``<file``, a heredoc or a here-string; what a program reads or writes besides its words."""
+
     op: str
     target: str = ""
     body: str | None = None  # a heredoc's lines, a here-string's word

@@ -26,6 +26,8 @@ MAX_NESTING = 64  # compound commands inside each other that are read as such
 
 @dataclass
 class Command:
+    """A simple command, and what the line around it says about how it runs."""
+
     words: list[Word]
     assigns: list[Word]
     redirects: list[Redirect]
@@ -41,6 +43,8 @@ class Command:
 
 @dataclass
 class Parsed:
+    """The commands of a line in the order they run; what could not be read."""
+
     commands: list[Command]
     problems: list[str]
 

@@ -3,10 +3,10 @@
 Judging is cheap and pure (see :mod:`.policy`), so it happens in the thread that sees the
 input: the event reader for tool calls, permission requests and the orchestrator's own
 output, the inbox watcher for teammate messages. That thread records the escalation in
-the ledger and logs it at critical priority before it moves on, so a crash cannot lose
-one. The :class:`Guard` worker then carries out what the rule asks (reject the
-permission request, tell the orchestrator, abort the session, run the hooks), each
-action once, from the ledger.
+the ledger and logs it (at critical priority; a hold rule's at warning) before it moves
+on, so a crash cannot lose one. The :class:`Guard` worker then carries out what the rule
+asks (reject the permission request or note that it is held for a person, tell the
+orchestrator, abort the session, run the hooks), each action once, from the ledger.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Seen:
     team: str | None = None
     teammate: str | None = None
     permission_id: str | None = None
+    directory: str | None = None  # the event's directory: the project, when the session is not known
     claimed: str | None = None  # a send_message call's ``sender``: who it says it is from
 
 
@@ -103,7 +104,7 @@ def seen_in_event(event: Event, own_session: str | None,
         return []
     key = f"call:{part.get('messageID')}:{part.get('callID') or part.get('id')}"
     source = FROM_OUTPUT if sid and sid == own_session else FROM_TOOL
-    return [Seen(source, kind, text, key, session_id=sid, team=team, teammate=who,
+    return [Seen(source, kind, text, key, session_id=sid, team=team, teammate=who, directory=event.directory,
                  claimed=who if tool.endswith("send_message") else None)
             for kind, text, team, who, key in _tool_inputs(tool, inp, key)]
 
@@ -190,6 +191,8 @@ class Judge:
     def findings(self, seen: Seen, context: Context | None = None) -> list[Finding]:
         if not self.enabled or self.allowed(seen.text):
             return []
+        if (context is None or context.project is None) and seen.directory and seen.directory.startswith("/"):
+            context = Context(project=seen.directory, home=context.home if context else None)
         return evaluate(seen.text, seen.kind, self.rules, context)
 
     def rule(self, name: str) -> Rule | None:

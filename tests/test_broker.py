@@ -25,13 +25,6 @@ from tests.support.server import OpencodeServer
 from tests.support.watch import EventWatch
 
 ASK = {"permission": "bash", "pattern": "*", "action": "ask"}
-GIT_DISCARD = """
-[[safety.rules]]
-name = "git-discard"
-pattern = '\\bgit\\s+reset\\s+--hard\\b'
-actions = ["escalate", "hold", "tell"]
-severity = "medium"
-"""
 
 
 @pytest.fixture
@@ -171,7 +164,7 @@ def test_harmless_commands_run_without_a_person(bed: Bed, watch: EventWatch) -> 
 def test_held_requests_wait_for_a_person(bed: Bed, watch: EventWatch) -> None:
     project = bed.server.project
     subprocess.run(["git", "init", "-q", str(project)], check=True)
-    bed.write_config(extra=NO_IDLE + "\n[safety]\nhold_timeout_seconds = 4\n" + GIT_DISCARD)
+    bed.write_config(extra=NO_IDLE + "\n[safety]\nhold_timeout_seconds = 4\n")
     script_orchestrator(bed.model, reply="noted")
     d = bed.ready_daemon()
     d.wait_log("stream-connected")

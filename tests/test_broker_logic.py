@@ -242,6 +242,18 @@ def test_requests_are_answered_by_policy(tmp_path: Path, server: FakeServer) -> 
     b.teardown()
 
 
+def test_a_hold_in_disguise_is_held_and_a_force_push_stays_refused(tmp_path: Path, server: FakeServer) -> None:
+    server.add("ses_w1", "worker-1@my-team")
+    b = broker(tmp_path, server)
+    b.run_once()
+    b.asked(server.ask("per_1", "ses_w1", "env git reset --hard"))
+    b.asked(server.ask("per_2", "ses_w1", "command git push --force"))
+    b.run_once()
+    assert replies(server) == [("per_2", "reject")]
+    assert b.ledger is not None and b.ledger.permission("per_1").state == "held"  # type: ignore[union-attr]
+    b.teardown()
+
+
 def test_a_persons_own_session_is_left_to_them_unless_critical(tmp_path: Path, server: FakeServer) -> None:
     server.add("ses_chat", "fix the build")
     b = broker(tmp_path, server, sessions="teammates")
@@ -301,10 +313,8 @@ def test_requests_asked_while_away_are_answered_oldest_first(tmp_path: Path, ser
     b.teardown()
 
 
-#: a rule that holds ``git reset --hard`` for a person
-HOLDING = Judge(build_rules([type("C", (), {"name": "hold-it", "pattern": r"\bgit reset --hard\b",
-                                            "actions": ("escalate", "hold", "tell"), "severity": "medium",
-                                            "applies_to": ("command",), "enabled": True})()]))
+#: the built-in rules: git-discard holds ``git reset --hard`` for a person
+HOLDING = Judge(build_rules(()))
 
 
 def test_held_requests_wait_for_a_person_or_the_timeout(tmp_path: Path, server: FakeServer) -> None:
@@ -320,7 +330,8 @@ def test_held_requests_wait_for_a_person_or_the_timeout(tmp_path: Path, server: 
     assert b.ledger is not None
     assert [p.id for p in b.ledger.permissions(states=("held",))] == ["per_1", "per_2"]
     [e1, e2] = sorted(b.ledger.escalations(), key=lambda e: e.id)
-    assert e1.permission_id == "per_1" and "hold" in e1.actions
+    assert e1.permission_id == "per_1" and (e1.rule, e1.severity) == ("git-discard", "medium")
+    assert "hold" in e1.actions and "tell" in e1.actions, "the orchestrator is told the teammate waits"
     # A person allows the first (what `orchestratord allow` records), and the daemon sends it.
     assert b.ledger.answer_permission("per_1", decision="approve", reply="once", message=None, by="person")
     assert not b.ledger.answer_permission("per_1", decision="reject", reply="reject", message=None, by="timeout")

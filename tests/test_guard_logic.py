@@ -17,7 +17,7 @@ from orchestratord.hooks import Hooks
 from orchestratord.inbox import TeamMessage
 from orchestratord.ledger import Ledger
 from orchestratord.logs import LineFormatter
-from orchestratord.policy import build_rules
+from orchestratord.policy import Context, build_rules
 from orchestratord.sessions import SessionInfo
 from orchestratord.stream import normalize
 from tests.support.daemon import wait_for
@@ -57,6 +57,16 @@ def test_bash_call_is_a_command_and_keyed_by_call() -> None:
     [seen] = seen_in_event(tool_event("bash", {"command": "rm -rf /"}), own_session="ses_orch")
     assert (seen.source, seen.kind, seen.text, seen.key) == ("tool", "command", "rm -rf /", "call:msg_1:call_1")
     assert [f.rule for f in JUDGE.findings(seen)] == ["recursive-delete"]
+
+
+def test_commands_are_judged_in_the_directory_the_event_names() -> None:
+    [seen] = seen_in_event(tool_event("bash", {"command": "rm -rf /p"}), own_session=None)
+    assert seen.directory == "/p" and [f.rule for f in JUDGE.findings(seen)] == ["recursive-delete"]
+    [build] = seen_in_event(tool_event("bash", {"command": "cd /p/build && rm -rf *"}), own_session=None)
+    assert JUDGE.findings(build) == []
+    [asked] = seen_in_permission(permission("rm -rf ../p"))
+    assert [f.rule for f in JUDGE.findings(asked, Context(project="/p"))] == ["recursive-delete"]
+    assert JUDGE.findings(asked, Context(project="/srv/other/q")) == [], "../p of /srv/other/q is no project of it"
 
 
 def test_pending_call_without_input_is_not_judged() -> None:

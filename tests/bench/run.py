@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import broker, corpus, ingest, live, memory
+from . import broker, corpus, ingest, live, memory, rules
 from .replay import ReplayServer
 
 
@@ -222,6 +222,7 @@ def table(r: dict[str, Any]) -> str:
          "< 200 ms", yes(led["status_json_ms"] < 200)),
         ("ledger: writer alone, batches of 1,000", f"{led['writer_rows_per_s']:,} rows/s", "", ""),
         *broker_rows(r["broker"], yes),
+        *rules.rows(r["rules"], yes),
     ]
     widths = [max(len(row[i]) for row in rows + [("measure", "figure", "goal", "met")]) for i in range(4)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(("measure", "figure", "goal", "met"), widths))]
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "machine": machine(), "quick": args.quick,
                                   "corpus": {"events_per_turn": stream.frames, "deltas_per_turn": stream.deltas,
                                              "sync_per_turn": stream.syncs}}
+        result["rules"] = rules.run()
+        say(f"rules: {result['rules']['commands']} commands judged")
         result["ingest"] = bench_ingest(tmp, sizes, stream, say)
         result["ledger"] = bench_ledger(tmp, sizes, stream, say)
         (tmp / "memory").mkdir()

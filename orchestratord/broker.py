@@ -52,6 +52,8 @@ WATCH_SECONDS = 30.0
 #: a restarted turn that the server aborts at once is prompted again, this many times
 RESTART_TRIES = 3
 ABORT_PAUSE = 1.5
+#: how often a prompt that came before the rules is looked at until its turn begins
+AWAIT_POLL = 0.1
 CONTINUE = ("(orchestratord interrupted this turn for a moment to put safety rules in place. Nothing was "
             "lost: carry on with the task you were working on.)")
 
@@ -203,6 +205,8 @@ class Broker(ServerWorker):
         self._users: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self.watch: dict[str, Watch] = {}
         self.restarts: dict[str, Restart] = {}  # by the interrupted prompt's message ID
+        # prompts that came before the rules, whose turn has not begun: (session, message, until)
+        self.awaiting: dict[str, tuple[str, dict[str, Any], float]] = {}
 
     # -- what the event reader tells us (its thread) -------------------------------
 
@@ -228,11 +232,16 @@ class Broker(ServerWorker):
         self.wake()
 
     def user_message(self, session_id: str, info: dict[str, Any]) -> None:
-        """A user message (a prompt) stored in a session: it may have come before our rules."""
+        """A message stored in a session: a prompt may have come before our rules, a reply begun its turn."""
         with self._lock:
             if session_id not in self.watch:
                 return
-            self._users.append((session_id, info))
+            if info.get("role") == "user":
+                self._users.append((session_id, info))
+            elif info.get("parentID") in self.awaiting:
+                self._users.append(self.awaiting[info["parentID"]][:2])
+            else:
+                return
         self.wake()
 
     def asks(self, session_id: str, permission: str) -> bool:
@@ -269,8 +278,7 @@ class Broker(ServerWorker):
                     return min(30.0, 2.0 * 2 ** min(self._resync_failures, 4))
                 self._resync_failures = 0
             self._cover_seen()
-            self._check_users()
-            wait = self._follow_restarts()
+            wait = min(self._check_users(), self._follow_restarts())
             self._send_person_answers()
             return min(wait, self._expire_holds())
         finally:
@@ -432,16 +440,23 @@ class Broker(ServerWorker):
     def _ours(self, message_id: str) -> bool:
         return any(r.prompt_id == message_id for r in self.restarts.values())
 
-    def _check_users(self) -> None:
+    def _check_users(self) -> float:
+        """Look at the prompts of watched sessions; the seconds until a waiting one is looked at again."""
         now = self.clock()
         with self._lock:
             users, self._users = list(self._users), collections.deque()
-            for sid in [s for s, w in self.watch.items() if w.until < now]:
+            for mid in [m for m, (_, _, until) in self.awaiting.items() if until < now]:
+                del self.awaiting[mid]
+            users += [(sid, user) for sid, user, _ in self.awaiting.values()]
+            for sid in [s for s, w in self.watch.items() if w.until < now and
+                        not any(a[0] == s for a in self.awaiting.values())]:
                 del self.watch[sid]
         for sid, info in users:
             if self.stopping:
-                return
+                break
             self._consider(sid, info, None)
+        with self._lock:
+            return AWAIT_POLL if self.awaiting else PERSON_POLL
 
     def _consider(self, session_id: str, user: dict[str, Any], recent: list[dict[str, Any]] | None) -> None:
         """Restart the turn of ``user`` (a prompt) if it arrived before the session's rules did."""
@@ -466,7 +481,18 @@ class Broker(ServerWorker):
         finished = any((r["info"].get("time") or {}).get("completed") and r["info"].get("finish") not in
                        ("tool-calls", "unknown", None) for r in replies)
         if finished and not busy:
+            with self._lock:
+                self.awaiting.pop(mid, None)
             return  # it already ended; what it did, the guard saw
+        if not replies:
+            # Stored, but its turn has not begun (a server that has just started sets up its
+            # MCP servers first). Aborting it now can leave the server's next turn hanging, so
+            # wait for the turn to begin: its model has not answered yet when it does.
+            with self._lock:
+                self.awaiting.setdefault(mid, (session_id, user, self.clock() + WATCH_SECONDS))
+            return
+        with self._lock:
+            self.awaiting.pop(mid, None)
         w.restarted.add(mid)
         started = any(p.get("type") not in ("step-start", None) for r in replies for p in r.get("parts") or []
                       if isinstance(p, dict))
@@ -486,6 +512,7 @@ class Broker(ServerWorker):
         assert self.client is not None
         info = self.sessions.get(r.session_id)
         try:
+            self.shared.note_abort(r.session_id)
             self.client.abort(r.session_id)
         except OpencodeError as exc:
             self.log.critical(logs.kv("turn-restart-failed", session=r.session_id,

@@ -331,6 +331,8 @@ class EventReader(Worker):
             seen = seen_in_event(event, own, desk.asks if desk is not None else None)
             if seen and self.judge.record(self.ledger, seen, own, self._session):
                 self.on_escalation()
+        if event.type == "session.error" and _aborted(event) and self.shared.aborted_recently(event.session_id):
+            return  # the daemon aborted that turn itself (a restart, the guard): nothing to tell
         matches = self.rules.match(event, own, self._session)
         if matches:
             self._flush()
@@ -378,7 +380,7 @@ class EventReader(Worker):
         elif etype == "message.updated" and sid:
             info = props.get("info")
             desk = self.desk()
-            if desk is not None and isinstance(info, dict) and info.get("role") == "user":
+            if desk is not None and isinstance(info, dict) and info.get("role") in ("user", "assistant"):
                 desk.user_message(sid, info)
         elif etype == "server.instance.disposed":
             self.shared.replace_statuses({})
@@ -472,6 +474,11 @@ class EventReader(Worker):
         if self.last_seq != self._saved_seq:
             self.last_seq = dict(self._saved_seq)
             self._seq_changed = False
+
+
+def _aborted(event: Event) -> bool:
+    err = event.properties.get("error")
+    return isinstance(err, dict) and err.get("name") == "MessageAbortedError"
 
 
 def _poller(resp: requests.Response) -> select.poll | None:

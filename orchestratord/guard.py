@@ -271,15 +271,17 @@ def _str(value: Any) -> str | None:
 # -- the worker that carries out the actions -----------------------------------------
 
 class Guard(ServerWorker):
-    """Carries out each escalation's actions once: hooks, reject, tell, abort."""
+    """Carries out each escalation's actions once: hooks, tell, abort."""
 
     name = "guard"
     stall_after = 60.0
 
     def __init__(self, *, make_client: Callable[[], OpencodeClient], ledger_path: str, hooks: Sequence[Any],
                  own_session: Callable[[], str | None], on_trigger: Callable[[], None],
+                 note_abort: Callable[[str], None] = lambda sid: None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         super().__init__(make_client, ledger_path, clock)
+        self.note_abort = note_abort
         self.hook_configs = tuple(hooks)
         self.own_session = own_session
         self.on_trigger = on_trigger
@@ -368,6 +370,7 @@ class Guard(ServerWorker):
             outcome["abort"] = "skipped: the orchestrator's own session"
             return True
         try:
+            self.note_abort(e.session_id)
             self.client.abort(e.session_id)
         except Unreachable as exc:
             self.log.warning(logs.kv("session-abort-failed", session=e.session_id, error=str(exc), action="retrying"))

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
+#: how long an abort by the daemon explains a session's MessageAbortedError
+ABORT_MEMORY = 30.0
+
+
 class DaemonState(enum.Enum):
     STARTING = "starting"
     READY = "ready"
@@ -67,6 +71,7 @@ class Shared:
     last_activity: dict[str, float] = field(default_factory=dict)  # monotonic
     waiting: dict[str, str] = field(default_factory=dict)  # sessionID -> "permission bash" / "question"
     went_busy: dict[str, float] = field(default_factory=dict)  # monotonic time of the last busy event
+    aborted: dict[str, float] = field(default_factory=dict)  # sessions the daemon aborted: monotonic time
     pending_triggers: int = 0
     ledger_failing: bool = False  # writes to the ledger fail (see ledgerwatch)
     changed: threading.Event = field(default_factory=threading.Event)
@@ -84,6 +89,18 @@ class Shared:
                 self.stream_losses += 1
             self.stream_connected = False
         self.changed.set()
+
+    def note_abort(self, session_id: str) -> None:
+        """The daemon is about to abort a turn of ``session_id``: its MessageAbortedError is ours."""
+        with self.lock:
+            now = self.clock()
+            self.aborted = {k: v for k, v in self.aborted.items() if now - v < ABORT_MEMORY}
+            self.aborted[session_id] = now
+
+    def aborted_recently(self, session_id: str | None) -> bool:
+        with self.lock:
+            at = self.aborted.get(session_id) if session_id else None
+            return at is not None and self.clock() - at < ABORT_MEMORY
 
     def set_status(self, session_id: str, status: str | None) -> None:
         """Record a session's status from an event (``None`` or ``idle`` clears it)."""

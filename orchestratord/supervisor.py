@@ -182,6 +182,7 @@ class Supervisor:
         if name == "guard":
             return Guard(make_client=self._client, ledger_path=cfg.ledger.path, hooks=cfg.safety.hooks,
                          own_session=lambda: self.shared.session_id, on_trigger=self._wake("dispatch"),
+                         note_abort=self.shared.note_abort,
                          clock=self.clock)
         if name == "broker":
             s = cfg.safety

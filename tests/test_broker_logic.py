@@ -34,6 +34,11 @@ class FakeServer:
         self.patches: list[tuple[str, list[dict[str, str]]]] = []
         self.down = False
         self.patch_fails: Exception | None = None
+        self.msgs: dict[str, list[dict[str, Any]]] = {}
+        self.busy: set[str] = set()
+        self.aborts: list[str] = []
+        self.prompted: list[tuple[str, str, list[dict[str, Any]]]] = []
+        self.now_ms = 1_000_000.0
 
     def add(self, sid: str, title: str, permission: list[dict[str, str]] | None = None,
             directory: str = "/srv/project") -> None:
@@ -66,7 +71,18 @@ class FakeServer:
             raise self.patch_fails
         self.patches.append((sid, rules))
         self.sessions[sid]["permission"].extend(rules)
-        return self.get_session(sid)
+        self.now_ms += 5
+        return dict(self.get_session(sid), time={"updated": self.now_ms})
+
+    def prompted_before(self, sid: str, mid: str, text: str, begun: bool) -> dict[str, Any]:
+        """A prompt stored before any PATCH (and, if ``begun``, its turn's reply started)."""
+        user = {"id": mid, "role": "user", "time": {"created": self.now_ms - 50}, "agent": "build"}
+        self.msgs.setdefault(sid, []).append({"info": user, "parts": [{"type": "text", "text": text}]})
+        if begun:
+            self.msgs[sid].append({"info": {"id": "msg_a", "role": "assistant", "parentID": mid, "time": {}},
+                                   "parts": [{"type": "step-start"}]})
+        self.busy.add(sid)
+        return user
 
     def permissions(self) -> list[dict[str, Any]]:
         self._up()
@@ -78,6 +94,25 @@ class FakeServer:
             raise NotFound(rid)
         del self.pending[rid]
         self.replies.append((rid, reply, message))
+
+    # -- what a turn restart uses ------------------------------------------------------
+
+    def messages(self, sid: str, limit: int | None = None) -> list[dict[str, Any]]:
+        self._up()
+        return list(self.msgs.get(sid, []))
+
+    def session_status(self) -> dict[str, Any]:
+        self._up()
+        return {sid: {"type": "busy"} for sid in self.busy}
+
+    def abort(self, sid: str) -> None:
+        self._up()
+        self.aborts.append(sid)
+        self.busy.discard(sid)
+
+    def prompt_parts(self, sid: str, parts: list[dict[str, Any]], message_id: str, **kw: Any) -> None:
+        self._up()
+        self.prompted.append((sid, message_id, parts))
 
     def close(self) -> None:
         pass
@@ -397,3 +432,50 @@ def test_release_at_a_clean_stop_by_config(tmp_path: Path, server: FakeServer) -
     kept.release_at_stop = True
     kept.teardown()
     assert server.sessions["ses_w1"]["permission"][-1] == ASK[0]
+
+
+def test_a_turn_prompted_before_the_rules_waits_to_begin_then_is_restarted(tmp_path: Path,
+                                                                          server: FakeServer) -> None:
+    clock = Clock()
+    server.add("ses_w1", "worker-1@my-team")
+    user = server.prompted_before("ses_w1", "msg_u1", "clean up the workspace", begun=False)
+    b = broker(tmp_path, server, clock=clock)
+    b.run_once()  # rules on; its prompt came first, but its turn has not begun: nothing aborted yet
+    assert server.patches and server.aborts == []
+    b.user_message("ses_w1", user)
+    clock.now += 0.1
+    b.run_once()
+    assert server.aborts == [], "a turn waiting for the server to set up is not aborted"
+    server.msgs["ses_w1"].append({"info": {"id": "msg_a", "role": "assistant", "parentID": "msg_u1", "time": {}},
+                                  "parts": [{"type": "step-start"}]})
+    b.user_message("ses_w1", {"id": "msg_a", "role": "assistant", "parentID": "msg_u1"})
+    b.run_once()
+    assert server.aborts == ["ses_w1"] and b.shared.aborted_recently("ses_w1")
+    clock.now += 0.1
+    b.run_once()
+    [(sid, new_id, parts)] = server.prompted
+    assert sid == "ses_w1" and parts == [{"type": "text", "text": "clean up the workspace"}]
+    # The server aborts that one too (it sometimes does, right after an abort): it goes again, later.
+    server.msgs["ses_w1"].append({"info": {"id": "msg_b", "role": "assistant", "parentID": new_id, "time": {},
+                                           "error": {"name": "MessageAbortedError"}}, "parts": []})
+    clock.now += 1.1
+    b.run_once()
+    assert len(server.prompted) == 1
+    clock.now += 1.6
+    b.run_once()
+    assert len(server.prompted) == 2 and server.aborts == ["ses_w1"], "sent again, not aborted again"
+    b.teardown()
+
+
+def test_a_turn_that_asked_already_or_came_after_the_rules_is_left_alone(tmp_path: Path,
+                                                                         server: FakeServer) -> None:
+    server.add("ses_w1", "worker-1@my-team", permission=ASK)
+    server.prompted_before("ses_w1", "msg_u1", "work", begun=True)
+    server.add("ses_w2", "worker-2@my-team")
+    b = broker(tmp_path, server)
+    b.run_once()
+    late = {"id": "msg_u2", "role": "user", "time": {"created": server.now_ms + 100}}
+    b.user_message("ses_w2", late)
+    b.run_once()
+    assert server.aborts == [] and server.prompted == []
+    b.teardown()

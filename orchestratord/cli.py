@@ -170,6 +170,7 @@ def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
         "dispatch": {"pending_triggers": ledger.count_pending_triggers(), **totals},
         "last_dispatch": (lambda d: d[0].as_dict() if d else None)(ledger.dispatches(limit=1)),
         "escalations": _escalation_totals(ledger),
+        "permissions": _permission_totals(ledger),
         "busy_sessions": st.get("sessions", []) if running else [],
         "stalls": _recent_stalls(ledger),
         "ledger": ledger_view(cfg.ledger.path, st, running),
@@ -238,6 +239,13 @@ def _escalation_totals(ledger: Ledger) -> dict[str, Any]:
         return {"total": 0, "last": None}
 
 
+def _permission_totals(ledger: Ledger) -> dict[str, Any]:
+    try:
+        return ledger.permission_totals()
+    except sqlite3.OperationalError:  # a ledger from before the broker, opened read-only
+        return {"held": 0, "total": 0, "brokered_sessions": 0}
+
+
 def cmd_init_config(args: argparse.Namespace) -> int:
     from .initconfig import InitOptions, write_initial
 
@@ -296,6 +304,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows.append(("escalations", f"{esc['total']}" + (
         f", last {_when(esc['last']['at'])} {esc['last']['rule']} by {esc['last']['teammate'] or esc['last']['session_id'] or '-'}"
         if esc["last"] else "")))
+    perm = data["permissions"]
+    rows.append(("permissions", f"{perm['held']} held for a person" + (" (orchestratord permissions)" if perm["held"]
+                                                                      else "")
+                 + f", {perm['total']} answered or held in all, {perm['brokered_sessions']} sessions brokered"))
     rows.append(("ledger", _ledger_line(data["ledger"])))
     for b in data["busy_sessions"]:
         what = f"waiting on {b['waiting']}" if b.get("waiting") else f"last activity {b['quiet_seconds']:g}s ago"
@@ -383,6 +395,117 @@ def cmd_escalations(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_permissions(args: argparse.Namespace) -> int:
+    from .broker import held_listing
+    from .ledger import P_HELD
+
+    cfg = _load(args.config)
+    ledger = _open_ledger(cfg)
+    try:
+        rows = ledger.permissions(limit=args.limit) if args.all else ledger.permissions(states=(P_HELD,))
+    except sqlite3.OperationalError:
+        print(f"error: the ledger {cfg.ledger.path} predates the permission broker; start the daemon once to "
+              "upgrade it", file=sys.stderr)
+        return EXIT_ERROR
+    now = time.time()
+    if args.json:
+        items = [r.as_dict() for r in rows] if args.all else held_listing(rows, now)
+        print(json.dumps(items, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no request is held for a person" if not args.all else "no permission request recorded yet")
+        return EXIT_OK
+    for r in rows:
+        age = _age(now - r.asked_at)
+        who = r.teammate or r.session_id
+        command = " ".join(r.what.split())
+        if args.all:
+            print(f"{_when(r.asked_at)}  {r.id}  {r.decision:<7} by {r.decided_by:<9} {r.state:<8} {who:<16} "
+                  f"{r.rule or '-':<16} {command[:70]}")
+        else:
+            print(f"{r.id}  {age:>6}  {who:<16} {r.rule or '-':<16} {command[:80]}")
+    if not args.all:
+        print(f"answer with: orchestratord allow ID   or   orchestratord deny ID [--message TEXT]")
+    return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_allow(args: argparse.Namespace) -> int:
+    return _answer(args, "approve")
+
+
+def cmd_deny(args: argparse.Namespace) -> int:
+    return _answer(args, "reject")
+
+
+def _answer(args: argparse.Namespace, decision: str) -> int:
+    """A person's answer to a held request: recorded first, then sent (or left to the daemon to send)."""
+    from .ledger import P_HELD
+    from .opencode import NotFound, OpencodeClient, OpencodeError, read_password
+
+    cfg = _load(args.config)
+    try:
+        ledger = Ledger(cfg.ledger.path)
+    except LedgerError as exc:
+        print(f"error: {exc}; an answer is written to the ledger: run this as the daemon's user "
+              "(sudo -u opencode-orchestrator orchestratord ...) or as root", file=sys.stderr)
+        return EXIT_ERROR
+    row = ledger.permission(args.id)
+    if row is None:
+        print(f"error: no permission request {args.id} in {cfg.ledger.path}; `orchestratord permissions` lists "
+              "the held ones", file=sys.stderr)
+        return EXIT_ERROR
+    if row.state != P_HELD:
+        print(f"error: {args.id} is not held (it was decided {row.decision} by {row.decided_by}, now {row.state})",
+              file=sys.stderr)
+        return EXIT_ERROR
+    verb = "allowed" if decision == "approve" else "denied"
+    reply = "once" if decision == "approve" else "reject"
+    message = args.message or None
+    if decision == "reject":
+        message = "Denied by a person through orchestratord" + (f": {message}" if message else ".") + \
+            " Do not retry it; ask the user what to do instead."
+    try:
+        took = ledger.answer_permission(args.id, decision=decision, reply=reply, message=message, by="person")
+    except sqlite3.Error as exc:
+        print(f"error: cannot record the answer in {cfg.ledger.path}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if not took:
+        print(f"error: {args.id} was answered meanwhile; see `orchestratord permissions --all`", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        password = read_password(cfg.server.password_file)
+    except OSError as exc:
+        print(f"{verb} {args.id} (recorded; the daemon sends it: cannot read server.password_file here: "
+              f"{exc.strerror or exc})")
+        return EXIT_OK
+    client = OpencodeClient(cfg.server.url, cfg.server.username, password, cfg.server.timeout_seconds)
+    try:
+        client.reply_permission(args.id, reply, message)
+    except NotFound:
+        ledger.permission_gone(args.id, "no longer pending on the server when a person answered")
+        print(f"error: the server no longer has {args.id} (answered elsewhere, or its session ended)",
+              file=sys.stderr)
+        return EXIT_ERROR
+    except OpencodeError as exc:
+        print(f"{verb} {args.id} (recorded; the daemon sends it once the server answers: {exc})")
+        return EXIT_OK
+    finally:
+        client.close()
+    ledger.permission_replied(args.id)
+    print(f"{verb} {args.id}: {row.teammate or row.session_id} {'runs' if reply == 'once' else 'may not run'} "
+          f"{' '.join(row.what.split())[:80]!r}")
+    return EXIT_OK
+
+
 # -- parsing -----------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,6 +557,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("escalations", cmd_escalations, "list what the safety guard escalated and what it did about it")
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=50)
+    p = add("permissions", cmd_permissions, "list the permission requests held for a person (--all: every decision)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="every recorded request and its decision, not only the held")
+    p.add_argument("--limit", type=int, default=50)
+    p = add("allow", cmd_allow, "let a held permission request run, once")
+    p.add_argument("id", help="the request's ID (per_…), from `orchestratord permissions`")
+    p.add_argument("--message", help="a note kept with the answer")
+    p = add("deny", cmd_deny, "refuse a held permission request")
+    p.add_argument("id", help="the request's ID (per_…), from `orchestratord permissions`")
+    p.add_argument("--message", help="told to the teammate with the refusal")
     p = add("dispatches", cmd_dispatches, "list prompts sent to the orchestrator session and their outcomes")
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=20)

@@ -152,6 +152,13 @@ class HookConfig:
 class SafetyConfig:
     enabled: bool = True
     allow: tuple[str, ...] = ()
+    # The permission broker: teammate sessions get rules that make these permissions ask,
+    # and the daemon answers every request by policy (see orchestratord/broker.py).
+    broker: bool = True
+    broker_sessions: str = "others"
+    ask: tuple[str, ...] = ("bash",)
+    hold_timeout_seconds: float = 600.0
+    release_on_stop: bool = False
     rules: tuple[SafetyRuleConfig, ...] = ()
     hooks: tuple[HookConfig, ...] = ()
 
@@ -349,7 +356,7 @@ PATH_KEYS = {("ledger", "path"), ("server", "password_file"), ("teams", "base_di
 TOP_KEYS = (*SCHEMA, "triggers", "safety")
 
 RULE_KINDS = ("command", "path", "message", "tool")
-RULE_ACTIONS = ("escalate", "reject", "tell", "abort")
+RULE_ACTIONS = ("escalate", "reject", "hold", "tell", "abort")
 SEVERITIES = ("critical", "high", "medium", "low")
 
 
@@ -387,7 +394,18 @@ def _command(value: Any) -> tuple[str, ...]:
     return tuple(argv)
 
 
-SAFETY_KEYS: dict[str, Check] = {"enabled": _bool, "allow": _names}
+def _permissions(value: Any) -> tuple[str, ...]:
+    names = _names(value)
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_*.-]+", n)]
+    if not names or bad:
+        raise ValueError("must be a non-empty list of permission names such as [\"bash\", \"edit\", "
+                         "\"external_directory\"]" + (f", not {bad[0]!r}" if bad else ""))
+    return tuple(dict.fromkeys(names))
+
+
+SAFETY_KEYS: dict[str, Check] = {"enabled": _bool, "allow": _names, "broker": _bool,
+                                 "broker_sessions": _choice("others", "teammates"), "ask": _permissions,
+                                 "hold_timeout_seconds": _seconds(), "release_on_stop": _bool}
 SAFETY_RULE_KEYS: dict[str, Check] = {
     "name": _nonempty, "applies_to": _choices(RULE_KINDS), "pattern": _regex,
     "severity": _choice(*SEVERITIES), "actions": _choices(RULE_ACTIONS), "enabled": _bool, "description": _str,
@@ -698,7 +716,8 @@ def dump_config(cfg: Config) -> str:
                                     for p, pat, a in cfg.session.permission]
     s = cfg.safety
     out["safety"] = {
-        "enabled": s.enabled, "allow": list(s.allow),
+        "enabled": s.enabled, "allow": list(s.allow), "broker": s.broker, "broker_sessions": s.broker_sessions,
+        "ask": list(s.ask), "hold_timeout_seconds": s.hold_timeout_seconds, "release_on_stop": s.release_on_stop,
         "rules": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items() if v is not None}
                   for r in s.rules],
         "hooks": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(h).items() if v is not None}
@@ -726,6 +745,12 @@ def summarize(cfg: Config) -> str:
         f"safety    " + ("off" if not cfg.safety.enabled else
                          f"{len(cfg.safety.rules)} rule change(s), {len(cfg.safety.hooks)} hook(s), "
                          f"{len(cfg.safety.allow)} allowed pattern(s)"),
+        f"broker    " + ("off" if not (cfg.safety.enabled and cfg.safety.broker) else
+                         f"{', '.join(cfg.safety.ask)} ask in "
+                         + ("every session but the orchestrator's" if cfg.safety.broker_sessions == "others"
+                            else "sessions titled <name>@<team>")
+                         + f"; held requests rejected after {cfg.safety.hold_timeout_seconds:g}s"
+                         + ("; released at a clean stop" if cfg.safety.release_on_stop else "")),
         f"stalls    " + (f"teammates quiet {cfg.stalls.teammate_quiet_seconds:g}s; " if cfg.stalls.enabled else "off; ")
         + f"orchestrator turn {cfg.dispatch.turn_timeout_seconds:g}s without activity, "
         f"start {cfg.dispatch.start_timeout_seconds:g}s",

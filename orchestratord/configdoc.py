@@ -149,6 +149,24 @@ DESCRIPTIONS: dict[str, str] = {
         "Globs on the whole text judged (a command, a path, a message), with runs of spaces squeezed to one; "
         "what matches one is never escalated or rejected."),
 
+    "safety.broker": (
+        "The permission broker: each session it looks after gets rules appended that make the permissions "
+        "in `safety.ask` ask first, and the daemon answers every such request itself: a critical rule rejects "
+        "it, a hold rule holds it for a person (`orchestratord allow`/`deny`), anything else is approved once. "
+        "`false` leaves sessions as they are; destructive requests are still rejected."),
+    "safety.broker_sessions": (
+        "Which sessions the broker looks after: `others` (every session but the orchestrator's own) or "
+        "`teammates` (only sessions titled `<name>@<team>`, as claude-teams names its teammates, of a team in "
+        "`teams.names`, or of any team when that is empty)."),
+    "safety.ask": (
+        "The permissions a brokered session must ask for, e.g. `[\"bash\", \"edit\", \"external_directory\"]`; "
+        "a file the edit tool writes is otherwise only seen after the fact."),
+    "safety.hold_timeout_seconds": (
+        "A request held for a person and not answered within this long is rejected; a timeout never approves."),
+    "safety.release_on_stop": (
+        "At a clean stop, append rules that let the brokered sessions run unasked (and unjudged) until the "
+        "daemon is back. By default a stop fails closed: their requests wait, and are answered at the next "
+        "start."),
     "safety.rules": (
         "Changes to the built-in rules (below), by name, and regex rules of your own. A change keeps what it "
         "does not give."),
@@ -163,8 +181,9 @@ DESCRIPTIONS: dict[str, str] = {
         "warning)."),
     "safety.rules.actions": (
         "What an escalation under this rule does besides being recorded, logged and sent to the hooks: a list "
-        "of `escalate`, `reject` (answer a matching permission request `reject`), `tell` (a prompt to the "
-        "orchestrator) and `abort` (abort the offending session)."),
+        "of `escalate`, `reject` (answer a matching permission request `reject`), `hold` (hold a matching "
+        "request of a brokered session for a person), `tell` (a prompt to the orchestrator) and `abort` (abort "
+        "the offending session)."),
     "safety.rules.enabled": "`false` switches the rule off.",
     "safety.rules.description": "A few words on what the rule catches; judging does not use them.",
 

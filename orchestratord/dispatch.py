@@ -38,6 +38,9 @@ def session_permission(extra: Sequence[tuple[str, str, str]] = ()) -> list[dict[
 
 
 MAX_LISTED = 25
+#: triggers that skip the quiet period and the minimum interval, and come first in the prompt:
+#: a safety escalation, and a teammate held waiting for a person
+URGENT_KINDS = ("escalation", "hold")
 # After aborting a stuck turn the server takes a moment to wind it down; a prompt sent
 # meanwhile is aborted with it. Wait this long, and requeue a prompt that was caught anyway.
 ABORT_SETTLE = 1.5
@@ -86,7 +89,7 @@ def render_prompt(template: str, triggers: Sequence[Trigger], teams: Sequence[st
     """The prompt text: the template with the teams, the lead and a list of what happened."""
     lines = []
     # Escalations first, whatever their age: they are what the orchestrator must act on.
-    triggers = sorted(triggers, key=lambda t: (t.kind != "escalation", t.id))
+    triggers = sorted(triggers, key=lambda t: (t.kind not in URGENT_KINDS, t.id))
     for t in triggers[:MAX_LISTED]:
         who = f" teammate {t.teammate}" if t.teammate else ""
         team = f" team {t.team}" if t.team else ""
@@ -153,7 +156,8 @@ class Dispatcher(ServerWorker):
         self.last_sent: float | None = None
         self.last_sweep: float = clock()
         self.follow_started: dict[int, float] = {}
-        self.follow_outages: dict[int, int] = {}  # dispatch id -> shared.outages when last looked at
+        # dispatch id -> (shared.outages, shared.stream_losses) when last looked at
+        self.follow_outages: dict[int, tuple[int, int]] = {}
         self._cap_logged = False
         self._busy_warned: float | None = None
         self.aborted_at: float | None = None
@@ -201,19 +205,25 @@ class Dispatcher(ServerWorker):
         if known:
             try:
                 info = self.client.get_session(known)
-                if info.get("permission") != ruleset:
-                    # The config may have changed since it was created: restate the rules.
+                current = info.get("permission") if isinstance(info.get("permission"), list) else []
+                if current[len(current) - len(ruleset):] != ruleset:
+                    # The config may have changed since it was created: the server appends what
+                    # is sent, and the last matching rule wins, so the whole ruleset goes again.
                     self.client.set_session_permission(known, ruleset)
                     self.log.info(logs.kv("session-permission-updated", session=known, rules=len(ruleset)))
                 self._use_session(known)
                 return
             except NotFound:
                 self.log.warning(logs.kv("session-missing", session=known, action="creating a new one"))
-        info = self.client.create_session(self.s.session_title, ruleset)
-        sid = info["id"]
-        self.ledger.set_meta(key, sid)
+        self.shared.update(own_session_pending=True)
+        try:
+            info = self.client.create_session(self.s.session_title, ruleset)
+            sid = info["id"]
+            self.ledger.set_meta(key, sid)
+            self._use_session(sid)
+        finally:
+            self.shared.update(own_session_pending=False)
         self.log.log(logs.NOTICE, logs.kv("session-created", session=sid, title=self.s.session_title))
-        self._use_session(sid)
 
     def _use_session(self, sid: str) -> None:
         if sid != self.session_id:
@@ -246,7 +256,7 @@ class Dispatcher(ServerWorker):
             return IDLE_WAIT
         newest = max(self.seen[t.id] for t in pending)
         oldest = min(self.seen[t.id] for t in pending)
-        urgent = any(t.kind == "escalation" for t in pending)
+        urgent = any(t.kind in URGENT_KINDS for t in pending)
         # Quiet period after the newest trigger, but never starve a steady trickle. An
         # escalation skips the quiet period and the minimum interval.
         wait = min(newest + self.s.debounce, oldest + max(4 * self.s.debounce, 2.0)) - now
@@ -317,7 +327,7 @@ class Dispatcher(ServerWorker):
         assert self.ledger is not None and self.client is not None
         crash_point("before-post")
         posted_at = self.clock()  # before the POST: the session may go busy before it returns
-        outages = self.shared.outages  # likewise: the server may die as soon as it has answered
+        outages = self._outages()  # likewise: the server may die as soon as it has answered
         try:
             self.client.prompt_async(d.session_id, d.prompt, d.message_id, agent=self.s.agent, model=self.s.model)
         except NotFound:
@@ -376,7 +386,7 @@ class Dispatcher(ServerWorker):
                 self._forget_session()
             return 0.0
         finished, text, tools, error = outcome(messages, d.message_id)
-        if not finished and self.follow_outages.setdefault(d.id, self.shared.outages) != self.shared.outages:
+        if not finished and self._outage_since(d.id):
             return self._after_outage(d)
         answered = any(isinstance(m, dict) and isinstance(m.get("info"), dict)
                        and m["info"].get("parentID") == d.message_id for m in messages)
@@ -423,6 +433,20 @@ class Dispatcher(ServerWorker):
 
     # -- turns that never start or never end ------------------------------------
 
+    def _outages(self) -> tuple[int, int]:
+        return self.shared.outages, self.shared.stream_losses
+
+    def _outage_since(self, dispatch_id: int) -> bool:
+        """Whether the server may have restarted since ``dispatch_id`` was last looked at.
+
+        That takes both: the health watch saw it down, and the event stream ended. A probe
+        that only timed out while the stream went on (a loaded machine) is no restart, and
+        taking it for one would send a second prompt beside one that is merely slow to start.
+        """
+        then = self.follow_outages.setdefault(dispatch_id, self._outages())
+        now = self._outages()
+        return now[0] != then[0] and now[1] != then[1]
+
     def _after_outage(self, d: Dispatch) -> float:
         """The server went down while ``d`` was in flight: find out what became of it.
 
@@ -433,7 +457,7 @@ class Dispatcher(ServerWorker):
         new ID; a turn still running is followed as before.
         """
         assert self.ledger is not None and self.client is not None
-        seen = self.shared.outages  # noted as handled only once the look-ups below have answered
+        seen = self._outages()  # noted as handled only once the look-ups below have answered
         try:
             self.client.get_message(d.session_id, d.message_id)
         except NotFound:

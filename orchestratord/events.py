@@ -17,14 +17,15 @@ import socket
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import requests
 
 from . import ledgerwatch, logs, metrics
-from .guard import Judge, seen_in_event, seen_in_permission
+from .guard import Judge, seen_in_event
 from .ledger import EventRow, Ledger
 from .opencode import AuthError, OpencodeClient, OpencodeError
+from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
 from .stream import HIGH_VOLUME, Event, FrameGuard, frame_data, from_sync, head_session, normalize
 from .triggers import Rule, RuleSet
@@ -34,6 +35,17 @@ from .worker import Worker
 #: event rows are written when the stream pauses, or at this many rows, or this old
 BATCH_ROWS = 1000
 BATCH_SECONDS = 1.0
+
+
+class PermissionDesk(Protocol):
+    """Who answers permission requests and looks after sessions (the broker); never blocks."""
+
+    def asked(self, request: dict[str, Any]) -> None: ...
+    def replied(self, request_id: str) -> None: ...
+    def session_seen(self, info: SessionInfo) -> None: ...
+    def resync(self) -> None: ...
+    def asks(self, session_id: str, permission: str) -> bool: ...
+    def user_message(self, session_id: str, info: dict[str, Any]) -> None: ...
 
 
 class EventReader(Worker):
@@ -46,8 +58,12 @@ class EventReader(Worker):
                  reconnect_max: float, store: str, rules: Sequence[Rule],
                  on_trigger: Callable[[], None], on_own_activity: Callable[[], None],
                  judge: Judge | None = None, on_escalation: Callable[[], None] = lambda: None,
+                 sessions: SessionDirectory | None = None,
+                 desk: Callable[[], PermissionDesk | None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock)
+        self.sessions = sessions if sessions is not None else SessionDirectory()
+        self.desk = desk
         self.shared = shared
         self.make_client = make_client
         self.ledger_path = ledger_path
@@ -76,7 +92,6 @@ class EventReader(Worker):
         self._malformed = 0
         self._malformed_logged = 0.0
         self.last_seq: dict[str, int] = {}
-        self.titles: dict[str, str] = {}
         self._guard = FrameGuard(max_event_bytes, self._drained)
         self._batch_since = 0.0  # monotonic time of the oldest row in the batch
         self._waiting: select.poll | None = None  # says whether more of the stream is already here
@@ -154,12 +169,12 @@ class EventReader(Worker):
         except BaseException:
             # A failed write (or anything else) ends this connection too: say so, or status,
             # the stall watch and the dispatcher would trust a stream nobody is reading.
-            self.shared.update(stream_connected=False)
+            self.shared.stream_lost()
             metrics.stream_connected(False)
             raise
         if self.stopping:
             return 0.0
-        self.shared.update(stream_connected=False)
+        self.shared.stream_lost()
         metrics.stream_connected(False)
         self._transition("disconnected", reason)
         self.log.warning(logs.kv("stream-disconnected", path=self.path, reason=reason))
@@ -205,24 +220,13 @@ class EventReader(Worker):
             ledgerwatch.HEALTH.failed(exc, where=self.name)
 
     def _reread_permissions(self) -> None:
-        """Requests asked while we were away are not replayed: note who waits, judge them."""
-        assert self.client is not None and self.ledger is not None
-        try:
-            open_requests = [r for r in self.client.permissions() if isinstance(r, dict)]
-        except OpencodeError as exc:
-            self.log.warning(logs.kv("permission-reread-failed", error=str(exc),
-                                     fix="none needed; new requests are still seen as they come"))
-            return
+        """Requests asked and sessions made while we were away are not replayed: the broker lists them."""
         now = self.clock()
         for sid in self.shared.statuses:
             self.shared.last_activity[sid] = now  # what happened while away is unknown: start afresh
-        self.shared.replace_waiting({r["sessionID"]: f"permission {r.get('permission', '')}".strip()
-                                     for r in open_requests if isinstance(r.get("sessionID"), str)})
-        if self.judge is None or not self.judge.enabled:
-            return
-        seen = [s for req in open_requests for s in seen_in_permission(req)]
-        if seen and self.judge.record(self.ledger, seen, self.shared.session_id, self._title):
-            self.on_escalation()
+        desk = self.desk()
+        if desk is not None:
+            desk.resync()
 
     def _catch_up(self) -> None:
         """Ask for the durable events after the last seq we saw, per session."""
@@ -322,11 +326,14 @@ class EventReader(Worker):
     def _act(self, event: Event, wall: float) -> None:
         """Judge the event and raise the triggers it matches, each recorded before it counts."""
         own = self.shared.session_id
-        if self.judge is not None and event.type in ("message.part.updated", "permission.asked"):
-            seen = seen_in_event(event, own)
-            if seen and self.judge.record(self.ledger, seen, own, self._title):
+        if self.judge is not None and event.type == "message.part.updated":
+            desk = self.desk()
+            seen = seen_in_event(event, own, desk.asks if desk is not None else None)
+            if seen and self.judge.record(self.ledger, seen, own, self._session):
                 self.on_escalation()
-        matches = self.rules.match(event, own, self._title)
+        if event.type == "session.error" and _aborted(event) and self.shared.aborted_recently(event.session_id):
+            return  # the daemon aborted that turn itself (a restart, the guard): nothing to tell
+        matches = self.rules.match(event, own, self._session)
         if matches:
             self._flush()
             assert self.ledger is not None
@@ -356,37 +363,44 @@ class EventReader(Worker):
         elif etype == "session.idle" and sid:
             self.shared.set_status(sid, None)
         elif etype in ("session.created", "session.updated"):
-            info = props.get("info")
-            if isinstance(info, dict) and isinstance(info.get("id"), str) and isinstance(info.get("title"), str):
-                self.titles[info["id"]] = info["title"]
+            raw = props.get("info")
+            info = SessionInfo.from_api(raw) if isinstance(raw, dict) else None
+            if info is not None:
+                info = self.sessions.note(info)
+                desk = self.desk()
+                if desk is not None:
+                    desk.session_seen(info)
         elif etype == "session.deleted":
             info = props.get("info")
             if isinstance(info, dict) and isinstance(info.get("id"), str):
-                self.titles.pop(info["id"], None)
+                self.sessions.forget(info["id"])
                 self.shared.set_status(info["id"], None)
                 if info["id"] == self.shared.session_id:
                     self.on_own_activity()
+        elif etype == "message.updated" and sid:
+            info = props.get("info")
+            desk = self.desk()
+            if desk is not None and isinstance(info, dict) and info.get("role") in ("user", "assistant"):
+                desk.user_message(sid, info)
         elif etype == "server.instance.disposed":
             self.shared.replace_statuses({})
         elif etype in ("permission.asked", "question.asked") and sid:
             what = "question" if etype == "question.asked" else f"permission {props.get('permission', '')}".strip()
             self.shared.set_waiting(sid, what)
+            desk = self.desk()
+            if etype == "permission.asked" and desk is not None:
+                desk.asked(props)
         elif etype in ("permission.replied", "question.replied", "question.rejected") and sid:
             self.shared.set_waiting(sid, None)
+            desk = self.desk()
+            if etype == "permission.replied" and desk is not None and isinstance(props.get("requestID"), str):
+                desk.replied(props["requestID"])
         if sid is not None and sid == self.shared.session_id and etype in (
                 "session.idle", "session.status", "session.error", "message.updated"):
             self.on_own_activity()
 
-    def _title(self, session_id: str) -> str | None:
-        title = self.titles.get(session_id)
-        if title is None and self.client is not None:
-            try:
-                info = self.client.get_session(session_id)
-                if isinstance(info, dict) and isinstance(info.get("title"), str):
-                    title = self.titles[session_id] = info["title"]
-            except OpencodeError:
-                return None
-        return title
+    def _session(self, session_id: str) -> SessionInfo | None:
+        return self.sessions.lookup(session_id, self.client)
 
     def _note_seq(self, session_id: str | None, seq: Any) -> None:
         if session_id and isinstance(seq, int) and seq > self.last_seq.get(session_id, -1):
@@ -460,6 +474,11 @@ class EventReader(Worker):
         if self.last_seq != self._saved_seq:
             self.last_seq = dict(self._saved_seq)
             self._seq_changed = False
+
+
+def _aborted(event: Event) -> bool:
+    err = event.properties.get("error")
+    return isinstance(err, dict) and err.get("name") == "MessageAbortedError"
 
 
 def _poller(resp: requests.Response) -> select.poll | None:

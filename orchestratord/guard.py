@@ -3,10 +3,10 @@
 Judging is cheap and pure (see :mod:`.policy`), so it happens in the thread that sees the
 input: the event reader for tool calls, permission requests and the orchestrator's own
 output, the inbox watcher for teammate messages. That thread records the escalation in
-the ledger and logs it at critical priority before it moves on, so a crash cannot lose
-one. The :class:`Guard` worker then carries out what the rule asks (reject the
-permission request, tell the orchestrator, abort the session, run the hooks), each
-action once, from the ledger.
+the ledger and logs it (at critical priority; a hold rule's at warning) before it moves
+on, so a crash cannot lose one. The :class:`Guard` worker then carries out what the rule
+asks (reject the permission request or note that it is held for a person, tell the
+orchestrator, abort the session, run the hooks), each action once, from the ledger.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Sequence
 
-from . import logs, metrics
+from . import logs
 from .hooks import Hooks
 from .inbox import TeamMessage, message_ckey
 from .ledger import Escalation, Ledger
 from .opencode import NotFound, OpencodeClient, OpencodeError, Unreachable
-from .policy import COMMAND, MESSAGE, PATH, TOOL, Finding, Rule, build_rules, evaluate
+from .policy import COMMAND, MESSAGE, PATH, TOOL, Context, Finding, Rule, build_rules, evaluate
+from .sessions import SessionInfo
 from .stream import Event
 from .triggers import _message_ckey
 from .worker import ServerWorker
@@ -48,6 +49,13 @@ class Seen:
     team: str | None = None
     teammate: str | None = None
     permission_id: str | None = None
+    directory: str | None = None  # the event's directory: the project, when the session is not known
+    claimed: str | None = None  # a send_message call's ``sender``: who it says it is from
+
+
+#: claude-teams' default ``sender`` when a call names none
+DEFAULT_SENDER = "team-lead"
+FORGED = "forged-sender"
 
 
 # -- what there is to judge --------------------------------------------------------
@@ -57,11 +65,22 @@ def seen_in_message(m: TeamMessage) -> Seen:
     return Seen(FROM_MESSAGE, MESSAGE, m.text, f"msg:{message_ckey(m)}", team=m.team, teammate=m.sender)
 
 
-def seen_in_event(event: Event, own_session: str | None) -> list[Seen]:
-    """Tool calls and permission requests in any session; the orchestrator's own text."""
+def permission_of(tool: str) -> str:
+    """The permission the server asks before running ``tool`` (opencode's names)."""
+    if tool in ("write", "edit", "multiedit", "patch"):
+        return "edit"
+    return tool
+
+
+def seen_in_event(event: Event, own_session: str | None,
+                  asked_first: Callable[[str, str], bool] | None = None) -> list[Seen]:
+    """Tool calls in any session; the orchestrator's own text (the broker judges permission requests).
+
+    A call that the server will ask about first (``asked_first(session, permission)``: the
+    broker gave that session the rule) is judged by the broker when it asks, before it
+    runs; here it is looked at only once it has ended, which a call that ran unasked does.
+    """
     props = event.properties
-    if event.type == "permission.asked":
-        return seen_in_permission(props)
     if event.type != "message.part.updated":
         return []
     part = props.get("part")
@@ -80,9 +99,13 @@ def seen_in_event(event: Event, own_session: str | None) -> list[Seen]:
     if not isinstance(inp, dict) or not inp:
         return []
     tool = str(part.get("tool") or "")
+    if (asked_first is not None and sid and state.get("status") in ("pending", "running")
+            and asked_first(sid, permission_of(tool))):
+        return []
     key = f"call:{part.get('messageID')}:{part.get('callID') or part.get('id')}"
     source = FROM_OUTPUT if sid and sid == own_session else FROM_TOOL
-    return [Seen(source, kind, text, key, session_id=sid, team=team, teammate=who)
+    return [Seen(source, kind, text, key, session_id=sid, team=team, teammate=who, directory=event.directory,
+                 claimed=who if tool.endswith("send_message") else None)
             for kind, text, team, who, key in _tool_inputs(tool, inp, key)]
 
 
@@ -98,7 +121,7 @@ def _tool_inputs(tool: str, inp: dict[str, Any], key: str) -> Iterable[tuple[str
         content = inp.get("content")
         if isinstance(content, str) and content:
             ckey = _message_ckey(tool, inp)
-            yield (MESSAGE, content, _str(inp.get("team_name")), _str(inp.get("sender")),
+            yield (MESSAGE, content, _str(inp.get("team_name")), _str(inp.get("sender")) or DEFAULT_SENDER,
                    f"msg:{ckey}" if ckey else key)
     else:
         yield TOOL, json.dumps(inp, sort_keys=True, ensure_ascii=False), None, None, key
@@ -130,56 +153,115 @@ def seen_in_permission(req: dict[str, Any]) -> list[Seen]:
 
 # -- judging and recording -----------------------------------------------------------
 
+def forged_sender(seen: Seen, caller: SessionInfo | None, leads: Sequence[str] = (DEFAULT_SENDER,)) -> str | None:
+    """Who really sent a send_message signed ``seen.claimed``, when that is not who it says.
+
+    claude-teams takes ``sender`` on trust; the session that made the call is the truth. A
+    teammate (a session titled ``<name>@<team>``) may only sign as itself; a session that is
+    no teammate (the lead's own chat, the orchestrator) as the lead, or as what its title
+    says it is.
+    """
+    if seen.claimed is None or caller is None or caller.title is None:
+        return None
+    mate = caller.teammate
+    if mate is not None:
+        return mate.name if seen.claimed != mate.name else None
+    return caller.title if seen.claimed not in leads and seen.claimed != caller.title.strip() else None
+
+
 class Judge:
     """The effective rules and allow-list; immutable, shared by the threads that judge."""
 
-    def __init__(self, rules: Sequence[Rule], allow: Sequence[str] = (), enabled: bool = True) -> None:
+    def __init__(self, rules: Sequence[Rule], allow: Sequence[str] = (), enabled: bool = True,
+                 leads: Sequence[str] = (DEFAULT_SENDER,)) -> None:
         self.rules = tuple(rules)
         self.allow = tuple(" ".join(a.split()) for a in allow)
         self.enabled = enabled
+        self.leads = tuple(dict.fromkeys((*leads, DEFAULT_SENDER)))
+        self._by_name = {r.name: r for r in self.rules}
 
     @classmethod
-    def from_config(cls, safety: Any) -> "Judge":
-        return cls(build_rules(safety.rules), safety.allow, safety.enabled)
+    def from_config(cls, safety: Any, lead: str = DEFAULT_SENDER) -> "Judge":
+        return cls(build_rules(safety.rules), safety.allow, safety.enabled, leads=(lead,))
 
     def allowed(self, text: str) -> bool:
         flat = " ".join(text.split())
         return any(fnmatch.fnmatchcase(flat, pattern) for pattern in self.allow)
 
-    def findings(self, seen: Seen) -> list[Finding]:
+    def findings(self, seen: Seen, context: Context | None = None) -> list[Finding]:
         if not self.enabled or self.allowed(seen.text):
             return []
-        return evaluate(seen.text, seen.kind, self.rules)
+        if (context is None or context.project is None) and seen.directory and seen.directory.startswith("/"):
+            context = Context(project=seen.directory, home=context.home if context else None)
+        return evaluate(seen.text, seen.kind, self.rules, context)
+
+    def rule(self, name: str) -> Rule | None:
+        return self._by_name.get(name)
 
     def actions(self, rule: str) -> tuple[str, ...]:
-        for r in self.rules:
-            if r.name == rule:
-                return r.actions
-        return ("escalate",)
+        r = self._by_name.get(rule)
+        return r.actions if r is not None else ("escalate",)
+
+    def forgery(self, seen: Seen, caller: SessionInfo | None) -> Finding | None:
+        """The forged-sender finding for a send_message call, if its rule is on and it applies."""
+        rule = self._by_name.get(FORGED)
+        if not self.enabled or rule is None or not rule.enabled:
+            return None
+        real = forged_sender(seen, caller, self.leads)
+        if real is None:
+            return None
+        return Finding(FORGED, rule.severity, f"{real} sent a message signed {seen.claimed!r}")
 
     def record(self, ledger: Ledger, items: Iterable[Seen], own_session: str | None = None,
-               name_of: Callable[[str], str | None] | None = None, now: float | None = None) -> int:
-        """Judge ``items``; record and log each new escalation. Returns how many are new or reopened."""
+               lookup: Callable[[str], SessionInfo | None] | None = None, now: float | None = None) -> int:
+        """Judge ``items``; record and log each new escalation. Returns how many are new or reopened.
+
+        ``lookup`` tells what is known of a session: its teammate (named in the log, the
+        trigger and the prompt by the name in its title), its directory (what the rules take
+        as the project) and, for a send_message call, who really made it.
+        """
         changed = 0
         for seen in items:
-            for f in self.findings(seen):
-                if seen.teammate is None and seen.session_id and name_of is not None:
-                    seen = replace(seen, teammate=name_of(seen.session_id))
-                actions = tuple(a for a in self.actions(f.rule)
-                                if not (a == "tell" and seen.session_id and seen.session_id == own_session))
-                eid, new = ledger.add_escalation(
-                    f"{seen.key}:{f.rule}", rule=f.rule, severity=f.severity, source=seen.source, kind=seen.kind,
-                    what=f.what, text=seen.text, actions=actions, session_id=seen.session_id, team=seen.team,
-                    teammate=seen.teammate, permission_id=seen.permission_id, now=now)
+            info = lookup(seen.session_id) if lookup is not None and seen.session_id else None
+            found = self.findings(seen, Context(project=info.directory if info else None))
+            forged = self.forgery(seen, info)
+            if forged is not None:
+                found.append(forged)
+            if found and info is not None and info.label:
+                # Named by its session's title, the one statement of who it is that it cannot forge.
+                seen = replace(seen, teammate=info.label,
+                               team=seen.team or (info.teammate.team if info.teammate else None))
+            for f in found:
+                [spec] = escalation_specs([(seen, f)], own_session, now=now, actions_of=self.actions)
+                eid, new = ledger.add_escalation(**spec)
                 if new:
                     level = logging.CRITICAL if f.severity in URGENT else logging.WARNING
                     log.log(level, logs.kv("escalation", id=eid, rule=f.rule, severity=f.severity, source=seen.source,
                                            team=seen.team, teammate=seen.teammate, session=seen.session_id,
-                                           seen=f.what, permission=seen.permission_id,
-                                           actions=",".join(actions)))
+                                           seen=f.what, claimed=seen.claimed if f.rule == FORGED else None,
+                                           permission=seen.permission_id, actions=",".join(spec["actions"])))
                 if new or seen.permission_id:
                     changed += 1
         return changed
+
+
+def escalation_specs(judged: Iterable[tuple[Seen, Finding]], own_session: str | None, *, label: str | None = None,
+                     team: str | None = None, now: float | None = None,
+                     actions_of: Callable[[str], Sequence[str]] = lambda rule: ("escalate",)) -> list[dict[str, Any]]:
+    """The ledger rows (``Ledger.add_escalation`` arguments) for what was found in each input.
+
+    The orchestrator is not told about its own session's acts (it would be told about
+    what it just did); everything else keeps the rule's actions.
+    """
+    out = []
+    for seen, f in judged:
+        actions = tuple(a for a in actions_of(f.rule)
+                        if not (a == "tell" and seen.session_id and seen.session_id == own_session))
+        out.append({"key": f"{seen.key}:{f.rule}", "rule": f.rule, "severity": f.severity, "source": seen.source,
+                    "kind": seen.kind, "what": f.what, "text": seen.text, "actions": actions,
+                    "session_id": seen.session_id, "team": seen.team or team, "teammate": seen.teammate or label,
+                    "permission_id": seen.permission_id, "now": now})
+    return out
 
 
 def _str(value: Any) -> str | None:
@@ -189,15 +271,17 @@ def _str(value: Any) -> str | None:
 # -- the worker that carries out the actions -----------------------------------------
 
 class Guard(ServerWorker):
-    """Carries out each escalation's actions once: hooks, reject, tell, abort."""
+    """Carries out each escalation's actions once: hooks, tell, abort."""
 
     name = "guard"
     stall_after = 60.0
 
     def __init__(self, *, make_client: Callable[[], OpencodeClient], ledger_path: str, hooks: Sequence[Any],
                  own_session: Callable[[], str | None], on_trigger: Callable[[], None],
+                 note_abort: Callable[[str], None] = lambda sid: None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         super().__init__(make_client, ledger_path, clock)
+        self.note_abort = note_abort
         self.hook_configs = tuple(hooks)
         self.own_session = own_session
         self.on_trigger = on_trigger
@@ -238,7 +322,11 @@ class Guard(ServerWorker):
         return 0.0 if len(items) >= 100 else 20.0  # woken at once on a new one
 
     def handle(self, e: Escalation) -> bool:
-        """Do what is left of ``e``'s actions; False when something must be tried again."""
+        """Do what is left of ``e``'s actions; False when something must be tried again.
+
+        Rejecting (and holding) a permission request is the broker's: it answers every
+        request itself, before this runs.
+        """
         assert self.ledger is not None and self.client is not None and self.hooks is not None
         done, outcome = list(e.done), dict(e.outcome)
         finished = True
@@ -246,11 +334,6 @@ class Guard(ServerWorker):
             if self.hook_configs:
                 self.hooks.fire(e.as_dict())
             done.append("hooks")
-        if "reject" in e.actions and e.permission_id and f"reject:{e.permission_id}" not in done:
-            if self._reject(e, outcome):
-                done.append(f"reject:{e.permission_id}")
-            else:
-                finished = False
         if "tell" in e.actions and "tell" not in done:
             self._tell(e, outcome)
             done.append("tell")
@@ -262,38 +345,20 @@ class Guard(ServerWorker):
         self.ledger.update_escalation(e.id, done, outcome, handled=finished, now=self.wall())
         return finished
 
-    def _reject(self, e: Escalation, outcome: dict[str, Any]) -> bool:
-        assert self.client is not None and e.permission_id is not None
-        why = (f"Refused by orchestratord: safety rule {e.rule} matched ({e.what}). "
-               "Do not retry; ask the user for explicit permission.")
-        try:
-            self.client.reply_permission(e.permission_id, "reject", why)
-        except NotFound:
-            outcome["reject"] = f"{e.permission_id}: already answered"
-            self.log.warning(logs.kv("permission-already-answered", permission=e.permission_id, rule=e.rule,
-                                     session=e.session_id))
-            return True
-        except Unreachable as exc:
-            self.log.warning(logs.kv("permission-reject-failed", permission=e.permission_id, error=str(exc),
-                                     action="retrying"))
-            return False
-        except OpencodeError as exc:
-            outcome["reject"] = f"{e.permission_id}: {exc}"
-            self.log.error(logs.kv("permission-reject-failed", permission=e.permission_id, error=str(exc)))
-            return True
-        outcome["reject"] = f"{e.permission_id}: rejected"
-        metrics.permission_rejected()
-        self.log.log(logs.NOTICE, logs.kv("permission-rejected", permission=e.permission_id, rule=e.rule,
-                                          session=e.session_id, teammate=e.teammate, seen=e.what))
-        return True
-
     def _tell(self, e: Escalation, outcome: dict[str, Any]) -> None:
         assert self.ledger is not None
         who = e.teammate or (f"the teammate in session {e.session_id}" if e.session_id else "a teammate")
         where = f" (session {e.session_id})" if e.session_id and e.teammate else ""
-        detail = (f"SAFETY ESCALATION [{e.severity}]: {who}{where} {_verb(e.source)} something unsafe, rule "
-                  f"{e.rule}: {e.what}. Stop {who} now with a shutdown_request and check the team config.")
-        tid = self.ledger.add_trigger("escalation", detail, rule=f"safety:{e.rule}", dedup=f"escalation:{e.id}",
+        if "hold" in e.actions and e.permission_id:
+            detail = (f"HELD FOR A PERSON: {who}{where} asked to run something a person must allow, rule {e.rule}: "
+                      f"{e.what}. It waits until a person runs `orchestratord allow {e.permission_id}` or "
+                      f"`orchestratord deny {e.permission_id}`, and is refused if nobody does. Tell {who} to wait "
+                      "or to carry on with something else; do not ask it to find another way to do the same.")
+        else:
+            detail = (f"SAFETY ESCALATION [{e.severity}]: {who}{where} {_verb(e.source)} something unsafe, rule "
+                      f"{e.rule}: {e.what}. Stop {who} now with a shutdown_request and check the team config.")
+        kind = "hold" if "hold" in e.actions and e.permission_id else "escalation"
+        tid = self.ledger.add_trigger(kind, detail, rule=f"safety:{e.rule}", dedup=f"escalation:{e.id}",
                                       team=e.team, teammate=e.teammate, session_id=e.session_id, now=self.wall())
         outcome["trigger"] = tid
         if tid is not None:
@@ -305,6 +370,7 @@ class Guard(ServerWorker):
             outcome["abort"] = "skipped: the orchestrator's own session"
             return True
         try:
+            self.note_abort(e.session_id)
             self.client.abort(e.session_id)
         except Unreachable as exc:
             self.log.warning(logs.kv("session-abort-failed", session=e.session_id, error=str(exc), action="retrying"))

@@ -13,13 +13,13 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, NamedTuple, Sequence
 
 from . import ledgerwatch, metrics
 from .worker import crash_point
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -148,11 +148,55 @@ CREATE INDEX IF NOT EXISTS stalls_at ON stalls(at);
 ALTER TABLE dispatches ADD COLUMN supersedes INTEGER;
 """
 
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+# v5: the permission broker. ``brokered`` holds each session the daemon gave its ask rules
+# (so a restart does not append them again); ``permissions`` every request it saw, the
+# decision with its rule, who made it (policy, person, timeout, elsewhere) and whether the
+# answer reached the server. A decision is recorded before the reply is sent.
+_SCHEMA_V5 = """
+CREATE TABLE IF NOT EXISTS brokered (
+    session_id TEXT PRIMARY KEY,
+    title TEXT,
+    team TEXT,
+    teammate TEXT,
+    directory TEXT,
+    rules TEXT NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS permissions (
+    id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    permission TEXT NOT NULL,
+    what TEXT NOT NULL,
+    team TEXT,
+    teammate TEXT,
+    asked_at REAL NOT NULL,
+    decision TEXT NOT NULL,
+    rule TEXT,
+    escalation_id INTEGER,
+    decided_by TEXT NOT NULL,
+    decided_at REAL NOT NULL,
+    reply TEXT,
+    message TEXT,
+    state TEXT NOT NULL,
+    replied_at REAL,
+    seconds REAL
+);
+CREATE INDEX IF NOT EXISTS permissions_open ON permissions(state) WHERE state IN ('open', 'held');
+CREATE INDEX IF NOT EXISTS permissions_asked ON permissions(asked_at);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
 
 # Dispatch states: recorded before the POST, sent after it, then one of the final three.
 PENDING, SENT, COMPLETED, FAILED, TIMEOUT = "pending", "sent", "completed", "failed", "timeout"
 OPEN_STATES = (PENDING, SENT)
+
+# Permission request states: decided and the reply still to send, held for a person,
+# answered (by us or anyone), gone (the server no longer has it).
+P_OPEN, P_HELD, P_ANSWERED, P_GONE = "open", "held", "answered", "gone"
 
 
 class LedgerError(Exception):
@@ -246,6 +290,46 @@ class Escalation:
                 "what": self.what, "text": self.text, "permission_id": self.permission_id,
                 "actions": list(self.actions), "done": list(self.done), "outcome": self.outcome,
                 "handled_at": self.handled_at}
+
+
+@dataclass(frozen=True)
+class PermissionRequest:
+    """One permission request the broker saw, and what became of it."""
+
+    id: str
+    session_id: str
+    permission: str
+    what: str
+    team: str | None
+    teammate: str | None
+    asked_at: float
+    decision: str  # approve | reject | hold | leave
+    rule: str | None
+    escalation_id: int | None
+    decided_by: str  # policy | person | timeout | elsewhere
+    decided_at: float
+    reply: str | None  # once | reject: what goes (or went) to the server
+    message: str | None
+    state: str
+    replied_at: float | None
+    seconds: float | None  # from the request seen to the reply accepted
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class BrokeredSession:
+    session_id: str
+    title: str | None
+    team: str | None
+    teammate: str | None
+    directory: str | None
+    rules: list[dict[str, str]]
+    state: str  # brokered | failed | released
+    error: str | None
+    at: float
+    updated_at: float
 
 
 class EventRow(NamedTuple):
@@ -541,25 +625,47 @@ class Ledger:
 
         The same act seen again with a permission request attached (the tool part first,
         then the server asking whether it may run) reopens the row so the guard can
-        reject that request; nothing else is repeated.
+        carry out what is left; nothing else is repeated.
         """
-        at = now if now is not None else time.time()
         with self._tx():
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO escalations(key, at, rule, severity, source, kind, session_id, team, teammate, "
-                "what, text, permission_id, actions) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, at, rule, severity, source, kind, session_id, team, teammate, what, text[:4000],
-                 permission_id, json.dumps(list(actions))))
-            if cur.rowcount:
-                metrics.escalation(rule, severity)
-                return int(cur.lastrowid or 0), True
-            row = self.db.execute("SELECT id, permission_id FROM escalations WHERE key=?", (key,)).fetchone()
-            if row is None:
-                return None, False
-            if permission_id and row[1] != permission_id:
-                self.db.execute("UPDATE escalations SET permission_id=?, handled_at=NULL WHERE id=?",
-                                (permission_id, row[0]))
-            return int(row[0]), False
+            eid, new = self._escalation_in_tx(key, rule=rule, severity=severity, source=source, kind=kind, what=what,
+                                              text=text, actions=actions, session_id=session_id, team=team,
+                                              teammate=teammate, permission_id=permission_id, now=now)
+        if new:
+            metrics.escalation(rule, severity)
+        return eid, new
+
+    def _escalation_in_tx(self, key: str, *, rule: str, severity: str, source: str, kind: str, what: str, text: str,
+                          actions: Sequence[str], session_id: str | None = None, team: str | None = None,
+                          teammate: str | None = None, permission_id: str | None = None,
+                          now: float | None = None) -> tuple[int | None, bool]:
+        at = now if now is not None else time.time()
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO escalations(key, at, rule, severity, source, kind, session_id, team, teammate, "
+            "what, text, permission_id, actions) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, at, rule, severity, source, kind, session_id, team, teammate, what, text[:4000],
+             permission_id, json.dumps(list(actions))))
+        if cur.rowcount:
+            return int(cur.lastrowid or 0), True
+        row = self.db.execute("SELECT id, permission_id FROM escalations WHERE key=?", (key,)).fetchone()
+        if row is None:
+            return None, False
+        if permission_id and row[1] != permission_id:
+            self.db.execute("UPDATE escalations SET permission_id=?, handled_at=NULL WHERE id=?",
+                            (permission_id, row[0]))
+        return int(row[0]), False
+
+    def _mark_done_in_tx(self, escalation_id: int | None, action: str, outcome: dict[str, Any]) -> None:
+        if escalation_id is None:
+            return
+        row = self.db.execute("SELECT done, outcome FROM escalations WHERE id=?", (escalation_id,)).fetchone()
+        if row is None:
+            return
+        done, before = json.loads(row[0]), json.loads(row[1])
+        if action not in done:
+            done.append(action)
+        self.db.execute("UPDATE escalations SET done=?, outcome=? WHERE id=?",
+                        (json.dumps(done), json.dumps({**before, **outcome}), escalation_id))
 
     def open_escalations(self, limit: int = 100) -> list[Escalation]:
         cur = self.db.execute(_ESCALATION_COLUMNS + " WHERE handled_at IS NULL ORDER BY id LIMIT ?", (limit,))
@@ -577,6 +683,97 @@ class Ledger:
 
     def count_escalations(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM escalations").fetchone()[0]
+
+
+    # -- the permission broker -------------------------------------------------------
+
+    def brokered(self, session_id: str) -> BrokeredSession | None:
+        row = self.db.execute(_BROKERED_COLUMNS + " WHERE session_id=?", (session_id,)).fetchone()
+        return _brokered(row) if row else None
+
+    def brokered_sessions(self, state: str | None = None) -> list[BrokeredSession]:
+        if state is None:
+            cur = self.db.execute(_BROKERED_COLUMNS + " ORDER BY at")
+        else:
+            cur = self.db.execute(_BROKERED_COLUMNS + " WHERE state=? ORDER BY at", (state,))
+        return [_brokered(r) for r in cur.fetchall()]
+
+    def set_brokered(self, session_id: str, *, state: str, rules: Sequence[dict[str, str]], title: str | None = None,
+                     team: str | None = None, teammate: str | None = None, directory: str | None = None,
+                     error: str | None = None, now: float | None = None) -> None:
+        at = now if now is not None else time.time()
+        self.db.execute(
+            "INSERT INTO brokered(session_id, title, team, teammate, directory, rules, state, error, at, updated_at) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET title=excluded.title, "
+            "team=excluded.team, teammate=excluded.teammate, directory=excluded.directory, rules=excluded.rules, "
+            "state=excluded.state, error=excluded.error, updated_at=excluded.updated_at",
+            (session_id, title, team, teammate, directory, json.dumps(list(rules)), state, error, at, at))
+
+    def decide_permission(self, request: PermissionRequest, escalations: Sequence[dict[str, Any]] = ()
+                          ) -> tuple[PermissionRequest, list[tuple[int, bool]]]:
+        """Record a decision and its escalations in one transaction, before the reply is sent.
+
+        A request seen again (a restart, a reconnect that lists it) keeps the decision
+        first recorded for it: the row that exists is returned with ``(id, new)`` of each
+        escalation. A rejection is marked done on its escalation here, for the broker
+        sends it itself.
+        """
+        with self._tx():
+            row = self.db.execute(_PERMISSION_COLUMNS + " WHERE id=?", (request.id,)).fetchone()
+            if row is not None:
+                return _permission(row), []
+            results = [self._escalation_in_tx(**e) for e in escalations]
+            eid = next((i for i, _ in results if i is not None), None)
+            request = replace(request, escalation_id=eid)
+            self.db.execute(_INSERT_PERMISSION, _permission_values(request))
+            if request.decision == "reject":
+                for i, _ in results:
+                    self._mark_done_in_tx(i, f"reject:{request.id}", {"reject": f"{request.id}: rejected"})
+        for (_, new), spec in zip(results, escalations):
+            if new:
+                metrics.escalation(spec["rule"], spec["severity"])
+        return request, results
+
+    def permission_totals(self) -> dict[str, int]:
+        held = self.db.execute("SELECT COUNT(*) FROM permissions WHERE state=?", (P_HELD,)).fetchone()[0]
+        total = self.db.execute("SELECT COUNT(*) FROM permissions").fetchone()[0]
+        brokered = self.db.execute("SELECT COUNT(*) FROM brokered WHERE state='brokered'").fetchone()[0]
+        return {"held": held, "total": total, "brokered_sessions": brokered}
+
+    def permission(self, request_id: str) -> PermissionRequest | None:
+        row = self.db.execute(_PERMISSION_COLUMNS + " WHERE id=?", (request_id,)).fetchone()
+        return _permission(row) if row else None
+
+    def permissions(self, states: Sequence[str] | None = None, limit: int = 200) -> list[PermissionRequest]:
+        """Requests, oldest first: those in ``states``, or the latest ``limit`` of all."""
+        if states:
+            marks = ",".join("?" * len(states))
+            cur = self.db.execute(_PERMISSION_COLUMNS + f" WHERE state IN ({marks}) ORDER BY asked_at, id LIMIT ?",
+                                  (*states, limit))
+            return [_permission(r) for r in cur.fetchall()]
+        cur = self.db.execute(_PERMISSION_COLUMNS + " ORDER BY asked_at DESC, id DESC LIMIT ?", (limit,))
+        return [_permission(r) for r in reversed(cur.fetchall())]
+
+    def answer_permission(self, request_id: str, *, decision: str, reply: str, message: str | None, by: str,
+                          now: float | None = None) -> bool:
+        """A held request decided (by a person or the timeout): True if this answer is the one that counts."""
+        at = now if now is not None else time.time()
+        cur = self.db.execute(
+            "UPDATE permissions SET decision=?, reply=?, message=?, decided_by=?, decided_at=?, state=? "
+            "WHERE id=? AND state=?", (decision, reply, message, by, at, P_OPEN, request_id, P_HELD))
+        return cur.rowcount == 1
+
+    def permission_replied(self, request_id: str, seconds: float | None = None, now: float | None = None) -> None:
+        self.db.execute("UPDATE permissions SET state=?, replied_at=?, seconds=COALESCE(?, seconds) WHERE id=?",
+                        (P_ANSWERED, now if now is not None else time.time(), seconds, request_id))
+
+    def permission_gone(self, request_id: str, why: str, now: float | None = None) -> None:
+        """The server no longer has the request: answered elsewhere, or its session ended."""
+        self.db.execute(
+            "UPDATE permissions SET state=?, replied_at=COALESCE(replied_at, ?), "
+            "decided_by=CASE WHEN state=? THEN 'elsewhere' ELSE decided_by END, "
+            "message=CASE WHEN state=? THEN ? ELSE message END WHERE id=? AND state IN (?, ?)",
+            (P_GONE, now if now is not None else time.time(), P_HELD, P_HELD, why, request_id, P_OPEN, P_HELD))
 
     # -- stalls ------------------------------------------------------------------
 
@@ -655,6 +852,30 @@ _MESSAGE_KEYS = ("id", "team", "recipient", "sender", "timestamp", "type", "summ
 
 _ESCALATION_COLUMNS = ("SELECT id, key, at, rule, severity, source, kind, session_id, team, teammate, what, text, "
                        "permission_id, actions, done, outcome, handled_at FROM escalations")
+
+
+_BROKERED_COLUMNS = ("SELECT session_id, title, team, teammate, directory, rules, state, error, at, updated_at "
+                     "FROM brokered")
+_PERMISSION_FIELDS = ("id", "session_id", "permission", "what", "team", "teammate", "asked_at", "decision", "rule",
+                      "escalation_id", "decided_by", "decided_at", "reply", "message", "state", "replied_at",
+                      "seconds")
+_PERMISSION_COLUMNS = f"SELECT {', '.join(_PERMISSION_FIELDS)} FROM permissions"
+_INSERT_PERMISSION = (f"INSERT INTO permissions({', '.join(_PERMISSION_FIELDS)}) "
+                      f"VALUES({', '.join('?' * len(_PERMISSION_FIELDS))})")
+
+
+def _permission(row: Sequence[Any]) -> PermissionRequest:
+    return PermissionRequest(*row)
+
+
+def _permission_values(p: PermissionRequest) -> tuple[Any, ...]:
+    return tuple(getattr(p, f) for f in _PERMISSION_FIELDS)
+
+
+def _brokered(row: Sequence[Any]) -> BrokeredSession:
+    values = list(row)
+    values[5] = json.loads(values[5])
+    return BrokeredSession(*values)
 
 
 def _escalation(row: Sequence[Any]) -> Escalation:

@@ -19,6 +19,7 @@ from . import logs
 log = logs.get("metrics")
 
 REACTION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DECISION_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 DURATION_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
@@ -50,6 +51,11 @@ class _Metrics:
         self.escalations = pc.Counter(p + "escalations", "Safety escalations, by rule and severity",
                                       ["rule", "severity"], registry=r)
         self.rejected = pc.Counter(p + "permissions_rejected", "Permission requests answered reject", registry=r)
+        self.permissions = pc.Counter(p + "permissions", "Permission requests answered, by decision and by whom",
+                                      ["decision", "by"], registry=r)
+        self.decision_seconds = pc.Histogram(p + "permission_decision_seconds",
+                                             "From a permission request seen to its answer accepted (policy only)",
+                                             buckets=DECISION_BUCKETS, registry=r)
         self.restarts = pc.Counter(p + "worker_restarts", "Worker threads restarted after dying", ["worker"],
                                    registry=r)
         self.ledger_errors = pc.Counter(p + "ledger_write_errors", "Failed writes to the ledger", registry=r)
@@ -202,8 +208,14 @@ def escalation(rule: str, severity: str) -> None:
     _on(lambda m: m.escalations.labels(rule, severity).inc())
 
 
-def permission_rejected() -> None:
-    _on(lambda m: m.rejected.inc())
+def permission_decided(decision: str, by: str, seconds: float | None) -> None:
+    def go(m: _Metrics) -> None:
+        m.permissions.labels(decision, by).inc()
+        if decision == "reject":
+            m.rejected.inc()
+        if seconds is not None and by == "policy":
+            m.decision_seconds.observe(seconds)
+    _on(go)
 
 
 def worker_restart(worker: str) -> None:

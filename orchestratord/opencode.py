@@ -144,6 +144,10 @@ class OpencodeClient:
     def set_session_permission(self, session_id: str, permission: list[dict[str, str]]) -> dict[str, Any]:
         return self._json("PATCH", f"/session/{session_id}", json={"permission": permission})
 
+    def list_sessions(self) -> list[dict[str, Any]]:
+        data = self._json("GET", "/session")
+        return [s for s in data if isinstance(s, dict)] if isinstance(data, list) else []
+
     def get_session(self, session_id: str) -> dict[str, Any]:
         return self._json("GET", f"/session/{session_id}")
 
@@ -159,6 +163,16 @@ class OpencodeClient:
         if model and "/" in model:
             provider, _, model_id = model.partition("/")
             body["model"] = {"providerID": provider, "modelID": model_id}
+        self._request("POST", f"/session/{session_id}/prompt_async", json=body)
+
+    def prompt_parts(self, session_id: str, parts: list[dict[str, Any]], message_id: str,
+                     agent: str | None = None, model: dict[str, Any] | None = None) -> None:
+        """A prompt of given parts, with the agent and model as a message records them."""
+        body: dict[str, Any] = {"messageID": message_id, "parts": parts}
+        if agent:
+            body["agent"] = agent
+        if model and isinstance(model.get("providerID"), str) and isinstance(model.get("modelID"), str):
+            body["model"] = {"providerID": model["providerID"], "modelID": model["modelID"]}
         self._request("POST", f"/session/{session_id}/prompt_async", json=body)
 
     def get_message(self, session_id: str, message_id: str) -> dict[str, Any]:

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
+#: how long an abort by the daemon explains a session's MessageAbortedError
+ABORT_MEMORY = 30.0
+
+
 class DaemonState(enum.Enum):
     STARTING = "starting"
     READY = "ready"
@@ -51,9 +55,15 @@ class Shared:
     server_version: str | None = None
     outages: int = 0  # times the server was seen going down: a prompt in flight may have died with it
     stream_connected: bool = False
+    # Times a connected stream ended. A restarted server always ends it; a health probe that
+    # only timed out (a loaded machine) does not, and is no reason to think a turn died.
+    stream_losses: int = 0
     events_total: int = 0
     last_event_at: float | None = None  # wall time
     session_id: str | None = None
+    # Set by the dispatcher while it creates the orchestrator's session: a new session titled
+    # like it may be ours, and must not be given a teammate's rules before we know.
+    own_session_pending: bool = False
     statuses: dict[str, str] = field(default_factory=dict)  # sessionID -> busy | retry
     busy_since: dict[str, float] = field(default_factory=dict)  # monotonic
     # Written by the event reader alone, for every event of a session: plain dict stores
@@ -61,6 +71,7 @@ class Shared:
     last_activity: dict[str, float] = field(default_factory=dict)  # monotonic
     waiting: dict[str, str] = field(default_factory=dict)  # sessionID -> "permission bash" / "question"
     went_busy: dict[str, float] = field(default_factory=dict)  # monotonic time of the last busy event
+    aborted: dict[str, float] = field(default_factory=dict)  # sessions the daemon aborted: monotonic time
     pending_triggers: int = 0
     ledger_failing: bool = False  # writes to the ledger fail (see ledgerwatch)
     changed: threading.Event = field(default_factory=threading.Event)
@@ -70,6 +81,26 @@ class Shared:
             for key, value in values.items():
                 setattr(self, key, value)
         self.changed.set()
+
+    def stream_lost(self) -> None:
+        """The stream was connected and is no more (counted once per connection)."""
+        with self.lock:
+            if self.stream_connected:
+                self.stream_losses += 1
+            self.stream_connected = False
+        self.changed.set()
+
+    def note_abort(self, session_id: str) -> None:
+        """The daemon is about to abort a turn of ``session_id``: its MessageAbortedError is ours."""
+        with self.lock:
+            now = self.clock()
+            self.aborted = {k: v for k, v in self.aborted.items() if now - v < ABORT_MEMORY}
+            self.aborted[session_id] = now
+
+    def aborted_recently(self, session_id: str | None) -> bool:
+        with self.lock:
+            at = self.aborted.get(session_id) if session_id else None
+            return at is not None and self.clock() - at < ABORT_MEMORY
 
     def set_status(self, session_id: str, status: str | None) -> None:
         """Record a session's status from an event (``None`` or ``idle`` clears it)."""

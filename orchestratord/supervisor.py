@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from . import ledgerwatch, logs, metrics
 from .config import Config, ConfigError, load_config
+from .broker import Broker, BrokerSettings
 from .dispatch import Dispatcher, DispatchSettings
 from .events import EventReader
 from .guard import Guard, Judge, seen_in_message
@@ -26,6 +27,7 @@ from .inbox import InboxWatcher
 from .ledger import Ledger, LedgerError
 from .notify import Notifier, watchdog_interval
 from .opencode import OpencodeClient, read_password
+from .sessions import SessionDirectory
 from .stalls import StallWatch
 from .state import DaemonState, Shared
 from .worker import Worker
@@ -45,6 +47,7 @@ WORKER_SECTIONS: dict[str, tuple[str, ...]] = {
     "dispatch": ("server", "dispatch", "session", "teams", "ledger"),
     "inbox": ("teams", "safety", "ledger"),
     "guard": ("server", "safety", "ledger"),
+    "broker": ("server", "safety", "session", "teams", "ledger"),
     "stalls": ("server", "stalls", "ledger"),
 }
 
@@ -67,6 +70,7 @@ class Supervisor:
         self.notifier = notifier or Notifier()
         self.clock = clock
         self.shared = Shared(server_url=cfg.server.url, clock=clock)
+        self.sessions = SessionDirectory()
         self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
         self.workers: dict[str, Worker] = {}
         self.restarts: dict[str, list[float]] = {}
@@ -152,8 +156,10 @@ class Supervisor:
                                read_timeout=cfg.events.read_timeout_seconds, max_event_bytes=cfg.events.max_event_bytes,
                                reconnect_max=cfg.events.reconnect_max_seconds, store=cfg.ledger.store_events,
                                rules=cfg.triggers, on_trigger=self._wake("dispatch"),
-                               on_own_activity=self._wake("dispatch"), judge=Judge.from_config(cfg.safety),
-                               on_escalation=self._wake("guard"), clock=self.clock)
+                               on_own_activity=self._wake("dispatch"),
+                               judge=Judge.from_config(cfg.safety, lead=cfg.teams.lead),
+                               on_escalation=self._wake("guard"), sessions=self.sessions, desk=self._broker,
+                               clock=self.clock)
         if name == "dispatch":
             d = cfg.dispatch
             settings = DispatchSettings(
@@ -167,7 +173,7 @@ class Supervisor:
                               settings=settings, server_url=cfg.server.url, clock=self.clock)
         if name == "inbox":
             t = cfg.teams
-            judge = Judge.from_config(cfg.safety)
+            judge = Judge.from_config(cfg.safety, lead=cfg.teams.lead)
             return InboxWatcher(ledger_path=cfg.ledger.path, base_dir=t.base_dir, teams=t.names, lead=t.lead,
                                 watch_members=t.watch_members, poll_interval=t.poll_interval_seconds,
                                 report_existing=t.report_existing, on_trigger=self._wake("dispatch"),
@@ -176,7 +182,16 @@ class Supervisor:
         if name == "guard":
             return Guard(make_client=self._client, ledger_path=cfg.ledger.path, hooks=cfg.safety.hooks,
                          own_session=lambda: self.shared.session_id, on_trigger=self._wake("dispatch"),
+                         note_abort=self.shared.note_abort,
                          clock=self.clock)
+        if name == "broker":
+            s = cfg.safety
+            settings = BrokerSettings(enabled=s.enabled and s.broker, sessions=s.broker_sessions, ask=s.ask,
+                                      hold_timeout=s.hold_timeout_seconds, release_on_stop=s.release_on_stop,
+                                      teams=cfg.teams.names, own_title=cfg.session.title)
+            return Broker(shared=self.shared, sessions=self.sessions, make_client=self._client,
+                          ledger_path=cfg.ledger.path, judge=Judge.from_config(s, lead=cfg.teams.lead),
+                          settings=settings, on_escalation=self._wake("guard"), clock=self.clock)
         if name == "stalls":
             return StallWatch(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
                               quiet=cfg.stalls.teammate_quiet_seconds, on_trigger=self._wake("dispatch"),
@@ -184,7 +199,13 @@ class Supervisor:
         raise KeyError(name)
 
     def _enabled(self, name: str) -> bool:
-        return name != "stalls" or self.cfg.stalls.enabled
+        if name == "stalls":
+            return self.cfg.stalls.enabled
+        return True
+
+    def _broker(self) -> Broker | None:
+        worker = self.workers.get("broker")
+        return worker if isinstance(worker, Broker) else None
 
     def _wake(self, name: str) -> Callable[[], None]:
         def wake() -> None:
@@ -476,6 +497,9 @@ class Supervisor:
         self.shared.update(state=DaemonState.STOPPING)
         self.notifier.stopping()
         log.info(logs.kv("stopping", workers=",".join(self.workers)))
+        broker = self._broker()
+        if broker is not None:
+            broker.release_at_stop = True  # a clean stop, not a restart: release if the config says so
         self._stop_workers(list(self.workers))
         if self.cfg.metrics.textfile:
             metrics.write_textfile(self.cfg.metrics.textfile)

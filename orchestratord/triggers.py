@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from .inbox import content_key
+from .sessions import SessionInfo
 from .stream import Event
 
 
@@ -73,11 +74,13 @@ class Match:
     ckey: str | None = None
 
 
-def describe(rule: Rule, event: Event, title: str | None = None) -> Match:
+def describe(rule: Rule, event: Event, session: SessionInfo | None = None) -> Match:
     """Turn a matched event into the words the prompt will carry and a dedup key.
 
     The dedup key is the event's own identity (a tool part's ID and status, or the event
-    ID), so the same fact seen twice (a replay after reconnect) is one trigger.
+    ID), so the same fact seen twice (a replay after reconnect) is one trigger. The
+    teammate is named by its session's title (``worker-1@my-team`` is worker-1 of my-team),
+    never by what a call's arguments claim.
     """
     props = event.properties
     part = props.get("part") if isinstance(props.get("part"), dict) else None
@@ -88,7 +91,8 @@ def describe(rule: Rule, event: Event, title: str | None = None) -> Match:
         state = part.get("state") if isinstance(part.get("state"), dict) else {}
         inp = state.get("input") if isinstance(state.get("input"), dict) else {}
         team = _str(inp.get("team_name"))
-        teammate = _str(inp.get("sender")) or _str(inp.get("from"))
+        teammate = None if session is not None and session.teammate else (
+            _str(inp.get("sender")) or _str(inp.get("from")))
         recipient = _str(inp.get("recipient"))
         summary = _str(inp.get("summary")) or _str(inp.get("content"))
         bits = [f"tool {tool}"]
@@ -111,7 +115,11 @@ def describe(rule: Rule, event: Event, title: str | None = None) -> Match:
                 data = err.get("data") if isinstance(err.get("data"), dict) else {}
                 msg = data.get("message") or ""
                 words += f" ({_shorten(f'{name}: {msg}'.strip(': '), 160)})"
-    if title and not teammate:
+    title = session.title if session is not None else None
+    mate = session.teammate if session is not None else None
+    if mate is not None:
+        teammate, team = mate.name, team or mate.team
+    elif title and not teammate:
         teammate = title
     where = f"session {event.session_id}" if event.session_id else "the server"
     if title:
@@ -134,13 +142,13 @@ def _message_ckey(tool: str, inp: Mapping[str, Any]) -> str | None:
 
 
 def match_all(rules: Iterable[Rule], event: Event, own_session: str | None,
-              title_of: Callable[[str], str | None] | None = None) -> list[Match]:
-    """Every rule that matches ``event``; ``title_of`` names a session (its teammate)."""
+              session_of: Callable[[str], SessionInfo | None] | None = None) -> list[Match]:
+    """Every rule that matches ``event``; ``session_of`` tells who a session is (its teammate)."""
     matched = [r for r in rules if rule_matches(r, event, own_session)]
     if not matched:
         return []
-    title = title_of(event.session_id) if title_of and event.session_id else None
-    return [describe(r, event, title) for r in matched]
+    info = session_of(event.session_id) if session_of and event.session_id else None
+    return [describe(r, event, info) for r in matched]
 
 
 class RuleSet:
@@ -163,11 +171,11 @@ class RuleSet:
         return found
 
     def match(self, event: Event, own_session: str | None,
-              title_of: Callable[[str], str | None] | None = None) -> list[Match]:
+              session_of: Callable[[str], SessionInfo | None] | None = None) -> list[Match]:
         candidates = self.for_type(event.type)
         if not candidates:
             return []
-        return match_all(candidates, event, own_session, title_of)
+        return match_all(candidates, event, own_session, session_of)
 
 
 def _str(value: Any) -> str | None:

@@ -48,6 +48,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Figures the suite gathered on the way (reported, never asserted: goals are for make bench)."""
+    from tests.support.watch import BROKER_LATENCY
+
+    if BROKER_LATENCY:
+        ms = sorted(x * 1000 for x in BROKER_LATENCY)
+        p99 = ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))]
+        terminalreporter.write_line(
+            f"permission broker, permission.asked to permission.replied as the server sent them: n={len(ms)}, "
+            f"p50 {ms[len(ms) // 2]:.1f} ms, p99 {p99:.1f} ms, max {ms[-1]:.1f} ms")
+
+
 def _failed(request: pytest.FixtureRequest) -> bool:
     node = request.node
     return any(getattr(getattr(node, f"rep_{w}", None), "failed", False) for w in ("setup", "call"))

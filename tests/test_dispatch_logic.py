@@ -439,9 +439,23 @@ def test_the_session_ruleset_is_restated_when_the_config_widens_it(rig) -> None:
 # -- a server outage while a prompt is in flight -------------------------------------------
 
 def outage(shared: Shared) -> None:
-    """What the health watch does on a down and up again."""
-    shared.update(server_healthy=False, outages=shared.outages + 1)
+    """What a server restart does: the health watch sees it down and up again, the stream ends."""
+    shared.update(server_healthy=False, outages=shared.outages + 1, stream_connected=True)
+    shared.stream_lost()
     shared.update(server_healthy=True)
+
+
+def test_a_health_probe_that_timed_out_while_the_stream_went_on_is_no_outage(rig) -> None:
+    clock, server, shared, path, make = rig
+    d, p = one_prompt(rig, debounce=0.0, min_interval=0.0)
+    shared.update(server_healthy=False, outages=shared.outages + 1)  # the probe timed out; the stream stayed
+    shared.update(server_healthy=True)
+    d.run_once()
+    d.run_once()
+    assert len(server.prompts) == 1, "a prompt slow to start is not sent a second time"
+    server.reply(p["session"], p["id"], "done")
+    d.run_once()
+    assert Ledger(path).dispatches()[0].state == "completed"
 
 
 def test_a_prompt_the_restarted_server_lost_is_sent_again_under_the_same_id(rig) -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from orchestratord.config import DEFAULT_TRIGGERS, ConfigError, parse_config
 from orchestratord.guard import Judge, seen_in_event, seen_in_permission
 from orchestratord.inbox import InboxError, parse_inbox
-from orchestratord.policy import COMMAND, MESSAGE, PATH, TOOL, build_rules, evaluate
+from orchestratord.policy import COMMAND, MESSAGE, PATH, TOOL, Context, build_rules, evaluate
 from orchestratord.stream import FrameGuard, normalize
 from orchestratord.triggers import match_all
 from tests.support import faults
@@ -30,6 +30,7 @@ pytestmark = pytest.mark.faults
 # The long form (make faults) tries twenty times as many inputs.
 FUZZ = settings(max_examples=faults.runs(100, 2000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 JUDGE = Judge(build_rules(()))
+CONTEXT = Context(project="/srv/project", home="/home/dev")
 
 
 @pytest.fixture(autouse=True)
@@ -149,11 +150,17 @@ def test_config_files_fail_only_with_config_errors(pieces: list[str], junk: str)
             assert exc.problems and all(p.startswith("fuzz.toml") for p in exc.problems)
 
 
+SHELL_PIECES = ["rm", "-rf", "/", "~", "'", '"', "\\", "$(", ")", "`", "|", "&&", ";", "sudo", "sh", "-c", "curl",
+                "x | sh", "git", "push", "--force", "main", "dd", "of=/dev/sda", ":(){", ":|:&", "};:", "DROP", "TABLE",
+                "\n", "#", "<<EOF", "<<-'X'", "EOF", "<<<", "$'\\x72m'", "{", "}", "(", "${HOME:-", "$((", "python3",
+                "-c", "shutil.rmtree('/')", "os.system(\"", "find", "-delete", "-exec", "cd", "..", "*", ".*", "xargs",
+                "env", "-S", "bash", "eval", "case", "in", "esac", "f()", "&", "2>&1", ">", "\\\n", "reset", "--hard"]
+
+
 @FUZZ
-@given(text=st.text(max_size=200) | st.lists(st.sampled_from(
-    ["rm", "-rf", "/", "~", "'", '"', "\\", "$(", ")", "`", "|", "&&", ";", "sudo", "sh", "-c", "curl", "x | sh",
-     "git", "push", "--force", "main", "dd", "of=/dev/sda", ":(){", ":|:&", "};:", "DROP", "TABLE", "\n", "#"]),
-    max_size=14).map(" ".join), kind=st.sampled_from([COMMAND, MESSAGE, PATH, TOOL]))
-def test_the_policy_judges_any_text(text: str, kind: str) -> None:
-    for finding in evaluate(text, kind):
+@given(text=st.text(max_size=200) | st.lists(st.sampled_from(SHELL_PIECES), max_size=14).map(" ".join)
+       | st.lists(st.sampled_from(SHELL_PIECES), max_size=20).map("".join),
+       kind=st.sampled_from([COMMAND, MESSAGE, PATH, TOOL]), where=st.sampled_from([None, CONTEXT]))
+def test_the_policy_judges_any_text(text: str, kind: str, where: Context | None) -> None:
+    for finding in evaluate(text, kind, context=where):
         assert finding.rule and isinstance(finding.what, str)

@@ -19,7 +19,7 @@ from tests.support.bed import NO_IDLE, TEAM, Bed, is_orchestrator, orchestrator_
 from tests.support.daemon import Daemon, holds, ledger_rows, wait_for, write_config
 from tests.support.llm import Reply, ScriptedModel, last_is_tool_result
 from tests.support.server import OpencodeServer, free_port
-from tests.support.team import append_message, make_team
+from tests.support.team import append_message, make_team, read_inbox
 from tests.support.webhook import Receiver
 
 HOOK_SCRIPT = "import sys; open(sys.argv[1], 'ab').write(sys.stdin.buffer.read() + b'\\n')"
@@ -108,8 +108,8 @@ def test_rogue_messages_are_escalated_once_hooked_and_told(bed: Bed, receiver: R
     assert "recursive-delete" in text and "lead-takeover" in text and "shutdown_request" in text
 
     # Once each: the orchestrator's read_inbox flips `read`, more messages arrive; still two.
-    wait_for(lambda: all(m["read"] for m in json.loads(
-        (bed.teams_dir / "teams" / TEAM / "inboxes" / "team-lead.json").read_text())), 60, "messages marked read")
+    wait_for(lambda: all(m["read"] for m in read_inbox(bed.teams_dir, TEAM, "team-lead")), 60,
+             "messages marked read")
     append_message(bed.teams_dir, TEAM, "team-lead", "worker-3", "Merged.")
     d.wait_log(r"teammate-message .*Merged")
     holds(lambda: len(escalations(bed.ledger)) == 2 and len(receiver.received()) == 2, 1.0, "no second escalation")
@@ -146,13 +146,14 @@ def tool_part(server: OpencodeServer, sid: str, tool: str) -> dict[str, Any] | N
     return None
 
 
-def test_destructive_permission_is_rejected_and_a_harmless_one_left_alone(
+def test_in_a_session_not_brokered_a_destructive_request_is_rejected_and_a_harmless_one_left_alone(
         tmp_path: Path, asking_server: OpencodeServer, model: ScriptedModel, teams_dir: Path) -> None:
+    """A person's own session (no teammate title) on a server that asks: the person answers, unless it is critical."""
     server = asking_server
     make_team(teams_dir, TEAM, members=["worker-1", "worker-2"])
     ledger = tmp_path / "ledger.sqlite3"
     cfg = write_config(tmp_path / "orchestrator.toml", server_url=server.url, ledger=ledger, teams_base=teams_dir,
-                       extra=NO_IDLE)
+                       extra=NO_IDLE + '\n[safety]\nbroker_sessions = "teammates"\n')
     d = Daemon(cfg, tmp_path).start()
     try:
         d.notify.wait("READY=1")

@@ -108,8 +108,9 @@ def test_a_teammate_waiting_on_a_permission_is_waiting_not_stalled(
     server = asking_server
     make_team(teams_dir, TEAM, members=["worker-1"])
     ledger = tmp_path / "ledger.sqlite3"
+    # A session the broker leaves alone (no teammate title): its request waits for a person.
     cfg = write_config(tmp_path / "orchestrator.toml", server_url=server.url, ledger=ledger, teams_base=teams_dir,
-                       extra=quiet_config(6))
+                       extra=quiet_config(6) + '\n[safety]\nbroker_sessions = "teammates"\n')
     d = Daemon(cfg, tmp_path).start()
     try:
         d.wait_log("stream-connected")

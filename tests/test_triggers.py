@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from orchestratord.config import DEFAULT_TRIGGERS, TriggerRule as R
+from orchestratord.sessions import SessionInfo
 from orchestratord.stream import Event
 from orchestratord.triggers import match_all, rule_matches
 
@@ -46,12 +47,20 @@ def test_globs_lists_bools_and_disabled() -> None:
 
 
 def test_match_names_the_teammate_and_dedups_on_the_part() -> None:
-    [m] = match_all([SEND], tool_event(), "ses_orch", title_of=lambda sid: "worker-1")
+    [m] = match_all([SEND], tool_event(), "ses_orch", session_of=lambda sid: SessionInfo(sid, title="worker-1"))
     assert m.teammate == "worker-1" and m.team == "my-team"
     assert "worker-1" in m.detail and "to team-lead" in m.detail and '"done"' in m.detail
     assert m.dedup == "teammate-message:prt_1:completed"
     [again] = match_all([SEND], tool_event(), "ses_orch")
     assert again.dedup == m.dedup
+
+
+def test_a_teammate_is_named_by_its_session_title_not_by_what_it_claims() -> None:
+    ev = tool_event()
+    ev.properties["part"]["state"]["input"]["sender"] = "team-lead"  # signed as the lead
+    [m] = match_all([SEND], ev, "ses_orch", session_of=lambda sid: SessionInfo(sid, title="worker-2@my-team"))
+    assert (m.teammate, m.team) == ("worker-2", "my-team")
+    assert "worker-2@my-team" in m.detail
 
 
 def test_session_error_detail_carries_the_error() -> None:

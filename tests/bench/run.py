@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import corpus, ingest, live, memory
+from . import broker, corpus, ingest, live, memory, rules
 from .replay import ReplayServer
 
 
@@ -39,12 +39,15 @@ class Sizes:
     memory_messages: int
     idle_seconds: float
     trials: int
+    broker_requests: int
 
 
 FULL = Sizes(ingest_events=200_000, ingest_rounds=3, ledger_events=1_000_000, writer_rows=200_000, status_runs=7,
-             memory_events=200_000, memory_messages=10_000, idle_seconds=60.0, trials=50)
+             memory_events=200_000, memory_messages=10_000, idle_seconds=60.0, trials=50,
+             broker_requests=250)
 QUICK = Sizes(ingest_events=3_000, ingest_rounds=1, ledger_events=5_000, writer_rows=2_000, status_runs=1,
-              memory_events=2_000, memory_messages=200, idle_seconds=1.0, trials=2)
+              memory_events=2_000, memory_messages=200, idle_seconds=1.0, trials=2,
+              broker_requests=12)
 
 
 #: the most the second half of a load may add to RSS and still count as levelled off
@@ -218,12 +221,24 @@ def table(r: dict[str, Any]) -> str:
         ("ledger: status --json", f"{led['status_json_ms']} ms (python start {led['python_start_and_import_ms']} ms)",
          "< 200 ms", yes(led["status_json_ms"] < 200)),
         ("ledger: writer alone, batches of 1,000", f"{led['writer_rows_per_s']:,} rows/s", "", ""),
+        *broker_rows(r["broker"], yes),
+        *rules.rows(r["rules"], yes),
     ]
     widths = [max(len(row[i]) for row in rows + [("measure", "figure", "goal", "met")]) for i in range(4)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(("measure", "figure", "goal", "met"), widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
+
+
+def broker_rows(b: dict[str, Any], yes: Callable[[bool], str]) -> list[tuple[str, str, str, str]]:
+    d = b["decision"]
+    return [
+        (f"broker: permission.asked -> replied ({b['approved']} approved, {b['rejected']} rejected)",
+         f"p50 {d['p50_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms (n={d['n']})",
+         "p50 <= 10 ms, p99 <= 50 ms", yes(d["p50_ms"] <= 10 and d["p99_ms"] <= 50)),
+        ("broker: session created -> its rules on", f"{b['session_to_rules_ms']} ms", "", ""),
+    ]
 
 
 def _pct(p: dict[str, Any]) -> str:
@@ -249,12 +264,16 @@ def main(argv: list[str] | None = None) -> int:
                                   "machine": machine(), "quick": args.quick,
                                   "corpus": {"events_per_turn": stream.frames, "deltas_per_turn": stream.deltas,
                                              "sync_per_turn": stream.syncs}}
+        result["rules"] = rules.run()
+        say(f"rules: {result['rules']['commands']} commands judged")
         result["ingest"] = bench_ingest(tmp, sizes, stream, say)
         result["ledger"] = bench_ledger(tmp, sizes, stream, say)
         (tmp / "memory").mkdir()
         result["memory"] = memory.run(tmp / "memory", stream, sizes.memory_events, sizes.memory_messages, say)
         (tmp / "live").mkdir()
         result["live"] = bench_live(tmp / "live", sizes, say)
+        (tmp / "broker").mkdir()
+        result["broker"] = broker.run(tmp / "broker", sizes.broker_requests, say)
         result["machine"]["loadavg_end"] = _loadavg()
         result["seconds"] = round(time.monotonic() - started, 1)
     finally:

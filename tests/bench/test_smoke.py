@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench import corpus, ingest, memory, run
+from tests.bench import broker, corpus, ingest, memory, rules, run
+from tests.corpus_commands import CASES
 from tests.bench.replay import ReplayServer
 
 
@@ -66,5 +67,25 @@ def test_memory_stages_and_table(tmp_path: Path, stream: corpus.Corpus) -> None:
                                  "default_ratio_cpu": 0.5, "all_ratio_cpu": 0.25},
                       "ledger": {"events": 10, "mb": 1.0, "rows": 5, "status_json_ms": 90.0,
                                  "python_start_and_import_ms": 60.0, "writer_rows_per_s": 3},
-                      "memory": out, "live": fake_live})
+                      "memory": out, "live": fake_live, "rules": rules.run(),
+                      "broker": {"requests": 20, "approved": 18, "rejected": 2, "session_to_rules_ms": 12.0,
+                                 "decision": {"n": 20, "p50_ms": 4.0, "p99_ms": 9.0}}})
     assert "ingest: reader, default store" in text and "after 200 messages" in text
+    assert "rules: must-block caught (reject tier)" in text and "broker: permission.asked" in text
+
+
+def test_rules_piece_judges_the_whole_corpus() -> None:
+    out = rules.run()
+    assert out["commands"] == len(CASES) == sum(out[k]["total"] for k in ("block", "hold", "allow", "mention"))
+    assert all(0.0 <= out[k]["rate"] <= 1.0 for k in ("block", "hold", "allow", "mention"))
+    assert out["misclassified"] == [], "tests/test_corpus.py says which and why"
+    lines = dict((row[0], row) for row in rules.rows(out, lambda ok: "yes" if ok else "NO"))
+    assert lines["rules: must-block caught (reject tier)"][2:] == (">= 95%", "yes")
+    assert lines["rules: false alarms, must-allow"][2:] == ("<= 2%", "yes")
+
+
+def test_broker_piece_times_every_request(tmp_path: Path) -> None:
+    out = broker.run(tmp_path, 12, lambda s: None)
+    assert out["requests"] == 12 and out["rejected"] == 1 and out["approved"] == 11
+    assert out["decision"]["n"] == 12
+    assert [row[0] for row in run.broker_rows(out, str)][0].startswith("broker: permission.asked")

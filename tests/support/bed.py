@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
 from tests.support.daemon import Daemon, ledger_rows, wait_for, write_config
-from tests.support.llm import Reply, ScriptedModel
+from tests.support.llm import Reply, ScriptedModel, last_user_text
 from tests.support.server import OpencodeServer
 from tests.support.team import make_team
 
 TEAM = "my-team"
 ORCH_MARK = "orchestrator of the agent team"
+#: the ruleset claude-teams gives every opencode teammate it spawns
+ALLOW_ALL = [{"permission": "*", "pattern": "*", "action": "allow"}]
 
 
 def request_text(req: dict[str, Any]) -> str:
@@ -100,6 +103,20 @@ class Bed:
         """A teammate session on the server, titled with the teammate's name."""
         return self.server.create_session(title)["id"]
 
+    def warm(self) -> None:
+        """One finished turn, so the server has its MCP servers up (as a server that runs for a while does)."""
+        self.model.add_rule(lambda r: "warm up" in request_text(r), Reply.text("warm"))
+        sid = self.server.create_session("warm-up")["id"]
+        self.server.prompt_async(sid, "warm up")
+        self.server.wait_idle(sid, timeout=60)
+
+    def spawn(self, name: str, prompt: str | None = None, team: str = TEAM) -> str:
+        """A teammate made as claude-teams makes one: titled ``name@team``, allowed everything, then prompted."""
+        sid = self.server.create_session(f"{name}@{team}", permission=ALLOW_ALL)["id"]
+        if prompt is not None:
+            self.server.prompt_async(sid, prompt)
+        return sid
+
     def close(self) -> None:
         for d in self.daemons:
             d.close()
@@ -115,10 +132,36 @@ def bed(tmp_path: Path, opencode: OpencodeServer, model: ScriptedModel, team: Pa
 
 
 def script_teammate(model: ScriptedModel, marker: str, calls: list[dict[str, Any]], text: str = "sent") -> None:
-    """A teammate turn: on ``marker`` call send_message once per entry, then answer ``text``."""
-    model.add_rule(lambda r: marker in request_text(r) and not last_is_tool_result(r),
+    """A teammate turn: on a prompt saying ``marker`` call send_message once per entry, then answer ``text``.
+
+    Only the prompt itself counts (as a model would do what it is asked last): a turn the
+    daemon restarts with "carry on" does not send them all again.
+    """
+    model.add_rule(lambda r: marker in last_user_text(r) and not last_is_tool_result(r),
                    Reply.tool_calls([("claude-teams_send_message", c) for c in calls]))
     model.add_rule(lambda r: marker in request_text(r) and last_is_tool_result(r), Reply.text(text))
+
+
+def tool_results(req: dict[str, Any]) -> int:
+    """How many tool results the conversation in ``req`` holds: the steps taken so far."""
+    return sum(1 for m in req.get("messages") or [] if m.get("role") == "tool")
+
+
+def script_commands(model: ScriptedModel, marker: str, commands: list[str], text: str = "done",
+                    first_delay: float = 0.0, first: bool = False) -> None:
+    """A teammate turn that runs ``commands`` one bash call at a time, then answers ``text``.
+
+    ``first_delay`` is how long the model takes to its first call (a real model's think time).
+    """
+    def answer(req: dict[str, Any]) -> Reply:
+        step = tool_results(req)
+        if step == 0 and first_delay:
+            time.sleep(first_delay)  # the model's own pace, not a wait of the test's
+        if step < len(commands):
+            return Reply.tool_call("bash", {"command": commands[step], "description": f"step {step + 1}"})
+        return Reply.text(text)
+
+    model.add_rule(lambda r: marker in request_text(r), answer, first=first)
 
 
 def script_orchestrator(model: ScriptedModel, reply: str = "Checked the inbox; worker-1 is on track.",

@@ -125,10 +125,13 @@ class ScriptedModel:
         with self._lock:
             self.queue.extend(replies)
 
-    def add_rule(self, predicate: Predicate, answer: Answer) -> None:
-        """First matching rule wins; rules are tried before the queue."""
+    def add_rule(self, predicate: Predicate, answer: Answer, first: bool = False) -> None:
+        """First matching rule wins; rules are tried before the queue. ``first`` puts it before the others."""
         with self._lock:
-            self.rules.append((predicate, answer))
+            if first:
+                self.rules.insert(0, (predicate, answer))
+            else:
+                self.rules.append((predicate, answer))
 
     def script(self, marker: str, first: Answer, then: Answer) -> None:
         """For requests mentioning ``marker``: answer ``first``; once a tool result is back, ``then``.

@@ -275,9 +275,9 @@ class InboxWatcher(Worker):
             if todo:  # the ledger failed: these files are read again on the next try
                 with self.dirty_lock:
                     self.dirty.update(todo)
-        if not self.initialized and not self.dirty and self.retry_at is None:
-            # Only once every inbox was read to its end: what a first read left unread is
-            # still "already there" when it is read again.
+        if not self.initialized and self.retry_at is None:
+            # Only once every inbox was read to its end (none waits for a retry): what a
+            # first read left unread is still "already there" when it is read again.
             assert self.ledger is not None
             self.ledger.set_meta("inbox.initialized", str(self.wall()))
             self.initialized = True

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench import corpus, ingest, memory, run
+from tests.bench import corpus, inboxes, ingest, memory, run
 from tests.bench.replay import ReplayServer
 
 
@@ -66,5 +66,22 @@ def test_memory_stages_and_table(tmp_path: Path, stream: corpus.Corpus) -> None:
                                  "default_ratio_cpu": 0.5, "all_ratio_cpu": 0.25},
                       "ledger": {"events": 10, "mb": 1.0, "rows": 5, "status_json_ms": 90.0,
                                  "python_start_and_import_ms": 60.0, "writer_rows_per_s": 3},
-                      "memory": out, "live": fake_live})
+                      "memory": out, "live": fake_live, "inboxes": FAKE_INBOXES})
     assert "ingest: reader, default store" in text and "after 200 messages" in text
+
+
+FAKE_INBOXES = {"sizes": [{"messages": n, "bytes": 320 * n, "reaction": {"n": 50, "p50_ms": 80.0, "p99_ms": 150.0},
+                           "cpu_ms_per_message": 3.0, "appends": 200, "rss_mb_end": 36.0} for n in (0, 100_000)],
+                "reaction_p50_added_ms": 0.0, "rss_added_mb": 0.0, "cpu_ratio": 1.0}
+
+
+def test_long_lead_inboxes(tmp_path: Path) -> None:
+    out = inboxes.run(tmp_path, (0, 40), trials=1, appends=2, say=lambda s: None)
+    assert [s["messages"] for s in out["sizes"]] == [0, 40]
+    for size in out["sizes"]:
+        assert size["reaction"]["n"] == 1 and size["appends"] == 2
+        assert size["bytes_end"] > size["bytes"] and size["rss_mb_end"] > 0
+    assert out["sizes"][1]["bytes"] > 40 * 250, "messages of realistic size"
+    rows = run.inbox_rows(out)
+    assert [r[0] for r in rows[-3:]] == ["lead inbox 0 -> 40: p50 added", "lead inbox 0 -> 40: RSS added",
+                                        "lead inbox 0 -> 40: CPU per new message"]

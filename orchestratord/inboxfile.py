@@ -375,8 +375,8 @@ def _window(pread: Pread, end: int) -> bytes:
     """Digest of the file's first bytes and of the bytes that end at ``end``."""
     h = hashlib.sha256(end.to_bytes(8, "big"))
     tail_start = max(0, end - TAIL_BYTES)
-    if tail_start > HEAD_BYTES:
-        h.update(pread(HEAD_BYTES, 0))
+    if tail_start:
+        h.update(pread(min(HEAD_BYTES, tail_start), 0))
     h.update(b"\0")
     h.update(pread(end - tail_start, tail_start))
     return h.digest()

@@ -148,8 +148,9 @@ def test_a_half_written_new_item_after_the_resume_point_waits(tmp_path: Path) ->
     assert incremental and texts(batches) == ["report 1: café ✓ done"]
 
 
-def test_a_rewrite_with_another_prefix_is_read_whole(inbox: Inbox) -> None:
-    inbox.append(*(message(i) for i in range(4)))
+@pytest.mark.parametrize("count", [4, 13, 14, 40])  # the windows overlap, touch, or lie apart
+def test_a_rewrite_with_another_prefix_is_read_whole(inbox: Inbox, count: int) -> None:
+    inbox.append(*(message(i) for i in range(count)))
     inbox.read()
     inbox.messages[0] = message(0, text="report 9: café ✓ done")  # same length: only the head window sees it
     inbox.write()

@@ -31,6 +31,8 @@ ALLOWED: dict[tuple[str, str], tuple[int, str]] = {
     ("ledger.py", "Ledger.finish_dispatch"): (1, "a prompt's completed_at, for people"),
     ("ledger.py", "Ledger.record_messages"): (1, "a message's first_seen, for people and retention"),
     ("ledger.py", "Ledger.mark_reported"): (1, "a message's reported_at, for people"),
+    ("ledger.py", "Ledger.record_oversized"): (1, "an oversized message's first_seen, for people and retention"),
+    ("ledger.py", "Ledger.mark_oversized_reported"): (1, "an oversized message's reported_at, for people"),
     ("ledger.py", "Ledger.add_escalation"): (1, "an escalation's at, for people and retention"),
     ("ledger.py", "Ledger.update_escalation"): (1, "an escalation's handled_at, for people"),
     ("ledger.py", "Ledger.record_stall"): (1, "a finding's at, for people and retention"),

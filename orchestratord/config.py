@@ -93,6 +93,7 @@ class TeamsConfig:
     watch_members: bool = False
     poll_interval_seconds: float = 5.0
     report_existing: bool = False
+    max_message_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,8 @@ SCHEMA: dict[str, tuple[type, dict[str, Check]]] = {
     "session": (SessionConfig, {"title": _nonempty, "id": _opt_str, "agent": _opt_str, "model": _opt_str,
                                 "permission": _permission_rules}),
     "teams": (TeamsConfig, {"base_dir": _nonempty, "names": _names, "lead": _nonempty, "watch_members": _bool,
-                            "poll_interval_seconds": _seconds(), "report_existing": _bool}),
+                            "poll_interval_seconds": _seconds(), "report_existing": _bool,
+                            "max_message_bytes": _int(4096)}),
     "dispatch": (DispatchConfig, {"prompt": _prompt, "debounce_seconds": _seconds(0.0, strict=False),
                                   "min_interval_seconds": _seconds(0.0, strict=False),
                                   "max_per_hour": _int(1), "sweep_interval_seconds": _seconds(0.0, strict=False),

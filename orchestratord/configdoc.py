@@ -84,6 +84,10 @@ DESCRIPTIONS: dict[str, str] = {
     "teams.poll_interval_seconds": (
         "Stat rescan of the inboxes, the safety net behind inotify (and the only means on filesystems "
         "without change notification, such as NFS)."),
+    "teams.max_message_bytes": (
+        "One inbox message larger than this is not decoded: it is recorded as oversized (sender, timestamp, "
+        "size) and reported once, and the messages after it are read as usual. An inbox file itself has no size "
+        "limit."),
     "teams.report_existing": (
         "On the very first start, report the messages already in the inboxes as new; by default they are "
         "recorded as seen, without a report or a prompt."),

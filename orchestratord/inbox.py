@@ -1,4 +1,4 @@
-"""claude-teams inboxes on disk: reading them safely and telling messages apart.
+"""claude-teams inboxes on disk: watching them, and telling messages apart.
 
 Layout (under ``teams.base_dir``)::
 
@@ -6,16 +6,14 @@ Layout (under ``teams.base_dir``)::
     teams/<team>/inboxes/<agent>.json  JSON array of {from, text, timestamp, read, summary?}
     teams/<team>/inboxes/.lock         writers hold an exclusive flock while rewriting
 
-Writers rewrite an inbox in place, so a reader can catch a half-written file. We take a
-*shared* flock on ``.lock`` for the few milliseconds of one read when we can get it at
-once, and otherwise read without it and treat a parse error as "retry soon", never as an
+Each file is read by an :class:`~orchestratord.inboxfile.InboxFile`, which keeps what it
+needs to read only the new part next time and streams the whole file when it must. A
+parse error may mean a writer is mid-rewrite: it is retried soon, never taken for an
 empty inbox. Nothing here writes to the team directory.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -26,24 +24,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import logs, metrics
-from .ledger import Ledger, MessageRow
+from .inboxfile import DEFAULT_MAX_ITEM_BYTES, Entry, InboxError, InboxFile, message_identity, parse_inbox_bytes
+from .ledger import Ledger, MessageRow, OversizedRow
 from .worker import Worker, crash_point
 
-MAX_INBOX_BYTES = 8 * 1024 * 1024
-LOCK_TRIES = 5
-LOCK_PAUSE = 0.01
+__all__ = ["InboxError", "InboxWatcher", "TeamMessage", "content_key", "message_ckey", "message_type", "parse_inbox"]
 
 STRUCTURED_TYPES = ("shutdown_request", "shutdown_approved", "shutdown_rejected", "shutdown_response",
                     "idle_notification", "task_assignment", "task_completed", "plan_approval_request",
                     "plan_approval_response", "broadcast")
-
-
-class InboxError(Exception):
-    """The file is not a usable inbox; ``transient`` means it may be mid-rewrite."""
-
-    def __init__(self, message: str, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -57,14 +46,18 @@ class TeamMessage:
     type: str
     read: bool
 
+    @classmethod
+    def from_fields(cls, team: str, recipient: str, fields: dict[str, Any]) -> "TeamMessage":
+        """From an inbox element that has string ``from``, ``text`` and ``timestamp``."""
+        summary = fields.get("summary")
+        return cls(team=team, recipient=recipient, sender=fields["from"], timestamp=fields["timestamp"],
+                   text=fields["text"], summary=summary if isinstance(summary, str) and summary else None,
+                   type=message_type(fields["text"]), read=bool(fields.get("read", False)))
+
     @property
     def identity(self) -> str:
         """Stable across rewrites: not the position in the file, not the ``read`` flag."""
-        h = hashlib.sha256()
-        for part in (self.team, self.recipient, self.sender, self.timestamp, self.text):
-            h.update(part.encode("utf-8", "surrogatepass"))
-            h.update(b"\0")
-        return h.hexdigest()[:32]
+        return message_identity(self.team, self.recipient, self.sender, self.timestamp, self.text)
 
     def short(self, limit: int = 120) -> str:
         """One line for the log: the summary, or the start of the text."""
@@ -106,81 +99,24 @@ def _structured_gist(text: str) -> str:
     return ""
 
 
-def parse_inbox(data: bytes, team: str, recipient: str) -> tuple[list[TeamMessage], list[str]]:
-    """The messages in one inbox file, and a note for each entry that had to be skipped.
+def parse_inbox(data: bytes, team: str, recipient: str,
+                max_message_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> tuple[list[TeamMessage], list[str]]:
+    """The messages in one inbox held in memory, and a note for each entry that had to be skipped.
 
     Raises InboxError when the file as a whole is unusable. Unparseable JSON is marked
     transient: the caller re-reads before it believes the file is broken.
     """
-    if len(data) > MAX_INBOX_BYTES:
-        raise InboxError(f"file is {len(data)} bytes, over the {MAX_INBOX_BYTES}-byte limit for an inbox")
-    if not data.strip():
-        raise InboxError("file is empty (an empty inbox is [])", transient=True)
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InboxError(f"not valid JSON: {exc}", transient=True) from None
-    if not isinstance(doc, list):
-        raise InboxError(f"must be a JSON array of messages, not a JSON {type(doc).__name__}")
     messages: list[TeamMessage] = []
     skipped: list[str] = []
-    for index, entry in enumerate(doc):
-        problem = _check(entry)
-        if problem:
-            skipped.append(f"message {index}: {problem}")
-            continue
-        summary = entry.get("summary")
-        messages.append(TeamMessage(
-            team=team, recipient=recipient, sender=entry["from"], timestamp=entry["timestamp"], text=entry["text"],
-            summary=summary if isinstance(summary, str) and summary else None,
-            type=message_type(entry["text"]), read=bool(entry.get("read", False))))
+    for entry in parse_inbox_bytes(data, team, recipient, max_message_bytes):
+        if entry.fields is not None:
+            messages.append(TeamMessage.from_fields(team, recipient, entry.fields))
+        elif entry.oversized is not None:
+            skipped.append(f"message {entry.position}: {entry.oversized.size} bytes, over the {max_message_bytes}-byte "
+                           "limit for one message")
+        else:
+            skipped.append(f"message {entry.position}: {entry.problem}")
     return messages, skipped
-
-
-def _check(entry: Any) -> str | None:
-    if not isinstance(entry, dict):
-        return f"must be an object, not {type(entry).__name__}"
-    for key in ("from", "text", "timestamp"):
-        if key not in entry:
-            return f"has no {key!r}"
-        if not isinstance(entry[key], str):
-            return f"{key!r} must be a string"
-    if not entry["from"]:
-        return "'from' is empty"
-    return None
-
-
-def read_inbox_file(path: Path, lock_path: Path | None = None) -> bytes:
-    """The file's bytes, read under a shared lock on ``.lock`` if it is free right now.
-
-    We never wait on the lock for long: a writer holds it only while rewriting, and a
-    reader must not hold up a teammate. Without the lock, the caller's parse decides.
-    """
-    fd = None
-    if lock_path is not None:
-        try:
-            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            fd = None
-    locked = False
-    try:
-        if fd is not None:
-            for _ in range(LOCK_TRIES):
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    locked = True
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        break
-                    time.sleep(LOCK_PAUSE)
-        with open(path, "rb") as fh:
-            return fh.read(MAX_INBOX_BYTES + 1)
-    finally:
-        if fd is not None:
-            if locked:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
 
 # -- the watcher -------------------------------------------------------------------
@@ -202,10 +138,10 @@ def message_ckey(m: TeamMessage) -> str:
 
 @dataclass
 class _FileState:
-    signature: tuple[int, int, int] | None = None  # (inode, size, mtime_ns) last parsed or rejected
+    signature: tuple[int, int, int] | None = None  # (inode, size, mtime_ns) last read or rejected
     broken: str | None = None  # why the file at ``signature`` was rejected
     first_failure: float | None = None
-    skipped_logged: tuple[int, int, int] | None = None
+    reader: InboxFile | None = None
 
 
 class InboxWatcher(Worker):
@@ -218,6 +154,7 @@ class InboxWatcher(Worker):
                  poll_interval: float, report_existing: bool, on_trigger: Callable[[], None],
                  judge: Callable[[Ledger, TeamMessage], int] | None = None,
                  on_escalation: Callable[[], None] = lambda: None, notify: bool = True,
+                 max_message_bytes: int = DEFAULT_MAX_ITEM_BYTES,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         super().__init__(clock)
         self.ledger_path = ledger_path
@@ -231,6 +168,7 @@ class InboxWatcher(Worker):
         self.judge = judge
         self.on_escalation = on_escalation
         self.use_notify = notify
+        self.max_message_bytes = max_message_bytes
         self.wall = wall
         self.ledger: Ledger | None = None
         self.files: dict[Path, _FileState] = {}
@@ -241,8 +179,9 @@ class InboxWatcher(Worker):
         self.observer: Any = None
         self.watching: Path | None = None
         self.initialized = False
-        #: messages logged by this process whose "reported" mark did not reach the ledger
+        #: messages (and oversized ones) logged by this process whose "reported" mark did not reach the ledger
         self.logged: set[int] = set()
+        self.logged_oversized: set[int] = set()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -336,7 +275,9 @@ class InboxWatcher(Worker):
             if todo:  # the ledger failed: these files are read again on the next try
                 with self.dirty_lock:
                     self.dirty.update(todo)
-        if not self.initialized:
+        if not self.initialized and self.retry_at is None:
+            # Only once every inbox was read to its end (none waits for a retry): what a
+            # first read left unread is still "already there" when it is read again.
             assert self.ledger is not None
             self.ledger.set_meta("inbox.initialized", str(self.wall()))
             self.initialized = True
@@ -403,9 +344,12 @@ class InboxWatcher(Worker):
             return
         if state.broken is not None and state.signature == sig:
             return  # still the same broken file; wait for it to change
+        if state.reader is None:
+            state.reader = InboxFile(path, team, recipient, self.max_message_bytes, path.parent / ".lock")
+        baseline = not self.initialized and not self.report_existing
+        tally = [0]  # messages this read recorded as already there (the first start's baseline)
         try:
-            data = read_inbox_file(path, path.parent / ".lock")
-            messages, skipped = parse_inbox(data, team, recipient)
+            result = state.reader.read(lambda entries: self._record(path, team, recipient, entries, baseline, tally))
         except InboxError as exc:
             self._failed(path, state, sig, exc)
             return
@@ -415,17 +359,22 @@ class InboxWatcher(Worker):
                 return
             self._failed(path, state, sig, InboxError(f"cannot read: {exc}"))
             return
+        finally:
+            if tally[0]:
+                self.log.info(logs.kv("inbox-baseline", team=team, inbox=recipient, messages=tally[0],
+                                      note="already there on first start; not reported (teams.report_existing)"))
+        self.log.debug(logs.kv("inbox-read", path=str(path), read="new part" if result.incremental else "whole file",
+                               elements=result.elements))
         if state.broken is not None:
             self.log.info(logs.kv("inbox-readable-again", path=str(path)))
         state.broken, state.first_failure = None, None
-        if skipped and state.skipped_logged != sig:
-            state.skipped_logged = sig
-            self.log.warning(logs.kv("inbox-entries-skipped", path=str(path), count=len(skipped), first=skipped[0],
+        if result.skipped:
+            self.log.warning(logs.kv("inbox-entries-skipped", path=str(path), count=result.skipped,
+                                     first=result.first_skipped,
                                      fix="each message needs string 'from', 'text' and 'timestamp'"))
-        self._record(messages)
         # Only now is this version of the file done: if recording failed (the ledger
         # cannot be written), the rescan still sees it as changed and reads it again.
-        state.signature = sig
+        state.signature = result.signature
 
     def _failed(self, path: Path, state: _FileState, sig: tuple[int, int, int], exc: InboxError) -> None:
         now = self.clock()
@@ -444,27 +393,43 @@ class InboxWatcher(Worker):
                                action="skipped until the file changes",
                                fix="the file must be a JSON array of {from, text, timestamp} messages"))
 
-    def _record(self, messages: Sequence[TeamMessage]) -> None:
+    def _record(self, path: Path, team: str, recipient: str, entries: Sequence[Entry], baseline: bool,
+                tally: list[int]) -> None:
+        """Record one batch of a read: the messages the ledger does not know yet, and oversized ones."""
         assert self.ledger is not None
-        if not messages:
+        self.beat()  # a first read of a long inbox is many batches; the worker is not hung
+        big = [e.oversized for e in entries if e.oversized is not None]
+        if big:
+            self.ledger.record_oversized([OversizedRow(ident=b.ident, team=team, recipient=recipient, sender=b.sender,
+                                                       sent_at=b.timestamp, size=b.size, path=str(path))
+                                          for b in big], now=self.wall())
+        by_ident = {e.token: e.fields for e in entries if e.fields is not None}
+        if not by_ident:
             return
-        by_ident = {m.identity: m for m in messages}
         known = self.ledger.known_idents(by_ident)
-        new = [m for ident, m in by_ident.items() if ident not in known]
+        new = [TeamMessage.from_fields(team, recipient, f) for ident, f in by_ident.items() if ident not in known]
         if not new:
             return
-        baseline = not self.initialized and not self.report_existing
         rows = [MessageRow(ident=m.identity, team=m.team, recipient=m.recipient, sender=m.sender, sent_at=m.timestamp,
                            type=m.type, summary=m.summary, text=m.text) for m in new]
         self.ledger.record_messages(rows, reported=baseline, now=self.wall())
         if baseline:
-            self.log.info(logs.kv("inbox-baseline", team=new[0].team, inbox=new[0].recipient, messages=len(new),
-                                  note="already there on first start; not reported (teams.report_existing)"))
+            tally[0] += len(new)
         crash_point("after-record")
 
     def _report(self) -> None:
         """Log each recorded but unreported message once, and trigger on the lead's."""
         assert self.ledger is not None
+        for big in self.ledger.unreported_oversized():
+            if big["id"] not in self.logged_oversized:
+                self.logged_oversized.add(big["id"])
+                self.log.warning(logs.kv(
+                    "inbox-message-oversized", path=big["path"], team=big["team"], to=big["recipient"],
+                    **{"from": big["sender"] or "?"}, timestamp=big["sent_at"], bytes=big["size"],
+                    limit=self.max_message_bytes, action="recorded as oversized, not read; later messages are",
+                    fix=f"raise teams.max_message_bytes above {big['size']} to read it"))
+            self.ledger.mark_oversized_reported(big["id"], now=self.wall())
+            self.logged_oversized.discard(big["id"])
         triggered = False
         for m in self.ledger.unreported_messages():
             msg = TeamMessage(team=m["team"], recipient=m["recipient"], sender=m["sender"], timestamp=m["timestamp"],

@@ -19,7 +19,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 from . import ledgerwatch, metrics
 from .worker import crash_point
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -188,7 +188,25 @@ CREATE INDEX IF NOT EXISTS permissions_open ON permissions(state) WHERE state IN
 CREATE INDEX IF NOT EXISTS permissions_asked ON permissions(asked_at);
 """
 
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
+# v6: inbox messages over teams.max_message_bytes, recorded (not read) and reported once.
+# ``ident`` covers the team, recipient, sender, timestamp and text, never the read flag.
+_SCHEMA_V6 = """
+CREATE TABLE IF NOT EXISTS oversized_messages (
+    id INTEGER PRIMARY KEY,
+    ident TEXT NOT NULL UNIQUE,
+    team TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    sender TEXT,
+    sent_at TEXT,
+    size INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    reported_at REAL
+);
+CREATE INDEX IF NOT EXISTS oversized_unreported ON oversized_messages(reported_at) WHERE reported_at IS NULL;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6)
 
 # Dispatch states: recorded before the POST, sent after it, then one of the final three.
 PENDING, SENT, COMPLETED, FAILED, TIMEOUT = "pending", "sent", "completed", "failed", "timeout"
@@ -262,6 +280,17 @@ class MessageRow:
     type: str
     summary: str | None
     text: str
+
+
+@dataclass(frozen=True)
+class OversizedRow:
+    ident: str
+    team: str
+    recipient: str
+    sender: str | None
+    sent_at: str | None
+    size: int
+    path: str
 
 
 @dataclass(frozen=True)
@@ -591,6 +620,24 @@ class Ledger:
                     crash_point("mid-batch")  # test hook: a crash inside the transaction
         return new
 
+    def record_oversized(self, rows: Sequence[OversizedRow], now: float | None = None) -> None:
+        """Insert the oversized messages not seen before (by identity), in one transaction."""
+        at = now if now is not None else time.time()
+        with self._tx():
+            self.db.executemany(
+                "INSERT OR IGNORE INTO oversized_messages(ident, team, recipient, sender, sent_at, size, path, "
+                "first_seen) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.ident, r.team, r.recipient, r.sender, r.sent_at, r.size, r.path, at) for r in rows])
+
+    def unreported_oversized(self) -> list[dict[str, Any]]:
+        keys = ("id", "team", "recipient", "sender", "sent_at", "size", "path", "first_seen")
+        cur = self.db.execute(f"SELECT {', '.join(keys)} FROM oversized_messages WHERE reported_at IS NULL ORDER BY id")
+        return [dict(zip(keys, r)) for r in cur.fetchall()]
+
+    def mark_oversized_reported(self, row_id: int, now: float | None = None) -> None:
+        self.db.execute("UPDATE oversized_messages SET reported_at=? WHERE id=?",
+                        (now if now is not None else time.time(), row_id))
+
     def known_idents(self, idents: Iterable[str]) -> set[str]:
         found: set[str] = set()
         items = list(idents)
@@ -820,6 +867,8 @@ class Ledger:
             # Message identities are what stops a second report: keep them well past the
             # point where an inbox could still hold the message.
             n += self.db.execute("DELETE FROM messages WHERE first_seen < ? AND reported_at IS NOT NULL",
+                                 (before - 30 * 86400,)).rowcount
+            n += self.db.execute("DELETE FROM oversized_messages WHERE first_seen < ? AND reported_at IS NOT NULL",
                                  (before - 30 * 86400,)).rowcount
             n += self.db.execute("DELETE FROM stalls WHERE at < ?", (before,)).rowcount
             n += self.db.execute("DELETE FROM escalations WHERE at < ? AND handled_at IS NOT NULL",

@@ -176,7 +176,8 @@ class Supervisor:
             judge = Judge.from_config(cfg.safety, lead=cfg.teams.lead)
             return InboxWatcher(ledger_path=cfg.ledger.path, base_dir=t.base_dir, teams=t.names, lead=t.lead,
                                 watch_members=t.watch_members, poll_interval=t.poll_interval_seconds,
-                                report_existing=t.report_existing, on_trigger=self._wake("dispatch"),
+                                report_existing=t.report_existing, max_message_bytes=t.max_message_bytes,
+                                on_trigger=self._wake("dispatch"),
                                 judge=lambda ledger, m: judge.record(ledger, [seen_in_message(m)]),
                                 on_escalation=self._wake("guard"), clock=self.clock)
         if name == "guard":

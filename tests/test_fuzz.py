@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from orchestratord.config import DEFAULT_TRIGGERS, ConfigError, parse_config
 from orchestratord.guard import Judge, seen_in_event, seen_in_permission
 from orchestratord.inbox import InboxError, parse_inbox
+from orchestratord.inboxfile import InboxFile, parse_inbox_bytes
 from orchestratord.policy import COMMAND, MESSAGE, PATH, TOOL, Context, build_rules, evaluate
 from orchestratord.stream import FrameGuard, normalize
 from orchestratord.triggers import match_all
@@ -131,6 +132,58 @@ def test_inbox_files_of_any_content(data: bytes) -> None:
 def test_inbox_entries_with_missing_or_odd_fields(entries: list[dict[str, Any]]) -> None:
     messages, skipped = parse_inbox(json.dumps(entries).encode(), "t", "team-lead")
     assert len(messages) + len(skipped) == len(entries)
+
+
+def _inbox_message(i: int, size: int = 0) -> dict[str, Any]:
+    return {"from": f"w{i % 3}", "text": f"message {i} " + "x" * size, "timestamp": f"2026-11-24T00:00:{i:05d}Z",
+            "read": False}
+
+
+@FUZZ
+@given(ops=st.lists(st.tuples(st.sampled_from(["append", "flip", "cut", "layout", "replace", "big"]),
+                              st.integers(0, 10_000)), max_size=12))
+def test_inbox_reads_lose_nothing_whatever_the_writers_do(ops: list[tuple[str, int]]) -> None:
+    """Whatever the order of appends, flag flips, half-written files, layouts and replacements,
+    every element of the file as it stands has been handed on once a read succeeds; with
+    appends alone, each exactly once."""
+    reader = InboxFile(Path("-"), "t", "team-lead", max_item_bytes=2048)
+    messages: list[dict[str, Any]] = []
+    inode, indent, again = 1, False, 0
+    seen: set[str] = set()
+
+    def dump(items: list[dict[str, Any]]) -> bytes:
+        return json.dumps(items, indent=2 if indent else None).encode()
+
+    def read(data: bytes) -> None:
+        def record(entries: list[Any]) -> None:
+            nonlocal again
+            again += sum(e.token in seen for e in entries)
+            seen.update(e.token for e in entries)
+        reader.scan(lambda n, off: data[off:off + n], (inode, 0, len(data)), (inode, len(data), 0), lambda: None,
+                    record)
+
+    read(b"[]")
+    for op, n in ops:
+        if op == "append":
+            messages += [_inbox_message(len(messages) + j) for j in range(n % 40 + 1)]
+        elif op == "big":
+            messages.append(_inbox_message(len(messages), n))
+        elif op == "flip" and messages:
+            for m in messages[-(n % len(messages) + 1):]:
+                m["read"] = True
+        elif op == "cut":
+            whole = dump(messages + [_inbox_message(len(messages))])
+            with pytest.raises(InboxError) as info:
+                read(whole[:n % len(whole)])
+            assert info.value.transient
+        elif op == "layout":
+            indent = not indent
+        elif op == "replace":
+            inode += 1
+        read(dump(messages))
+        assert {e.token for e in parse_inbox_bytes(dump(messages), "t", "team-lead", 2048)} <= seen
+    if all(op in ("append", "big") for op, _ in ops):
+        assert again == 0, "an append-only history hands nothing on twice"
 
 
 TOML_PIECES = ["[server]\n", "[teams]\n", "[dispatch]\n", "[[triggers]]\n", "[[safety.rules]]\n", "[safety]\n",

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from orchestratord.inbox import (MAX_INBOX_BYTES, InboxError, InboxWatcher, TeamMessage, content_key, message_ckey,
-                                 message_type, parse_inbox, read_inbox_file)
+from orchestratord.inbox import (InboxError, InboxWatcher, TeamMessage, content_key, message_ckey, message_type,
+                                 parse_inbox)
+from orchestratord.inboxfile import InboxFile
 from orchestratord.ledger import Ledger
 from orchestratord.triggers import _message_ckey
 from tests.support.logcapture import caplog  # noqa: F401 - the fixture
@@ -56,11 +57,11 @@ def test_bad_entries_are_skipped_with_a_note() -> None:
     assert skipped == ["message 1: has no 'from'", "message 2: must be an object, not int"]
 
 
-def test_oversized_file_is_refused(tmp_path: Path) -> None:
-    big = tmp_path / "big.json"
-    big.write_bytes(b"[" + b" " * (MAX_INBOX_BYTES + 10) + b"]")
-    with pytest.raises(InboxError, match="over the"):
-        parse_inbox(read_inbox_file(big), TEAM, "team-lead")
+def test_an_oversized_entry_is_skipped_not_the_file() -> None:
+    data = json.dumps([msg("w1", "x" * 10_000), msg("w2", "small")]).encode()
+    messages, skipped = parse_inbox(data, TEAM, "team-lead", max_message_bytes=4096)
+    assert [m.text for m in messages] == ["small"]
+    assert len(skipped) == 1 and "over the 4096-byte limit" in skipped[0]
 
 
 def test_stream_and_file_agree_on_the_content_key() -> None:
@@ -76,12 +77,14 @@ def test_stream_and_file_agree_on_the_content_key() -> None:
 
 def test_read_does_not_wait_for_a_writer_holding_the_lock(tmp_path: Path) -> None:
     inbox, lock = tmp_path / "team-lead.json", tmp_path / ".lock"
-    inbox.write_text("[]")
+    inbox.write_text(json.dumps([msg("w1", "hi")]))
     lock.touch()
     fd = os.open(lock, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        assert read_inbox_file(inbox, lock) == b"[]"  # gave up on the lock quickly, read anyway
+        got: list[Any] = []
+        InboxFile(inbox, TEAM, "team-lead", lock_path=lock).read(got.extend)  # gave up on the lock quickly, read anyway
+        assert [e.fields["text"] for e in got] == ["hi"]
     finally:
         os.close(fd)
 
@@ -248,3 +251,57 @@ def test_idle_watcher_does_not_read_again_after_its_own_reads(tmp_path: Path) ->
     finally:
         w.stop()
         w.join(5)
+
+
+def test_an_oversized_message_is_reported_once_and_the_next_ones_are_read(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    w = World(tmp_path)
+    w.watcher.max_message_bytes = 4096
+    w.step()
+    w.write("team-lead", [msg("w1", "x" * 10_000, ts="2026-11-23T19:40:01.000Z"), msg("w2", "after it")])
+    w.step()
+    w.step()
+    warnings = [r for r in caplog.messages if r.startswith("inbox-message-oversized")]
+    assert len(warnings) == 1
+    assert "team-lead.json" in warnings[0] and "from=w1" in warnings[0] and "bytes=100" in warnings[0]
+    assert "teams.max_message_bytes" in warnings[0]
+    assert [t.detail for t in w.ledger().pending_triggers()] == ['message from w2 to team-lead: "after it"']
+    w.write("team-lead", [msg("w1", "x" * 10_000, ts="2026-11-23T19:40:01.000Z", read=True),
+                          msg("w2", "after it", read=True), msg("w3", "later")])
+    w.watcher.teardown()
+    w.watcher = w.make()  # a restart: everything is read again, from the start
+    w.watcher.max_message_bytes = 4096
+    w.step()
+    assert len([r for r in caplog.messages if r.startswith("inbox-message-oversized")]) == 1
+    assert [t.teammate for t in w.ledger().pending_triggers()] == ["w2", "w3"]
+    [row] = w.ledger().db.execute("SELECT sender, sent_at, size FROM oversized_messages").fetchall()
+    assert row[0] == "w1" and row[1] == "2026-11-23T19:40:01.000Z" and row[2] > 10_000
+
+
+def test_an_inbox_of_any_size_is_heard(world: World) -> None:
+    many = [msg(f"w{i % 4}", f"progress report {i}: " + "done " * 50, ts=f"t{i}", read=True) for i in range(30_000)]
+    world.write("team-lead", many)
+    world.step()  # the first start: all of them already there
+    assert (world.inboxes / "team-lead.json").stat().st_size > 8 * 1024 * 1024
+    world.write("team-lead", many + [msg("w1", "still heard", ts="t-new")])
+    world.step()
+    assert [t.detail for t in world.ledger().pending_triggers()][-1] == 'message from w1 to team-lead: "still heard"'
+
+
+def test_the_first_start_waits_for_a_whole_read_and_logs_its_baseline_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    w = World(tmp_path)
+    path = w.inboxes / "team-lead.json"
+    whole = json.dumps([msg("w1", f"old {i}", ts=f"t{i}") for i in range(1200)])
+    path.write_text(whole[: len(whole) // 2])  # caught mid-rewrite
+    w.step()
+    assert w.ledger().get_meta("inbox.initialized") is None, "a first read cut short is not the baseline yet"
+    path.write_text(whole)
+    w.clock.now += 0.1
+    w.step()
+    assert w.ledger().get_meta("inbox.initialized") is not None
+    rows = w.ledger().messages(limit=2000)
+    assert len(rows) == 1200 and all(r["reported_at"] is not None for r in rows)
+    assert w.ledger().pending_triggers() == [] and w.woken == 0
+    baseline = [r for r in caplog.messages if r.startswith("inbox-baseline")]
+    assert sum(int(r.split("messages=")[1].split()[0]) for r in baseline) == 1200 and len(baseline) <= 2

@@ -71,7 +71,7 @@ def test_fifty_messages_in_bursts_each_reported_once(bed: Bed) -> None:
     assert covered == 50
 
 
-CRASH_POINTS = ["before-post", "after-post", "after-record", "mid-batch"]
+CRASH_POINTS = ["before-post", "after-post", "after-record", "mid-batch", "inbox-mid-read"]
 
 
 @pytest.mark.parametrize("run", [1, 2])
@@ -88,6 +88,7 @@ def test_crash_and_restart_loses_nothing_and_repeats_nothing(bed: Bed, point: st
 
     crashing = bed.daemon(env={"ORCHESTRATORD_TEST_CRASH": point})
     crashing.notify.wait("READY=1")
+    crashing.wait_log(r"inbox-read .*team-lead\.json")  # so that the writes below are the new part of a read
     for i, who in enumerate(WORKERS):
         write(bed, who, f"crash test {point} {i}")
     assert crashing.wait_exit(60) == 137, f"the crash point {point} was not reached"
@@ -157,13 +158,19 @@ def test_malformed_inboxes_are_logged_and_skipped(bed: Bed) -> None:
     inboxes = bed.teams_dir / "teams" / TEAM / "inboxes"
     (inboxes / "worker-1.json").write_text("this is not JSON")
     (inboxes / "worker-2.json").write_text(json.dumps({"not": "a list"}))
-    (inboxes / "worker-3.json").write_bytes(b"[" + b" " * (20 * 1024 * 1024) + b"]")
+    (inboxes / "worker-3.json").write_text(json.dumps([{"from": "team-lead", "text": "x" * (2 * 1024 * 1024),
+                                                         "timestamp": "2026-11-24T00:00:00.000Z", "read": False},
+                                                        {"from": "team-lead", "text": "small",
+                                                         "timestamp": "2026-11-24T00:00:01.000Z", "read": False}]))
     (inboxes / "worker-4.json").write_text(json.dumps([{"text": "no sender", "timestamp": "2026-11-24T00:00:00.000Z"}]))
     write(bed, "worker-1", "the lead still hears me")
     d.wait_log("teammate-message .*the lead still hears me")
-    for name, why in (("worker-1", "not valid JSON"), ("worker-2", "must be a JSON array"), ("worker-3", "limit")):
+    for name, why in (("worker-1", "not valid JSON"), ("worker-2", "must be a JSON array")):
         d.wait_log(rf"inbox-unreadable .*{name}\.json.*{why}")
+    d.wait_log(r"inbox-message-oversized .*worker-3\.json.*from=team-lead .*bytes=2097.*teams\.max_message_bytes")
+    d.wait_log(r"teammate-message .*to=worker-3 summary=small")  # the message after it is read
     d.wait_log(r"inbox-entries-skipped .*worker-4\.json.*has no 'from'")
     wait_for(lambda: all_dispatched(bed), 60, "the lead's message prompted")
     # Logged once, not on every rescan (every 0.2 s here).
-    holds(lambda: len(d.grep(r"inbox-unreadable .*worker-1\.json")) == 1, 1.5, "one log line per broken file")
+    holds(lambda: len(d.grep(r"inbox-unreadable .*worker-1\.json")) == 1 and len(d.grep("inbox-message-oversized")) == 1,
+          1.5, "one log line per broken file or oversized message")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import broker, corpus, ingest, live, memory, rules
+from . import broker, corpus, inboxes, ingest, live, memory, rules
 from .replay import ReplayServer
 
 
@@ -40,18 +40,25 @@ class Sizes:
     idle_seconds: float
     trials: int
     broker_requests: int
+    inbox_counts: tuple[int, ...]
+    inbox_appends: int
 
 
 FULL = Sizes(ingest_events=200_000, ingest_rounds=3, ledger_events=1_000_000, writer_rows=200_000, status_runs=7,
              memory_events=200_000, memory_messages=10_000, idle_seconds=60.0, trials=50,
-             broker_requests=250)
+             broker_requests=250, inbox_counts=(0, 10_000, 30_000, 100_000), inbox_appends=200)
 QUICK = Sizes(ingest_events=3_000, ingest_rounds=1, ledger_events=5_000, writer_rows=2_000, status_runs=1,
               memory_events=2_000, memory_messages=200, idle_seconds=1.0, trials=2,
-              broker_requests=12)
+              broker_requests=12, inbox_counts=(0, 50, 100, 200), inbox_appends=3)
 
 
 #: the most the second half of a load may add to RSS and still count as levelled off
 LEVEL_MB = 2.0
+#: from the empty lead inbox to the largest: the most the reaction's p50 and RSS may add,
+#: and the most the CPU time per new message may grow
+INBOX_P50_MS = 30.0
+INBOX_RSS_MB = 8.0
+INBOX_CPU_RATIO = 1.25
 
 
 def machine() -> dict[str, Any]:
@@ -184,7 +191,7 @@ def _remove_ledger(path: Path) -> None:
 
 
 def table(r: dict[str, Any]) -> str:
-    ing, led, mem, lv = r["ingest"], r["ledger"], r["memory"], r["live"]
+    ing, led, mem, lv, inb = r["ingest"], r["ledger"], r["memory"], r["live"], r["inboxes"]
     idle = lv["idle"]
     ev_keys = [k for k in mem if k.startswith("rss_mb_after_") and k.endswith("_events")]
     msg_keys = [k for k in mem if k.startswith("rss_mb_after_") and k.endswith("_messages")]
@@ -223,6 +230,7 @@ def table(r: dict[str, Any]) -> str:
         ("ledger: writer alone, batches of 1,000", f"{led['writer_rows_per_s']:,} rows/s", "", ""),
         *broker_rows(r["broker"], yes),
         *rules.rows(r["rules"], yes),
+        *inbox_rows(inb),
     ]
     widths = [max(len(row[i]) for row in rows + [("measure", "figure", "goal", "met")]) for i in range(4)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(("measure", "figure", "goal", "met"), widths))]
@@ -239,6 +247,26 @@ def broker_rows(b: dict[str, Any], yes: Callable[[bool], str]) -> list[tuple[str
          "p50 <= 10 ms, p99 <= 50 ms", yes(d["p50_ms"] <= 10 and d["p99_ms"] <= 50)),
         ("broker: session created -> its rules on", f"{b['session_to_rules_ms']} ms", "", ""),
     ]
+def inbox_rows(inb: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """One row per lead inbox size, then the three goals, largest against empty."""
+    rows = []
+    for size in inb["sizes"]:
+        name = f"lead inbox of {size['messages']:,} ({size['bytes'] / 2**20:.1f} MB)"
+        rows.append((f"{name}: write -> prompt", _pct(size["reaction"]), "", ""))
+        rows.append((f"{name}: CPU per new message, RSS",
+                     f"{size['cpu_ms_per_message']:.2f} ms (n={size['appends']}), {size['rss_mb_end']} MB", "", ""))
+    first, last = inb["sizes"][0], inb["sizes"][-1]
+    span = f"{first['messages']:,} -> {last['messages']:,}"
+    ratio = inb["cpu_ratio"]
+    rows += [
+        (f"lead inbox {span}: p50 added", f"{inb['reaction_p50_added_ms']:+.0f} ms", f"<= {INBOX_P50_MS:g} ms",
+         "yes" if inb["reaction_p50_added_ms"] <= INBOX_P50_MS else "NO"),
+        (f"lead inbox {span}: RSS added", f"{inb['rss_added_mb']:+.1f} MB", f"<= {INBOX_RSS_MB:g} MB",
+         "yes" if inb["rss_added_mb"] <= INBOX_RSS_MB else "NO"),
+        (f"lead inbox {span}: CPU per new message", "-" if ratio is None else f"{ratio:.2f} x",
+         f"<= {INBOX_CPU_RATIO:g} x", "yes" if ratio is not None and ratio <= INBOX_CPU_RATIO else "NO"),
+    ]
+    return rows
 
 
 def _pct(p: dict[str, Any]) -> str:
@@ -274,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         result["live"] = bench_live(tmp / "live", sizes, say)
         (tmp / "broker").mkdir()
         result["broker"] = broker.run(tmp / "broker", sizes.broker_requests, say)
+        (tmp / "inboxes").mkdir()
+        result["inboxes"] = inboxes.run(tmp / "inboxes", sizes.inbox_counts, sizes.trials, sizes.inbox_appends, say)
         result["machine"]["loadavg_end"] = _loadavg()
         result["seconds"] = round(time.monotonic() - started, 1)
     finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench import broker, corpus, ingest, memory, rules, run
+from tests.bench import broker, corpus, inboxes, ingest, memory, rules, run
 from tests.corpus_commands import CASES
 from tests.bench.replay import ReplayServer
 
@@ -67,7 +67,7 @@ def test_memory_stages_and_table(tmp_path: Path, stream: corpus.Corpus) -> None:
                                  "default_ratio_cpu": 0.5, "all_ratio_cpu": 0.25},
                       "ledger": {"events": 10, "mb": 1.0, "rows": 5, "status_json_ms": 90.0,
                                  "python_start_and_import_ms": 60.0, "writer_rows_per_s": 3},
-                      "memory": out, "live": fake_live, "rules": rules.run(),
+                      "memory": out, "live": fake_live, "rules": rules.run(), "inboxes": FAKE_INBOXES,
                       "broker": {"requests": 20, "approved": 18, "rejected": 2, "session_to_rules_ms": 12.0,
                                  "decision": {"n": 20, "p50_ms": 4.0, "p99_ms": 9.0}}})
     assert "ingest: reader, default store" in text and "after 200 messages" in text
@@ -89,3 +89,20 @@ def test_broker_piece_times_every_request(tmp_path: Path) -> None:
     assert out["requests"] == 12 and out["rejected"] == 1 and out["approved"] == 11
     assert out["decision"]["n"] == 12
     assert [row[0] for row in run.broker_rows(out, str)][0].startswith("broker: permission.asked")
+
+
+FAKE_INBOXES = {"sizes": [{"messages": n, "bytes": 320 * n, "reaction": {"n": 50, "p50_ms": 80.0, "p99_ms": 150.0},
+                           "cpu_ms_per_message": 3.0, "appends": 200, "rss_mb_end": 36.0} for n in (0, 100_000)],
+                "reaction_p50_added_ms": 0.0, "rss_added_mb": 0.0, "cpu_ratio": 1.0}
+
+
+def test_long_lead_inboxes(tmp_path: Path) -> None:
+    out = inboxes.run(tmp_path, (0, 40), trials=1, appends=2, say=lambda s: None)
+    assert [s["messages"] for s in out["sizes"]] == [0, 40]
+    for size in out["sizes"]:
+        assert size["reaction"]["n"] == 1 and size["appends"] == 2
+        assert size["bytes_end"] > size["bytes"] and size["rss_mb_end"] > 0
+    assert out["sizes"][1]["bytes"] > 40 * 250, "messages of realistic size"
+    rows = run.inbox_rows(out)
+    assert [r[0] for r in rows[-3:]] == ["lead inbox 0 -> 40: p50 added", "lead inbox 0 -> 40: RSS added",
+                                        "lead inbox 0 -> 40: CPU per new message"]

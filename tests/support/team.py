@@ -99,6 +99,24 @@ def append_message(base: Path | str, team: str, recipient: str, sender: str, tex
     return message
 
 
+REMINDER = ("\n\n<system_reminder>This message was sent from {sender}. Use your send_message tool to "
+            "respond.</system_reminder>")
+
+
+def history(count: int, first: int = 0, read: bool = True) -> list[dict[str, Any]]:
+    """``count`` messages as a long-lived lead inbox holds them: about 300 bytes each, the
+    reminder suffix the real server appends included, marked read, a second apart."""
+    start = dt.datetime(2026, 1, 5, 9, 0, tzinfo=dt.timezone.utc)
+    out = []
+    for i in range(first, first + count):
+        sender = f"worker-{i % 4 + 1}"
+        stamp = (start + dt.timedelta(seconds=i)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        out.append({"from": sender, "text": f"report {i}: step {i % 17} of the parser done, its tests pass, "
+                                            f"branch work-{i % 5} pushed" + REMINDER.format(sender=sender),
+                    "summary": f"report {i}", "timestamp": stamp, "color": "blue", "read": read})
+    return out
+
+
 def mark_read(base: Path | str, team: str, agent: str, unread_only: bool = True) -> list[dict[str, Any]]:
     """What ``read_inbox(mark_as_read=true)`` does: return the messages and flip ``read``."""
     path = inbox_path(base, team, agent)

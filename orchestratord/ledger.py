@@ -864,13 +864,15 @@ class Ledger:
         with self._tx():
             n = self.db.execute("DELETE FROM events WHERE at < ?", (before,)).rowcount
             n += self.db.execute("DELETE FROM transitions WHERE at < ?", (before,)).rowcount
-            # Message identities are what stops a second report: keep them well past the
-            # point where an inbox could still hold the message.
-            n += self.db.execute("DELETE FROM messages WHERE first_seen < ? AND reported_at IS NOT NULL",
-                                 (before - 30 * 86400,)).rowcount
-            n += self.db.execute("DELETE FROM oversized_messages WHERE first_seen < ? AND reported_at IS NOT NULL",
-                                 (before - 30 * 86400,)).rowcount
+            # Message identities are what stops a second report, and claude-teams never trims
+            # an inbox: an old message may still be in it at the next whole read. So the
+            # identity stays for good and only the text goes (a row is then a few dozen bytes).
+            n += self.db.execute("UPDATE messages SET text='', summary=NULL WHERE first_seen < ? "
+                                 "AND reported_at IS NOT NULL AND (text != '' OR summary IS NOT NULL)",
+                                 (before,)).rowcount
             n += self.db.execute("DELETE FROM stalls WHERE at < ?", (before,)).rowcount
+            n += self.db.execute("DELETE FROM permissions WHERE asked_at < ? AND state NOT IN (?, ?)",
+                                 (before, P_OPEN, P_HELD)).rowcount
             n += self.db.execute("DELETE FROM escalations WHERE at < ? AND handled_at IS NOT NULL",
                                  (before - 30 * 86400,)).rowcount
             n += self.db.execute(

@@ -98,6 +98,21 @@ def test_prune_keeps_open_work(tmp_path: Path) -> None:
     assert [t.id for t in led.pending_triggers()] == [old_pending]
 
 
+def test_prune_keeps_every_message_identity(tmp_path: Path) -> None:
+    """claude-teams never trims an inbox: an old message's identity must outlive any retention."""
+    from orchestratord.ledger import MessageRow
+    led = Ledger(str(tmp_path / "l.db"))
+    row = MessageRow(ident="abc", team="t", recipient="team-lead", sender="w1", sent_at="2026-01-01T00:00:00Z",
+                     type="message", summary="s", text="a long old text")
+    [mid] = led.record_messages([row], reported=False, now=1.0)
+    led.mark_reported(mid, None, now=1.0)
+    led.prune(before=1e9)
+    assert led.known_idents(["abc"]) == {"abc"}, "a whole read of the inbox must still know it"
+    [m] = led.messages()
+    assert (m["text"], m["summary"]) == ("", None), "the text itself is pruned"
+    assert led.record_messages([row], reported=False, now=2e9) == [], "so it is not taken for new"
+
+
 def test_state_and_readonly_view(tmp_path: Path) -> None:
     path = str(tmp_path / "l.db")
     led = Ledger(path)

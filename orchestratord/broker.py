@@ -54,8 +54,9 @@ RESTART_TRIES = 3
 ABORT_PAUSE = 1.5
 #: how often a prompt that came before the rules is looked at until its turn begins
 AWAIT_POLL = 0.1
+#: the prompt sent again when the interrupted one had no text of its own (files only)
 CONTINUE = ("(orchestratord interrupted this turn for a moment to put safety rules in place. Nothing was "
-            "lost: carry on with the task you were working on.)")
+            "lost: carry on with the task you were given.)")
 
 
 @dataclass
@@ -494,13 +495,23 @@ class Broker(ServerWorker):
         with self._lock:
             self.awaiting.pop(mid, None)
         w.restarted.add(mid)
-        started = any(p.get("type") not in ("step-start", None) for r in replies for p in r.get("parts") or []
-                      if isinstance(p, dict))
+        info = self.sessions.get(session_id)
+        if any(isinstance(p, dict) and p.get("type") == "tool" for r in replies for p in r.get("parts") or []):
+            # It has called a tool already. Aborting a turn in a tool call can leave the session
+            # aborting every later turn (opencode 1.18, seen with an MCP tool on a server just
+            # started), which would be worse: its calls are judged as they run instead.
+            self.log.warning(logs.kv("turn-ran-unbrokered", session=session_id,
+                                     teammate=info.label if info else None, prompt=mid,
+                                     reason="its prompt came before the session's rules and it acted before they "
+                                            "were on",
+                                     note="the rest of this turn runs without asking; its calls are judged as "
+                                          "they run, and its next turn asks"))
+            return
         original = next((m for m in recent if isinstance(m, dict) and isinstance(m.get("info"), dict)
                          and m["info"].get("id") == mid), None)
         parts = [{"type": "text", "text": p["text"]} for p in (original or {}).get("parts") or []
                  if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)]
-        if started or not parts:
+        if not parts:
             parts = [{"type": "text", "text": CONTINUE}]
         model = user.get("model") if isinstance(user.get("model"), dict) else None
         now = self.clock()

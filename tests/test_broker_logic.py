@@ -479,3 +479,14 @@ def test_a_turn_that_asked_already_or_came_after_the_rules_is_left_alone(tmp_pat
     b.run_once()
     assert server.aborts == [] and server.prompted == []
     b.teardown()
+
+
+def test_a_turn_that_acted_before_the_rules_is_not_aborted(tmp_path: Path, server: FakeServer) -> None:
+    server.add("ses_w1", "worker-1@my-team")
+    server.prompted_before("ses_w1", "msg_u1", "work", begun=True)
+    server.msgs["ses_w1"][-1]["parts"].append({"type": "tool", "tool": "claude-teams_send_message",
+                                               "state": {"status": "running"}})
+    b = broker(tmp_path, server)
+    b.run_once()
+    assert server.patches and server.aborts == [] and server.prompted == []
+    b.teardown()

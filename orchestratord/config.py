@@ -64,6 +64,7 @@ class LedgerConfig:
 class HealthConfig:
     interval_seconds: float = 2.0
     timeout_seconds: float = 2.0
+    startup_grace_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -331,7 +332,8 @@ SCHEMA: dict[str, tuple[type, dict[str, Check]]] = {
                               "timeout_seconds": _seconds()}),
     "ledger": (LedgerConfig, {"path": _nonempty, "store_events": _choice("default", "all", "none"),
                               "retention_days": _seconds()}),
-    "health": (HealthConfig, {"interval_seconds": _seconds(), "timeout_seconds": _seconds()}),
+    "health": (HealthConfig, {"interval_seconds": _seconds(), "timeout_seconds": _seconds(),
+                              "startup_grace_seconds": _seconds(0.0, strict=False)}),
     "events": (EventsConfig, {"stream": _choice("global", "instance"), "directory": _opt_str,
                               "read_timeout_seconds": _seconds(1.0, strict=False),
                               "max_event_bytes": _int(4096), "reconnect_max_seconds": _seconds()}),

@@ -47,6 +47,11 @@ DESCRIPTIONS: dict[str, str] = {
     "health.timeout_seconds": (
         "Timeout of one probe; a probe that times out counts as the server being down. At most ten "
         "intervals, or a hung probe would hide an outage."),
+    "health.startup_grace_seconds": (
+        "For this long after the daemon starts, a server that has not yet been up is taken to be starting "
+        "(both units start together at boot): its failed probes and stream connects are logged at notice "
+        "(`server-starting`), and only once this has run out with the server still down is `server-down` a "
+        "warning. 0 makes every failure a warning at once."),
 
     "events.stream": (
         "`global` reads `/global/event` (every project on the server; after a reconnect the reader catches up "

@@ -69,7 +69,8 @@ class Supervisor:
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.clock = clock
-        self.shared = Shared(server_url=cfg.server.url, clock=clock)
+        self.shared = Shared(server_url=cfg.server.url, clock=clock, started=clock(),
+                             startup_grace=cfg.health.startup_grace_seconds)
         self.sessions = SessionDirectory()
         self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
         self.workers: dict[str, Worker] = {}
@@ -469,6 +470,7 @@ class Supervisor:
             self.cfg, self.password = new, password
             if "log" in changed:
                 logs.set_level(new.log.level)
+            self.shared.update(startup_grace=new.health.startup_grace_seconds)
             if "ledger" in changed and new.ledger.path != old.ledger.path:
                 assert self.ledger is not None
                 self.ledger.close()

@@ -15,29 +15,31 @@ from typing import Any, Callable, Sequence
 
 from . import __version__, logs
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, dump_config, load_config, summarize
-from .ledger import Ledger, LedgerError, open_problem
+from .ledger import Ledger, LedgerError, query_problem
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 DEFAULT_LOG_FILE = "/var/log/opencode-orchestrator/orchestratord.log"
 
 
 def _load(path: str) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        # Under systemd (ExecReload= runs check-config) each problem is an error in the journal.
-        prefix = "<3>" if logs.under_journal() else ""
-        for problem in exc.problems:
-            print(prefix + problem, file=sys.stderr)
-        raise SystemExit(EXIT_ERROR)
+    """The config; a ConfigError goes up to :func:`main`, which prints every problem."""
+    return load_config(path)
 
 
-def _open_ledger(cfg: Config) -> Ledger:
-    try:
-        return Ledger(cfg.ledger.path, readonly=True)
-    except LedgerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_ERROR)
+def _reader(args: argparse.Namespace) -> tuple[Config, Ledger]:
+    """The config and its ledger opened read-only; what goes wrong reaches :func:`main` as one line."""
+    cfg = load_config(args.config)
+    args.ledger_path = cfg.ledger.path
+    return cfg, Ledger(cfg.ledger.path, readonly=True)
+
+
+def _failed(args: argparse.Namespace, problem: str, fix: str, **more: Any) -> int:
+    """One line with its fix (stderr), or with ``--json`` one JSON object (stdout); exit 1."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": problem, "fix": fix, **more}))
+    else:
+        print(f"error: {problem}; fix: {fix}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def _when(ts: float | None) -> str:
@@ -121,31 +123,28 @@ def _run_detached(args: argparse.Namespace, cfg: Config, config_path: str) -> in
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    from .preflight import environment
+
+    cfg = load_config(args.config, environment(running=_running_daemon))
     print(f"{args.config}: ok")
     print(summarize(cfg))
-    problem = _ledger_warning(cfg.ledger.path)
-    if problem:
-        # A warning, not an error: the config is fine, and a reload must still go through.
-        print(("<4>" if logs.under_journal() else "") + f"warning: {problem}", file=sys.stderr)
     return EXIT_OK
 
 
-def _ledger_warning(path: str) -> str | None:
-    """Why the daemon would refuse this ledger at start, found cheaply (its header and schema)."""
-    if not os.path.exists(path):
+def _running_daemon(cfg: Config) -> dict[str, Any] | None:
+    """The live state of the daemon that runs on this config's ledger, if one does (a reload's check)."""
+    try:
+        ledger = Ledger(cfg.ledger.path, readonly=True)
+    except LedgerError:
         return None
     try:
-        ledger = Ledger(path, readonly=True)
-        try:
-            ledger.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        finally:
-            ledger.close()
-    except LedgerError as exc:
-        return str(exc)
-    except sqlite3.DatabaseError as exc:
-        return open_problem(path, exc)
-    return None
+        daemon = ledger.get_state().get("daemon", {})
+    except sqlite3.Error:
+        return None
+    finally:
+        ledger.close()
+    running = daemon.get("state") not in (None, "stopped") and _pid_alive(daemon.get("pid"))
+    return daemon if running else None
 
 
 def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
@@ -281,8 +280,7 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    ledger = _open_ledger(cfg)
+    cfg, ledger = _reader(args)
     data = status_data(cfg, ledger)
     if args.json:
         print(json.dumps(data, indent=2))
@@ -334,8 +332,8 @@ def _ledger_line(led: dict[str, Any]) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    rows = _open_ledger(cfg).events(limit=args.limit, type_=args.type)
+    _, ledger = _reader(args)
+    rows = ledger.events(limit=args.limit, type_=args.type)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -345,8 +343,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_dispatches(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    ledger = _open_ledger(cfg)
+    _, ledger = _reader(args)
     rows = ledger.dispatches(limit=args.limit)
     if args.json:
         out = []
@@ -364,8 +361,8 @@ def cmd_dispatches(args: argparse.Namespace) -> int:
 
 
 def cmd_messages(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    rows = _open_ledger(cfg).messages(limit=args.limit, team=args.team)
+    _, ledger = _reader(args)
+    rows = ledger.messages(limit=args.limit, team=args.team)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -377,13 +374,8 @@ def cmd_messages(args: argparse.Namespace) -> int:
 
 
 def cmd_escalations(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    try:
-        rows = _open_ledger(cfg).escalations(limit=args.limit)
-    except sqlite3.OperationalError:
-        print(f"orchestratord: the ledger {cfg.ledger.path} predates escalations; start the daemon once to "
-              "upgrade it", file=sys.stderr)
-        return EXIT_ERROR
+    _, ledger = _reader(args)
+    rows = ledger.escalations(limit=args.limit)
     if args.json:
         print(json.dumps([e.as_dict() for e in rows], indent=2))
         return EXIT_OK
@@ -399,14 +391,8 @@ def cmd_permissions(args: argparse.Namespace) -> int:
     from .broker import held_listing
     from .ledger import P_HELD
 
-    cfg = _load(args.config)
-    ledger = _open_ledger(cfg)
-    try:
-        rows = ledger.permissions(limit=args.limit) if args.all else ledger.permissions(states=(P_HELD,))
-    except sqlite3.OperationalError:
-        print(f"error: the ledger {cfg.ledger.path} predates the permission broker; start the daemon once to "
-              "upgrade it", file=sys.stderr)
-        return EXIT_ERROR
+    _, ledger = _reader(args)
+    rows = ledger.permissions(limit=args.limit) if args.all else ledger.permissions(states=(P_HELD,))
     now = time.time()
     if args.json:
         items = [r.as_dict() for r in rows] if args.all else held_listing(rows, now)
@@ -579,6 +565,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except BrokenPipeError:
         return EXIT_OK
+    except ConfigError as exc:
+        if getattr(args, "json", False):
+            return _failed(args, f"{args.config}: {len(exc.problems)} problem(s) in the config",
+                           "correct them (orchestratord check-config lists them)", problems=exc.problems)
+        # Under systemd (ExecReload= runs check-config) each problem is an error in the journal.
+        prefix = "<3>" if logs.under_journal() else ""
+        for problem in exc.problems:
+            print(prefix + problem, file=sys.stderr)
+        return EXIT_ERROR
+    except LedgerError as exc:
+        from .ledgerwatch import fix_for
+
+        return _failed(args, exc.problem, exc.fix or fix_for(exc.problem))
+    except sqlite3.Error as exc:
+        path = getattr(args, "ledger_path", None)
+        if path is None:
+            raise
+        return _failed(args, *query_problem(path, exc))
 
 
 if __name__ == "__main__":

@@ -468,11 +468,17 @@ class _Problems:
         self.source = source
         self.lines = lines
         self.items: list[str] = []
+        self.bad: set[str] = set()  # the keys with a problem
 
     def add(self, key: str, message: str) -> None:
         line = self._line(key)
         where = f"{self.source}:{line}" if line else self.source
         self.items.append(f"{where}: {key}: {message}")
+        self.bad.add(key)
+
+    def clean(self, *keys: str) -> bool:
+        """None of ``keys`` (or the tables that hold them) has a problem of its own: a check across them is fair."""
+        return not any(k == b or k.startswith(b + ".") or b.startswith(k + ".") for k in keys for b in self.bad)
 
     def _line(self, key: str) -> int | None:
         parts = key.split(".")
@@ -651,8 +657,17 @@ def _safety(raw: Any, problems: _Problems) -> SafetyConfig:
     return SafetyConfig(**values, rules=tuple(rules), hooks=tuple(hooks))
 
 
-def parse_config(text: str, source: str = "<config>", base_dir: str | Path | None = None) -> Config:
-    """Parse and validate a whole config; raise ConfigError listing every problem."""
+#: a check of the config against the machine: (key, problem) pairs, for the keys not already in error
+EnvironmentCheck = Callable[[Config, Callable[..., bool]], list[tuple[str, str]]]
+
+
+def parse_config(text: str, source: str = "<config>", base_dir: str | Path | None = None,
+                 environment: EnvironmentCheck | None = None) -> Config:
+    """Parse and validate a whole config; raise ConfigError listing every problem.
+
+    ``environment`` adds what only the machine can tell (files, ports); it runs on the
+    config as parsed even when some keys are in error, so one run names every problem.
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -668,27 +683,32 @@ def parse_config(text: str, source: str = "<config>", base_dir: str | Path | Non
     triggers = _triggers(data.get("triggers"), problems)
     safety = _safety(data.get("safety"), problems)
     cfg = Config(**sections, triggers=triggers, safety=safety, source=source)
-    if not problems.items:
-        _cross_checks(cfg, problems)
+    _cross_checks(cfg, problems)
+    if environment is not None:
+        for key, message in environment(cfg, problems.clean):
+            problems.add(key, message)
     if problems.items:
         raise ConfigError(problems.items)
     return cfg
 
 
 def _cross_checks(cfg: Config, problems: _Problems) -> None:
-    if cfg.health.timeout_seconds > max(cfg.health.interval_seconds, 1.0) * 10:
+    """Checks across keys, each only when the keys it compares are valid themselves."""
+    if (problems.clean("health.timeout_seconds", "health.interval_seconds")
+            and cfg.health.timeout_seconds > max(cfg.health.interval_seconds, 1.0) * 10):
         problems.add("health.timeout_seconds", "is much longer than health.interval_seconds; a hung probe "
                      "would hide an outage (keep it at most ten intervals)")
-    if cfg.metrics.listen or cfg.metrics.textfile:
+    if problems.clean("metrics") and (cfg.metrics.listen or cfg.metrics.textfile):
         from .metrics import available
         if not available():
             problems.add("metrics", "needs the prometheus_client library: pip install 'orchestratord[metrics]' "
-                         "(or remove [metrics])")
-    if cfg.events.stream == "global" and cfg.events.directory:
+                         "(or make install EXTRAS=metrics; or remove [metrics])")
+    if (problems.clean("events.stream", "events.directory") and cfg.events.stream == "global"
+            and cfg.events.directory):
         problems.add("events.directory", "only applies to events.stream = \"instance\"")
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], environment: EnvironmentCheck | None = None) -> Config:
     """Read and validate the file at ``path``; errors say which file and what to fix."""
     p = Path(path)
     try:
@@ -698,7 +718,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                            "etc/opencode-orchestrator/orchestrator.toml) or pass --config"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{p}: cannot read: {exc}"]) from None
-    cfg = parse_config(text, str(p), p.resolve().parent)
+    cfg = parse_config(text, str(p), p.resolve().parent, environment)
     return replace(cfg, digest=hashlib.sha256(text.encode("utf-8")).hexdigest()[:12])
 
 

@@ -328,7 +328,7 @@ class Supervisor:
             self.ledger.set_state({
                 "daemon": {"pid": os.getpid(), "state": s.state, "config": self.config_path,
                            "config_digest": self.cfg.digest, "status_line": self.shared.status_line(),
-                           "written_at": time.time()},
+                           "metrics_listen": self.cfg.metrics.listen, "written_at": time.time()},
                 "ledger": self.health.view(),
                 "server": {"url": s.server_url, "healthy": s.server_healthy, "version": s.server_version},
                 "stream": {"connected": s.stream_connected, "events_total": s.events_total,

@@ -60,6 +60,7 @@ ALLOWED: dict[tuple[str, str], tuple[int, str]] = {
     ("cli.py", "ledger_view"): (1, "the age of written_at, a wall stamp written by another process"),
     ("ledgerwatch.py", "LedgerHealth.__init__"): (1, "the injected wall clock: when a failing spell began, for people"),
     ("ledgerwatch.py", "put_back"): (1, "the name given to a file moved aside, for people"),
+    ("ledger.py", "backup_name"): (1, "the name of the copy kept before a schema upgrade, for people"),
 }
 
 # Attribute chains that read (or hand out) the wall clock.

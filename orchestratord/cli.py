@@ -166,7 +166,8 @@ def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
                    "events_total": stream.get("events_total", 0), "last_event_at": stream.get("last_event_at")},
         "session": {"id": session.get("id") or ledger.get_meta(f"session:{cfg.server.url}"),
                     "busy": bool(session.get("busy")) and running},
-        "dispatch": {"pending_triggers": ledger.count_pending_triggers(), **totals},
+        "dispatch": {"pending_triggers": ledger.count_pending_triggers(), **totals,
+                     "holds": _holds(st, running)},
         "last_dispatch": (lambda d: d[0].as_dict() if d else None)(ledger.dispatches(limit=1)),
         "escalations": _escalation_totals(ledger),
         "permissions": _permission_totals(ledger),
@@ -295,7 +296,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("stream", ("connected" if data["stream"]["connected"] else "disconnected")
          + f", {data['stream']['events_total']} events, last {_when(data['stream']['last_event_at'])}"),
         ("session", f"{data['session']['id'] or '-'} " + ("busy" if data["session"]["busy"] else "idle")),
-        ("triggers", f"{d['pending_triggers']} pending"),
+        ("triggers", f"{d['pending_triggers']} pending" + (
+            f", held back by {', '.join(_hold_text(h) for h in d['holds'])} (orchestratord pending)"
+            if d["pending_triggers"] and d["holds"] else "")),
         ("prompts", f"{d['sent_total']} sent, last {_when(d['last_sent_at'])}, outcome {d['last_outcome'] or '-'}"),
     ]
     esc = data["escalations"]
@@ -317,6 +320,47 @@ def cmd_status(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    return EXIT_OK
+
+
+STOPPED_HOLD = {"reason": "daemon-stopped", "detail": "the daemon is not running; nothing is sent until it starts",
+                "until": None}
+
+
+def _holds(st: dict[str, Any], running: bool) -> list[dict[str, Any]]:
+    """Why the dispatcher holds the pending triggers back, as it last wrote it."""
+    return (st.get("dispatch") or {}).get("holds", []) if running else [STOPPED_HOLD]
+
+
+def _hold_text(h: dict[str, Any]) -> str:
+    return h["reason"] + (f" until {_when(h['until'])}" if h.get("until") else "")
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    _, ledger = _reader(args)
+    st = ledger.get_state()
+    daemon = st.get("daemon", {})
+    running = daemon.get("state") not in (None, "stopped") and _pid_alive(daemon.get("pid"))
+    triggers = ledger.pending_triggers()
+    holds = _holds(st, running) if triggers else []
+    now = time.time()
+    items: list[dict[str, Any]] = [{"id": t.id, "kind": t.kind, "rule": t.rule, "team": t.team, "teammate": t.teammate,
+              "age_seconds": round(max(0.0, now - t.at), 1), "detail": t.detail,
+              "held_by": [h["reason"] for h in holds]} for t in triggers]
+    if args.json:
+        print(json.dumps({"daemon": "running" if running else "stopped", "holds": holds, "triggers": items}, indent=2))
+        return EXIT_OK
+    if not items:
+        print("no trigger is waiting")
+        return EXIT_OK
+    print(f"{len(items)} trigger{'s' if len(items) != 1 else ''} waiting, "
+          + ("held back by:" if holds else "nothing holds them back: the next prompt carries them"))
+    for h in holds:
+        print(f"  {_hold_text(h)}: {h['detail']}")
+    for t in items:
+        who = " ".join(x for x in (t["team"], t["teammate"]) if x) or "-"
+        print(f"{t['id']:>6}  {_age(t['age_seconds']):>6}  {t['rule'] or t['kind']:<18} {who:<24} "
+              f"{' '.join(str(t['detail']).split())[:70]}")
     return EXIT_OK
 
 
@@ -422,6 +466,50 @@ def _age(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+def cmd_ledger_check(args: argparse.Namespace) -> int:
+    """SQLite's own check of every page and index, on a read-only connection (safe while the daemon runs)."""
+    cfg, ledger = _reader(args)
+    version = ledger.db.execute("PRAGMA user_version").fetchone()[0]
+    rows = [r[0] for r in ledger.db.execute("PRAGMA integrity_check")]
+    if rows == ["ok"]:
+        print(json.dumps({"path": cfg.ledger.path, "ok": True, "schema": version}) if args.json
+              else f"{cfg.ledger.path}: ok (schema {version})")
+        return EXIT_OK
+    return _failed(args, f"ledger {cfg.ledger.path} is damaged: {'; '.join(rows[:3])}",
+                   "stop the daemon, keep a copy (orchestratord ledger backup PATH may still read most of it), move "
+                   "the file aside and start again: a fresh ledger is created", ok=False, schema=version, problems=rows)
+
+
+def cmd_ledger_copy(args: argparse.Namespace) -> int:
+    """``backup``: a consistent copy; ``vacuum``: a compacted one. Both read only, so both are safe while it runs."""
+    from .ledger import copy_database
+
+    cfg, ledger = _reader(args)
+    target = os.path.abspath(args.path)
+    if os.path.lexists(target):
+        return _failed(args, f"{target} exists", "give a path that does not exist yet; nothing is overwritten")
+    try:
+        if args.ledger_command == "backup":
+            copy_database(ledger.db, target)
+        else:
+            ledger.db.execute("VACUUM INTO ?", (target,))
+    except OSError as exc:
+        return _failed(args, f"cannot write {target}: {exc.strerror or exc}", "choose a directory this user can "
+                       "write, with room for a copy of the ledger")
+    size = os.path.getsize(target)
+    done = {"path": cfg.ledger.path, "copy": target, "bytes": size, "ledger_bytes": os.path.getsize(cfg.ledger.path)}
+    if args.json:
+        print(json.dumps(done))
+    elif args.ledger_command == "backup":
+        print(f"copied {cfg.ledger.path} to {target} ({size} bytes)")
+    else:
+        print(f"wrote a compacted copy of {cfg.ledger.path} to {target} ({size} bytes, the ledger has "
+              f"{done['ledger_bytes']}); to use it, with the daemon stopped (systemctl stop opencode-orchestrator):\n"
+              f"  mv {cfg.ledger.path} {cfg.ledger.path}.old && mv {target} {cfg.ledger.path}\n"
+              "then start it again; a running daemon would restore its own file over it")
+    return EXIT_OK
 
 
 def cmd_allow(args: argparse.Namespace) -> int:
@@ -540,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--team", help="only this team")
     p.add_argument("--limit", type=int, default=50)
+    p = add("pending", cmd_pending, "list the triggers waiting for a prompt, and what holds them back until when")
+    p.add_argument("--json", action="store_true")
     p = add("escalations", cmd_escalations, "list what the safety guard escalated and what it did about it")
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=50)
@@ -553,6 +643,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("deny", cmd_deny, "refuse a held permission request")
     p.add_argument("id", help="the request's ID (per_…), from `orchestratord permissions`")
     p.add_argument("--message", help="told to the teammate with the refusal")
+    p = sub.add_parser("ledger", help="check, copy or compact the ledger (safe while the daemon runs)")
+    ledger_sub = p.add_subparsers(dest="ledger_command", required=True)
+    for name, func, help_ in (
+            ("check", cmd_ledger_check, "SQLite's integrity check of the whole ledger"),
+            ("backup", cmd_ledger_copy, "write a consistent copy of the ledger to PATH (SQLite's online backup)"),
+            ("vacuum", cmd_ledger_copy, "write a compacted copy of the ledger to PATH (VACUUM INTO); swap it in with "
+                                        "the daemon stopped")):
+        p = ledger_sub.add_parser(name, help=help_)
+        p.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH,
+                       help=f"config file (default {DEFAULT_CONFIG_PATH})")
+        p.add_argument("--json", action="store_true")
+        if name != "check":
+            p.add_argument("path", help="where the copy goes (must not exist)")
+        p.set_defaults(func=func)
     p = add("dispatches", cmd_dispatches, "list prompts sent to the orchestrator session and their outcomes")
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=20)

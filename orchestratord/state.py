@@ -78,6 +78,8 @@ class Shared:
     went_busy: dict[str, float] = field(default_factory=dict)  # monotonic time of the last busy event
     aborted: dict[str, float] = field(default_factory=dict)  # sessions the daemon aborted: monotonic time
     pending_triggers: int = 0
+    # Why the dispatcher holds the pending triggers back (dispatch.Hold), as it last decided.
+    holds: list[Any] = field(default_factory=list)
     ledger_failing: bool = False  # writes to the ledger fail (see ledgerwatch)
     changed: threading.Event = field(default_factory=threading.Event)
 

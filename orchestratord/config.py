@@ -742,12 +742,32 @@ def dump_config(cfg: Config) -> str:
     out["safety"] = {
         "enabled": s.enabled, "allow": list(s.allow), "broker": s.broker, "broker_sessions": s.broker_sessions,
         "ask": list(s.ask), "hold_timeout_seconds": s.hold_timeout_seconds, "release_on_stop": s.release_on_stop,
-        "rules": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items() if v is not None}
-                  for r in s.rules],
+        "rules": effective_rules(s.rules),
         "hooks": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(h).items() if v is not None}
                   for h in s.hooks],
     }
-    return tomli_w.dumps(out)
+    return tomli_w.dumps(out).replace("[[safety.rules]]", RULES_NOTE + "[[safety.rules]]", 1)
+
+
+RULES_NOTE = ("# The rules in effect: the built-in ones (their check is code, so they have no pattern) with the "
+              "config's changes,\n# then the config's own.\n")
+
+
+def effective_rules(changes: tuple[SafetyRuleConfig, ...]) -> list[dict[str, Any]]:
+    """Every safety rule as it is in effect, as ``[[safety.rules]]`` tables that mean the same again."""
+    from .policy import build_rules
+
+    out = []
+    for rule in build_rules(changes):
+        entry: dict[str, Any] = {"name": rule.name}
+        if rule.applies_to:
+            entry["applies_to"] = sorted(rule.applies_to)
+        if rule.pattern is not None:
+            entry["pattern"] = rule.pattern.pattern
+        entry.update(severity=rule.severity, actions=list(rule.actions), enabled=rule.enabled,
+                     description=rule.description)
+        out.append(entry)
+    return out
 
 
 def summarize(cfg: Config) -> str:

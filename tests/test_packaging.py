@@ -11,9 +11,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from orchestratord.cli import build_parser
 from orchestratord.config import load_config
@@ -170,3 +172,24 @@ def test_config_show_prints_every_key_with_its_default(tmp_path: Path, capsys: p
     shown = tmp_path / "shown.toml"
     shown.write_text(out)
     assert load_config(shown).server.url == "http://127.0.0.1:4200"  # what it prints is a valid config
+
+
+def test_config_show_prints_the_safety_rules_in_effect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestratord.cli import main
+    from orchestratord.policy import DEFAULT_RULES, build_rules
+
+    path = tmp_path / "o.toml"
+    path.write_text('[[safety.rules]]\nname = "fork-bomb"\nenabled = false\n'
+                    '[[safety.rules]]\nname = "prod"\npattern = "kubectl delete .*prod"\nseverity = "high"\n')
+    assert main(["config", "show", "--config", str(path)]) == 0
+    shown = tomllib.loads(capsys.readouterr().out)["safety"]["rules"]
+    by_name = {r["name"]: r for r in shown}
+    assert [r["name"] for r in shown] == [r.name for r in DEFAULT_RULES] + ["prod"]
+    assert by_name["git-discard"]["actions"] == ["escalate", "hold", "tell"] and by_name["fork-bomb"]["enabled"] is False
+    assert by_name["prod"]["pattern"] == "kubectl delete .*prod" and by_name["prod"]["severity"] == "high"
+    again = tmp_path / "again.toml"
+    again.write_text(tomli_w.dumps({"safety": {"rules": shown}}))
+    before = build_rules(load_config(path).safety.rules)
+    after = build_rules(load_config(again).safety.rules)
+    assert [(r.name, r.applies_to, r.severity, r.actions, r.enabled, r.pattern and r.pattern.pattern) for r in before] \
+        == [(r.name, r.applies_to, r.severity, r.actions, r.enabled, r.pattern and r.pattern.pattern) for r in after]

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from . import __version__, logs
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, dump_config, load_config, summarize
+from .config import DEFAULT_CONFIG_PATH, SERVE_TEAMS_DIR, Config, ConfigError, dump_config, load_config, summarize
 from .ledger import Ledger, LedgerError, query_problem
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -604,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init-config", cmd_init_config, "write a starting config file (never over an existing one)")
     p.set_defaults(config=None)
     p.add_argument("--server-url", help="the opencode serve to watch (default http://127.0.0.1:4096)")
-    p.add_argument("--teams-dir", help="where claude-teams keeps teams/ (default ~/.claude)")
+    p.add_argument("--teams-dir", help="where claude-teams keeps teams/ (default: that of the shipped opencode-serve "
+                   f"service, {SERVE_TEAMS_DIR}; with --user, ~/.claude)")
     p.add_argument("--team", action="append", help="a team to look after (repeat for several; default all)")
     p.add_argument("--ledger", help="the ledger file")
     p.add_argument("--user", action="store_true",

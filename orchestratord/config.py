@@ -23,6 +23,9 @@ from typing import Any, Callable, Mapping
 import tomli_w
 
 DEFAULT_CONFIG_PATH = "/etc/opencode-orchestrator/orchestrator.toml"
+#: where the claude-teams of the shipped opencode-serve.service keeps its teams (its HOME is
+#: /var/lib/opencode-serve): teams.base_dir of the shipped config and of ``init-config``
+SERVE_TEAMS_DIR = "/var/lib/opencode-serve/.claude"
 
 DEFAULT_PROMPT = """\
 You are the orchestrator of the agent team(s) {teams}; the team lead is {lead}.

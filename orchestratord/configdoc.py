@@ -80,7 +80,12 @@ DESCRIPTIONS: dict[str, str] = {
         "`{ permission, pattern, action }`: `pattern` is a glob (default `\"*\"`), `action` is `allow`, "
         "`deny` or `ask`. A reused session gets the whole ruleset again when this changes."),
 
-    "teams.base_dir": "Where claude-teams keeps `teams/<team>/config.json` and the inboxes.",
+    "teams.base_dir": (
+        "Where claude-teams keeps `teams/<team>/config.json` and the inboxes: the `.claude` in the HOME of the "
+        "server it runs under (or its `CLAUDE_TEAMS_BASE_DIR`). The default, `~/.claude`, is that of the user the "
+        "daemon runs as, right for a person running both by hand or as `systemctl --user` services; the shipped "
+        "config and `init-config` set `/var/lib/opencode-serve/.claude`, that of the shipped "
+        "`opencode-serve.service`, which the daemon's unit may read. `check-config` fails when it does not exist."),
     "teams.names": "The teams looked after, named in the prompt. Empty: every team under `teams.base_dir`.",
     "teams.lead": "The lead's agent name: each new message in its inbox is a trigger.",
     "teams.watch_members": (

@@ -48,6 +48,11 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _running(daemon: dict[str, Any]) -> bool:
+    """Whether the daemon whose state row this is runs now (it may have been killed without a word)."""
+    return daemon.get("state") not in (None, "stopped") and _pid_alive(daemon.get("pid"))
+
+
 def _pid_alive(pid: Any) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -143,15 +148,14 @@ def _running_daemon(cfg: Config) -> dict[str, Any] | None:
         return None
     finally:
         ledger.close()
-    running = daemon.get("state") not in (None, "stopped") and _pid_alive(daemon.get("pid"))
-    return daemon if running else None
+    return daemon if _running(daemon) else None
 
 
 def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
     """What ``status`` shows, from the ledger alone (the daemon may or may not run)."""
     st = ledger.get_state()
     daemon = st.get("daemon", {})
-    running = daemon.get("state") not in (None, "stopped") and _pid_alive(daemon.get("pid"))
+    running = _running(daemon)
     server = st.get("server", {})
     stream = st.get("stream", {})
     session = st.get("session", {})
@@ -340,7 +344,7 @@ def cmd_pending(args: argparse.Namespace) -> int:
     _, ledger = _reader(args)
     st = ledger.get_state()
     daemon = st.get("daemon", {})
-    running = daemon.get("state") not in (None, "stopped") and _pid_alive(daemon.get("pid"))
+    running = _running(daemon)
     triggers = ledger.pending_triggers()
     holds = _holds(st, running) if triggers else []
     now = time.time()

@@ -26,6 +26,9 @@ DEFAULT_CONFIG_PATH = "/etc/opencode-orchestrator/orchestrator.toml"
 #: where the claude-teams of the shipped opencode-serve.service keeps its teams (its HOME is
 #: /var/lib/opencode-serve): teams.base_dir of the shipped config and of ``init-config``
 SERVE_TEAMS_DIR = "/var/lib/opencode-serve/.claude"
+MISSING_TEAMS_FIX = ("set teams.base_dir to where the server's claude-teams keeps its teams: the server's HOME/.claude "
+                     "(or the CLAUDE_TEAMS_BASE_DIR of its MCP config); for the shipped opencode-serve.service that "
+                     f"is {SERVE_TEAMS_DIR}, and a person's ~/.claude needs the teams-in-home drop-in")
 
 DEFAULT_PROMPT = """\
 You are the orchestrator of the agent team(s) {teams}; the team lead is {lead}.

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import logs, metrics
+from .config import MISSING_TEAMS_FIX
 from .inboxfile import DEFAULT_MAX_ITEM_BYTES, Entry, InboxError, InboxFile, message_identity, parse_inbox_bytes
 from .ledger import Ledger, MessageRow, OversizedRow
 from .worker import Worker, crash_point
@@ -478,11 +479,6 @@ class InboxWatcher(Worker):
             self.logged.discard(m["id"])
         if triggered:
             self.on_trigger()
-
-
-MISSING_TEAMS_FIX = ("set teams.base_dir to where the server's claude-teams keeps its teams: the server's HOME/.claude "
-                     "(or the CLAUDE_TEAMS_BASE_DIR of its MCP config); for the shipped opencode-serve.service that "
-                     "is /var/lib/opencode-serve/.claude")
 
 
 def _notify_fix(exc: OSError) -> str:

@@ -15,7 +15,7 @@ import socket
 import stat
 from typing import Any, Callable
 
-from .config import Config
+from .config import MISSING_TEAMS_FIX, Config
 from .ledger import SCHEMA_VERSION, Ledger, LedgerError, unreadable, version_problem
 from .opencode import read_password
 
@@ -56,9 +56,7 @@ def teams_problems(base_dir: str) -> Problems:
     try:
         st = os.stat(base_dir)
     except FileNotFoundError:
-        return [("teams.base_dir", f"{base_dir} does not exist; set it to where the server's claude-teams keeps "
-                 "its teams: the server's HOME/.claude or its CLAUDE_TEAMS_BASE_DIR (/var/lib/opencode-serve/.claude "
-                 "for the shipped opencode-serve.service; a person's ~/.claude needs the teams-in-home drop-in)")]
+        return [("teams.base_dir", f"{base_dir} does not exist; {MISSING_TEAMS_FIX}")]
     except OSError as exc:
         return [("teams.base_dir", f"{base_dir}: {exc.strerror or exc}; let the daemon's user reach it")]
     if not stat.S_ISDIR(st.st_mode):

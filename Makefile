@@ -4,9 +4,11 @@
 #                   install the pinned opencode server, run the test suite
 #   make demo       the whole thing working, offline: a real opencode serve with a
 #                   scripted model and a sample team, and the daemon in front of it
-#   make install    the package, the systemd units, the example config, the
-#                   sysusers/tmpfiles snippets, the README and docs/ (DESTDIR and
-#                   PREFIX are honoured)
+#   make install    the package and its runtime dependencies (EXTRAS=metrics adds the
+#                   metrics extra), the systemd units, the example config, the
+#                   sysusers/tmpfiles snippets, the README and docs/ (DESTDIR, PREFIX,
+#                   SYSCONFDIR are honoured); needs Python 3.11+ and pip's registry,
+#                   not Node.js
 #   make uninstall  remove what install put there; never the config or the ledger
 #   make bench      the same setup, then the benchmarks: one table on stdout,
 #                   the figures in $(BENCH_OUT)
@@ -30,24 +32,49 @@ BINDIR ?= $(PREFIX)/bin
 LIBDIR ?= $(PREFIX)/lib
 PKGLIBDIR ?= $(LIBDIR)/opencode-orchestrator
 DOCDIR ?= $(PREFIX)/share/doc/opencode-orchestrator
-SYSCONFDIR ?= /etc
 UNITDIR ?= $(LIBDIR)/systemd/system
 USERUNITDIR ?= $(LIBDIR)/systemd/user
 SYSUSERSDIR ?= $(LIBDIR)/sysusers.d
 TMPFILESDIR ?= $(LIBDIR)/tmpfiles.d
+# launchd (macOS): on by default there. Then the config goes under $(PREFIX)/etc, and make
+# install makes the log and state directories the plist and the config name.
+LAUNCHD ?= $(if $(filter Darwin,$(shell uname -s)),yes,no)
+ifeq ($(LAUNCHD),yes)
+SYSCONFDIR ?= $(PREFIX)/etc
+LOCALSTATEDIR ?= $(PREFIX)/var
+else
+SYSCONFDIR ?= /etc
+LOCALSTATEDIR ?= /var
+endif
+LAUNCHD_USER ?= opencode-orchestrator
+LOGDIR ?= $(LOCALSTATEDIR)/log/opencode-orchestrator
+STATEDIR ?= $(LOCALSTATEDIR)/lib/opencode-orchestrator
 # The interpreter the installed command runs with: one the service user can read.
 INSTALL_PYTHON ?= /usr/bin/python3
 # Where opencode-serve.service finds opencode (npm install -g opencode-ai puts it here).
 OPENCODE ?= /usr/local/bin/opencode
-# Extra pip arguments, e.g. --no-deps --no-index --no-build-isolation for an offline build.
+# Optional extras of the package to install with it: EXTRAS=metrics adds prometheus_client.
+EXTRAS ?=
+# Extra pip arguments, e.g. --no-deps for a package whose dependencies come from the system.
 PIP_INSTALL_ARGS ?=
+# The runtime is built with a virtualenv of its own, made by `python3 -m venv`: never the
+# test one (no Node.js, no test packages), and only the package's runtime dependencies
+# reach $(PKGLIBDIR).
+BUILD_VENV ?= build/install-venv
 
 CONFIG_DIR := $(DESTDIR)$(SYSCONFDIR)/opencode-orchestrator
 UNITS := opencode-orchestrator.service opencode-orchestrator@.service opencode-serve.service
 USER_UNITS := opencode-orchestrator.service opencode-serve.service
 INSTALL_PATHS := sed -e 's|/usr/local/bin/opencode|$(OPENCODE)|g' \
 	-e 's|/usr/local/bin/orchestratord|$(BINDIR)/orchestratord|g' \
-	-e 's|/usr/local/share/doc/opencode-orchestrator|$(DOCDIR)|g'
+	-e 's|/usr/local/share/doc/opencode-orchestrator|$(DOCDIR)|g' \
+	-e 's|/etc/opencode-orchestrator|$(SYSCONFDIR)/opencode-orchestrator|g'
+PLIST_PATHS := sed -e 's|/usr/local/bin/orchestratord|$(BINDIR)/orchestratord|g' \
+	-e 's|/usr/local/etc/opencode-orchestrator|$(SYSCONFDIR)/opencode-orchestrator|g' \
+	-e 's|/usr/local/var/log/opencode-orchestrator|$(LOGDIR)|g' \
+	-e 's|<string>opencode-orchestrator</string><!-- the user -->|<string>$(LAUNCHD_USER)</string>|'
+CONFIG_PATHS := $(if $(filter yes,$(LAUNCHD)),sed -e 's|/var/lib/opencode-orchestrator|$(STATEDIR)|g',cat)
+INSTALL_SPEC := .$(if $(strip $(EXTRAS)),[$(EXTRAS)])
 
 .PHONY: all venv opencode promtool libfaketime test bench faults demo docs install uninstall check-tools clean
 
@@ -127,10 +154,16 @@ docs: venv
 	$(VPY) -m orchestratord config reference > docs/configuration.md.tmp || { rm -f docs/configuration.md.tmp; exit 1; }
 	mv docs/configuration.md.tmp docs/configuration.md
 
-install: venv
+$(BUILD_VENV)/.made:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or newer" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: $(PYTHON) is older than 3.11; set PYTHON=python3.11 or newer" >&2; exit 1; }
+	$(PYTHON) -m venv $(BUILD_VENV)
+	touch $@
+
+install: $(BUILD_VENV)/.made
 	@case "$(INSTALL_PYTHON)" in /*) ;; *) echo "error: INSTALL_PYTHON must be an absolute path" >&2; exit 1;; esac
 	@$(INSTALL_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: INSTALL_PYTHON=$(INSTALL_PYTHON) is missing or older than 3.11; set it to a Python 3.11+ the service user can run" >&2; exit 1; }
-	$(VPY) -m pip install --quiet --no-compile --upgrade --target "$(DESTDIR)$(PKGLIBDIR)" $(PIP_INSTALL_ARGS) .
+	$(BUILD_VENV)/bin/python -m pip install --quiet --no-compile --upgrade --target "$(DESTDIR)$(PKGLIBDIR)" $(PIP_INSTALL_ARGS) '$(INSTALL_SPEC)'
 	rm -rf "$(DESTDIR)$(PKGLIBDIR)/bin"
 	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(USERUNITDIR)" \
 		"$(DESTDIR)$(SYSUSERSDIR)" "$(DESTDIR)$(TMPFILESDIR)" "$(DESTDIR)$(DOCDIR)" "$(CONFIG_DIR)"
@@ -142,15 +175,24 @@ install: venv
 	for unit in $(USER_UNITS); do \
 		$(INSTALL_PATHS) "packaging/systemd/user/$$unit" > "$(DESTDIR)$(USERUNITDIR)/$$unit" && chmod 0644 "$(DESTDIR)$(USERUNITDIR)/$$unit"; done
 	install -m 0644 packaging/sysusers.d/opencode-orchestrator.conf "$(DESTDIR)$(SYSUSERSDIR)/opencode-orchestrator.conf"
-	install -m 0644 packaging/tmpfiles.d/opencode-orchestrator.conf "$(DESTDIR)$(TMPFILESDIR)/opencode-orchestrator.conf"
-	install -m 0644 README.md packaging/systemd/opencode-orchestrator.service.d/teams-in-home.conf \
-		packaging/launchd/org.opencode-orchestrator.orchestratord.plist "$(DESTDIR)$(DOCDIR)/"
+	$(INSTALL_PATHS) packaging/tmpfiles.d/opencode-orchestrator.conf > "$(DESTDIR)$(TMPFILESDIR)/opencode-orchestrator.conf"
+	chmod 0644 "$(DESTDIR)$(TMPFILESDIR)/opencode-orchestrator.conf"
+	install -m 0644 README.md "$(DESTDIR)$(DOCDIR)/"
+	$(INSTALL_PATHS) packaging/systemd/opencode-orchestrator.service.d/teams-in-home.conf > "$(DESTDIR)$(DOCDIR)/teams-in-home.conf"
+	$(PLIST_PATHS) packaging/launchd/org.opencode-orchestrator.orchestratord.plist > "$(DESTDIR)$(DOCDIR)/org.opencode-orchestrator.orchestratord.plist"
+	chmod 0644 "$(DESTDIR)$(DOCDIR)/teams-in-home.conf" "$(DESTDIR)$(DOCDIR)/org.opencode-orchestrator.orchestratord.plist"
 	install -d "$(DESTDIR)$(DOCDIR)/docs"
 	install -m 0644 docs/*.md "$(DESTDIR)$(DOCDIR)/docs/"
-	install -m 0644 etc/opencode-orchestrator/orchestrator.toml "$(DESTDIR)$(DOCDIR)/orchestrator.toml.example"
+	$(CONFIG_PATHS) etc/opencode-orchestrator/orchestrator.toml > "$(DESTDIR)$(DOCDIR)/orchestrator.toml.example"
+	chmod 0644 "$(DESTDIR)$(DOCDIR)/orchestrator.toml.example"
 	@if [ -e "$(CONFIG_DIR)/orchestrator.toml" ]; then \
 		echo "kept the existing $(CONFIG_DIR)/orchestrator.toml (the shipped one is $(DESTDIR)$(DOCDIR)/orchestrator.toml.example)"; \
-	else install -m 0644 etc/opencode-orchestrator/orchestrator.toml "$(CONFIG_DIR)/orchestrator.toml"; fi
+	else install -m 0644 "$(DESTDIR)$(DOCDIR)/orchestrator.toml.example" "$(CONFIG_DIR)/orchestrator.toml"; fi
+	@if [ "$(LAUNCHD)" = yes ]; then \
+		install -d -m 0750 "$(DESTDIR)$(LOGDIR)" "$(DESTDIR)$(STATEDIR)" && \
+		if [ -z "$(DESTDIR)" ] && id -u "$(LAUNCHD_USER)" >/dev/null 2>&1; then \
+			chown "$(LAUNCHD_USER)" "$(LOGDIR)" "$(STATEDIR)"; \
+		else echo "note: give $(LOGDIR) and $(STATEDIR) to the user $(LAUNCHD_USER) the plist runs as (see docs/installation.md#launchd)"; fi; fi
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 		systemd-sysusers "$(SYSUSERSDIR)/opencode-orchestrator.conf" && \
 		systemd-tmpfiles --create "$(TMPFILESDIR)/opencode-orchestrator.conf" && \
@@ -164,7 +206,7 @@ uninstall:
 	for unit in $(USER_UNITS); do rm -f "$(DESTDIR)$(USERUNITDIR)/$$unit"; done
 	rm -f "$(DESTDIR)$(SYSUSERSDIR)/opencode-orchestrator.conf" "$(DESTDIR)$(TMPFILESDIR)/opencode-orchestrator.conf"
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
-	@echo "left in place: $(CONFIG_DIR) (config) and the ledger under /var/lib/opencode-orchestrator"
+	@echo "left in place: $(CONFIG_DIR) (config), the ledger under /var/lib/opencode-orchestrator (or $(STATEDIR)) and the teams under /var/lib/opencode-serve"
 
 clean:
 	rm -rf $(VENV) $(OPENCODE_DIR)/node_modules tests/.tools .pytest_cache build *.egg-info bench-results

@@ -14,36 +14,43 @@ import time
 from typing import Any, Callable, Sequence
 
 from . import __version__, logs
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, dump_config, load_config, summarize
-from .ledger import Ledger, LedgerError, open_problem
+from .config import DEFAULT_CONFIG_PATH, SERVE_TEAMS_DIR, Config, ConfigError, dump_config, load_config, summarize
+from .ledger import Ledger, LedgerError, query_problem
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 DEFAULT_LOG_FILE = "/var/log/opencode-orchestrator/orchestratord.log"
 
 
 def _load(path: str) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        # Under systemd (ExecReload= runs check-config) each problem is an error in the journal.
-        prefix = "<3>" if logs.under_journal() else ""
-        for problem in exc.problems:
-            print(prefix + problem, file=sys.stderr)
-        raise SystemExit(EXIT_ERROR)
+    """The config; a ConfigError goes up to :func:`main`, which prints every problem."""
+    return load_config(path)
 
 
-def _open_ledger(cfg: Config) -> Ledger:
-    try:
-        return Ledger(cfg.ledger.path, readonly=True)
-    except LedgerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_ERROR)
+def _reader(args: argparse.Namespace) -> tuple[Config, Ledger]:
+    """The config and its ledger opened read-only; what goes wrong reaches :func:`main` as one line."""
+    cfg = load_config(args.config)
+    args.ledger_path = cfg.ledger.path
+    return cfg, Ledger(cfg.ledger.path, readonly=True)
+
+
+def _failed(args: argparse.Namespace, problem: str, fix: str, **more: Any) -> int:
+    """One line with its fix (stderr), or with ``--json`` one JSON object (stdout); exit 1."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": problem, "fix": fix, **more}))
+    else:
+        print(f"error: {problem}; fix: {fix}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def _when(ts: float | None) -> str:
     if not ts:
         return "-"
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _running(daemon: dict[str, Any]) -> bool:
+    """Whether the daemon whose state row this is runs now (it may have been killed without a word)."""
+    return daemon.get("state") not in (None, "stopped") and _pid_alive(daemon.get("pid"))
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -121,38 +128,34 @@ def _run_detached(args: argparse.Namespace, cfg: Config, config_path: str) -> in
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    from .preflight import environment
+
+    cfg = load_config(args.config, environment(running=_running_daemon))
     print(f"{args.config}: ok")
     print(summarize(cfg))
-    problem = _ledger_warning(cfg.ledger.path)
-    if problem:
-        # A warning, not an error: the config is fine, and a reload must still go through.
-        print(("<4>" if logs.under_journal() else "") + f"warning: {problem}", file=sys.stderr)
     return EXIT_OK
 
 
-def _ledger_warning(path: str) -> str | None:
-    """Why the daemon would refuse this ledger at start, found cheaply (its header and schema)."""
-    if not os.path.exists(path):
+def _running_daemon(cfg: Config) -> dict[str, Any] | None:
+    """The live state of the daemon that runs on this config's ledger, if one does (a reload's check)."""
+    try:
+        ledger = Ledger(cfg.ledger.path, readonly=True)
+    except LedgerError:
         return None
     try:
-        ledger = Ledger(path, readonly=True)
-        try:
-            ledger.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        finally:
-            ledger.close()
-    except LedgerError as exc:
-        return str(exc)
-    except sqlite3.DatabaseError as exc:
-        return open_problem(path, exc)
-    return None
+        daemon = ledger.get_state().get("daemon", {})
+    except sqlite3.Error:
+        return None
+    finally:
+        ledger.close()
+    return daemon if _running(daemon) else None
 
 
 def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
     """What ``status`` shows, from the ledger alone (the daemon may or may not run)."""
     st = ledger.get_state()
     daemon = st.get("daemon", {})
-    running = daemon.get("state") not in (None, "stopped") and _pid_alive(daemon.get("pid"))
+    running = _running(daemon)
     server = st.get("server", {})
     stream = st.get("stream", {})
     session = st.get("session", {})
@@ -167,7 +170,8 @@ def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
                    "events_total": stream.get("events_total", 0), "last_event_at": stream.get("last_event_at")},
         "session": {"id": session.get("id") or ledger.get_meta(f"session:{cfg.server.url}"),
                     "busy": bool(session.get("busy")) and running},
-        "dispatch": {"pending_triggers": ledger.count_pending_triggers(), **totals},
+        "dispatch": {"pending_triggers": ledger.count_pending_triggers(), **totals,
+                     "holds": _holds(st, running)},
         "last_dispatch": (lambda d: d[0].as_dict() if d else None)(ledger.dispatches(limit=1)),
         "escalations": _escalation_totals(ledger),
         "permissions": _permission_totals(ledger),
@@ -281,8 +285,7 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    ledger = _open_ledger(cfg)
+    cfg, ledger = _reader(args)
     data = status_data(cfg, ledger)
     if args.json:
         print(json.dumps(data, indent=2))
@@ -297,7 +300,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("stream", ("connected" if data["stream"]["connected"] else "disconnected")
          + f", {data['stream']['events_total']} events, last {_when(data['stream']['last_event_at'])}"),
         ("session", f"{data['session']['id'] or '-'} " + ("busy" if data["session"]["busy"] else "idle")),
-        ("triggers", f"{d['pending_triggers']} pending"),
+        ("triggers", f"{d['pending_triggers']} pending" + (
+            f", held back by {', '.join(_hold_text(h) for h in d['holds'])} (orchestratord pending)"
+            if d["pending_triggers"] and d["holds"] else "")),
         ("prompts", f"{d['sent_total']} sent, last {_when(d['last_sent_at'])}, outcome {d['last_outcome'] or '-'}"),
     ]
     esc = data["escalations"]
@@ -322,6 +327,47 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+STOPPED_HOLD = {"reason": "daemon-stopped", "detail": "the daemon is not running; nothing is sent until it starts",
+                "until": None}
+
+
+def _holds(st: dict[str, Any], running: bool) -> list[dict[str, Any]]:
+    """Why the dispatcher holds the pending triggers back, as it last wrote it."""
+    return (st.get("dispatch") or {}).get("holds", []) if running else [STOPPED_HOLD]
+
+
+def _hold_text(h: dict[str, Any]) -> str:
+    return h["reason"] + (f" until {_when(h['until'])}" if h.get("until") else "")
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    _, ledger = _reader(args)
+    st = ledger.get_state()
+    daemon = st.get("daemon", {})
+    running = _running(daemon)
+    triggers = ledger.pending_triggers()
+    holds = _holds(st, running) if triggers else []
+    now = time.time()
+    items: list[dict[str, Any]] = [{"id": t.id, "kind": t.kind, "rule": t.rule, "team": t.team, "teammate": t.teammate,
+              "age_seconds": round(max(0.0, now - t.at), 1), "detail": t.detail,
+              "held_by": [h["reason"] for h in holds]} for t in triggers]
+    if args.json:
+        print(json.dumps({"daemon": "running" if running else "stopped", "holds": holds, "triggers": items}, indent=2))
+        return EXIT_OK
+    if not items:
+        print("no trigger is waiting")
+        return EXIT_OK
+    print(f"{len(items)} trigger{'s' if len(items) != 1 else ''} waiting, "
+          + ("held back by:" if holds else "nothing holds them back: the next prompt carries them"))
+    for h in holds:
+        print(f"  {_hold_text(h)}: {h['detail']}")
+    for t in items:
+        who = " ".join(x for x in (t["team"], t["teammate"]) if x) or "-"
+        print(f"{t['id']:>6}  {_age(t['age_seconds']):>6}  {t['rule'] or t['kind']:<18} {who:<24} "
+              f"{' '.join(str(t['detail']).split())[:70]}")
+    return EXIT_OK
+
+
 def _ledger_line(led: dict[str, Any]) -> str:
     if led["failing"]:
         since = f" since {_when(led['since'])}" if led["since"] else ""
@@ -334,8 +380,8 @@ def _ledger_line(led: dict[str, Any]) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    rows = _open_ledger(cfg).events(limit=args.limit, type_=args.type)
+    _, ledger = _reader(args)
+    rows = ledger.events(limit=args.limit, type_=args.type)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -345,8 +391,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_dispatches(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    ledger = _open_ledger(cfg)
+    _, ledger = _reader(args)
     rows = ledger.dispatches(limit=args.limit)
     if args.json:
         out = []
@@ -364,8 +409,8 @@ def cmd_dispatches(args: argparse.Namespace) -> int:
 
 
 def cmd_messages(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    rows = _open_ledger(cfg).messages(limit=args.limit, team=args.team)
+    _, ledger = _reader(args)
+    rows = ledger.messages(limit=args.limit, team=args.team)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -377,13 +422,8 @@ def cmd_messages(args: argparse.Namespace) -> int:
 
 
 def cmd_escalations(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    try:
-        rows = _open_ledger(cfg).escalations(limit=args.limit)
-    except sqlite3.OperationalError:
-        print(f"orchestratord: the ledger {cfg.ledger.path} predates escalations; start the daemon once to "
-              "upgrade it", file=sys.stderr)
-        return EXIT_ERROR
+    _, ledger = _reader(args)
+    rows = ledger.escalations(limit=args.limit)
     if args.json:
         print(json.dumps([e.as_dict() for e in rows], indent=2))
         return EXIT_OK
@@ -399,14 +439,8 @@ def cmd_permissions(args: argparse.Namespace) -> int:
     from .broker import held_listing
     from .ledger import P_HELD
 
-    cfg = _load(args.config)
-    ledger = _open_ledger(cfg)
-    try:
-        rows = ledger.permissions(limit=args.limit) if args.all else ledger.permissions(states=(P_HELD,))
-    except sqlite3.OperationalError:
-        print(f"error: the ledger {cfg.ledger.path} predates the permission broker; start the daemon once to "
-              "upgrade it", file=sys.stderr)
-        return EXIT_ERROR
+    _, ledger = _reader(args)
+    rows = ledger.permissions(limit=args.limit) if args.all else ledger.permissions(states=(P_HELD,))
     now = time.time()
     if args.json:
         items = [r.as_dict() for r in rows] if args.all else held_listing(rows, now)
@@ -436,6 +470,50 @@ def _age(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+def cmd_ledger_check(args: argparse.Namespace) -> int:
+    """SQLite's own check of every page and index, on a read-only connection (safe while the daemon runs)."""
+    cfg, ledger = _reader(args)
+    version = ledger.db.execute("PRAGMA user_version").fetchone()[0]
+    rows = [r[0] for r in ledger.db.execute("PRAGMA integrity_check")]
+    if rows == ["ok"]:
+        print(json.dumps({"path": cfg.ledger.path, "ok": True, "schema": version}) if args.json
+              else f"{cfg.ledger.path}: ok (schema {version})")
+        return EXIT_OK
+    return _failed(args, f"ledger {cfg.ledger.path} is damaged: {'; '.join(rows[:3])}",
+                   "stop the daemon, keep a copy (orchestratord ledger backup PATH may still read most of it), move "
+                   "the file aside and start again: a fresh ledger is created", ok=False, schema=version, problems=rows)
+
+
+def cmd_ledger_copy(args: argparse.Namespace) -> int:
+    """``backup``: a consistent copy; ``vacuum``: a compacted one. Both read only, so both are safe while it runs."""
+    from .ledger import copy_database
+
+    cfg, ledger = _reader(args)
+    target = os.path.abspath(args.path)
+    if os.path.lexists(target):
+        return _failed(args, f"{target} exists", "give a path that does not exist yet; nothing is overwritten")
+    try:
+        if args.ledger_command == "backup":
+            copy_database(ledger.db, target)
+        else:
+            ledger.db.execute("VACUUM INTO ?", (target,))
+    except OSError as exc:
+        return _failed(args, f"cannot write {target}: {exc.strerror or exc}", "choose a directory this user can "
+                       "write, with room for a copy of the ledger")
+    size = os.path.getsize(target)
+    done = {"path": cfg.ledger.path, "copy": target, "bytes": size, "ledger_bytes": os.path.getsize(cfg.ledger.path)}
+    if args.json:
+        print(json.dumps(done))
+    elif args.ledger_command == "backup":
+        print(f"copied {cfg.ledger.path} to {target} ({size} bytes)")
+    else:
+        print(f"wrote a compacted copy of {cfg.ledger.path} to {target} ({size} bytes, the ledger has "
+              f"{done['ledger_bytes']}); to use it, with the daemon stopped (systemctl stop opencode-orchestrator):\n"
+              f"  mv {cfg.ledger.path} {cfg.ledger.path}.old && mv {target} {cfg.ledger.path}\n"
+              "then start it again; a running daemon would restore its own file over it")
+    return EXIT_OK
 
 
 def cmd_allow(args: argparse.Namespace) -> int:
@@ -530,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init-config", cmd_init_config, "write a starting config file (never over an existing one)")
     p.set_defaults(config=None)
     p.add_argument("--server-url", help="the opencode serve to watch (default http://127.0.0.1:4096)")
-    p.add_argument("--teams-dir", help="where claude-teams keeps teams/ (default ~/.claude)")
+    p.add_argument("--teams-dir", help="where claude-teams keeps teams/ (default: that of the shipped opencode-serve "
+                   f"service, {SERVE_TEAMS_DIR}; with --user, ~/.claude)")
     p.add_argument("--team", action="append", help="a team to look after (repeat for several; default all)")
     p.add_argument("--ledger", help="the ledger file")
     p.add_argument("--user", action="store_true",
@@ -554,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--team", help="only this team")
     p.add_argument("--limit", type=int, default=50)
+    p = add("pending", cmd_pending, "list the triggers waiting for a prompt, and what holds them back until when")
+    p.add_argument("--json", action="store_true")
     p = add("escalations", cmd_escalations, "list what the safety guard escalated and what it did about it")
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=50)
@@ -567,6 +648,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("deny", cmd_deny, "refuse a held permission request")
     p.add_argument("id", help="the request's ID (per_…), from `orchestratord permissions`")
     p.add_argument("--message", help="told to the teammate with the refusal")
+    p = sub.add_parser("ledger", help="check, copy or compact the ledger (safe while the daemon runs)")
+    ledger_sub = p.add_subparsers(dest="ledger_command", required=True)
+    for name, func, help_ in (
+            ("check", cmd_ledger_check, "SQLite's integrity check of the whole ledger"),
+            ("backup", cmd_ledger_copy, "write a consistent copy of the ledger to PATH (SQLite's online backup)"),
+            ("vacuum", cmd_ledger_copy, "write a compacted copy of the ledger to PATH (VACUUM INTO); swap it in with "
+                                        "the daemon stopped")):
+        p = ledger_sub.add_parser(name, help=help_)
+        p.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH,
+                       help=f"config file (default {DEFAULT_CONFIG_PATH})")
+        p.add_argument("--json", action="store_true")
+        if name != "check":
+            p.add_argument("path", help="where the copy goes (must not exist)")
+        p.set_defaults(func=func)
     p = add("dispatches", cmd_dispatches, "list prompts sent to the orchestrator session and their outcomes")
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=20)
@@ -579,6 +674,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except BrokenPipeError:
         return EXIT_OK
+    except ConfigError as exc:
+        if getattr(args, "json", False):
+            return _failed(args, f"{args.config}: {len(exc.problems)} problem(s) in the config",
+                           "correct them (orchestratord check-config lists them)", problems=exc.problems)
+        # Under systemd (ExecReload= runs check-config) each problem is an error in the journal.
+        prefix = "<3>" if logs.under_journal() else ""
+        for problem in exc.problems:
+            print(prefix + problem, file=sys.stderr)
+        return EXIT_ERROR
+    except LedgerError as exc:
+        from .ledgerwatch import fix_for
+
+        return _failed(args, exc.problem, exc.fix or fix_for(exc.problem))
+    except sqlite3.Error as exc:
+        path = getattr(args, "ledger_path", None)
+        if path is None:
+            raise
+        return _failed(args, *query_problem(path, exc))
 
 
 if __name__ == "__main__":

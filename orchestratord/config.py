@@ -23,6 +23,12 @@ from typing import Any, Callable, Mapping
 import tomli_w
 
 DEFAULT_CONFIG_PATH = "/etc/opencode-orchestrator/orchestrator.toml"
+#: where the claude-teams of the shipped opencode-serve.service keeps its teams (its HOME is
+#: /var/lib/opencode-serve): teams.base_dir of the shipped config and of ``init-config``
+SERVE_TEAMS_DIR = "/var/lib/opencode-serve/.claude"
+MISSING_TEAMS_FIX = ("set teams.base_dir to where the server's claude-teams keeps its teams: the server's HOME/.claude "
+                     "(or the CLAUDE_TEAMS_BASE_DIR of its MCP config); for the shipped opencode-serve.service that "
+                     f"is {SERVE_TEAMS_DIR}, and a person's ~/.claude needs the teams-in-home drop-in")
 
 DEFAULT_PROMPT = """\
 You are the orchestrator of the agent team(s) {teams}; the team lead is {lead}.
@@ -64,6 +70,7 @@ class LedgerConfig:
 class HealthConfig:
     interval_seconds: float = 2.0
     timeout_seconds: float = 2.0
+    startup_grace_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -331,7 +338,8 @@ SCHEMA: dict[str, tuple[type, dict[str, Check]]] = {
                               "timeout_seconds": _seconds()}),
     "ledger": (LedgerConfig, {"path": _nonempty, "store_events": _choice("default", "all", "none"),
                               "retention_days": _seconds()}),
-    "health": (HealthConfig, {"interval_seconds": _seconds(), "timeout_seconds": _seconds()}),
+    "health": (HealthConfig, {"interval_seconds": _seconds(), "timeout_seconds": _seconds(),
+                              "startup_grace_seconds": _seconds(0.0, strict=False)}),
     "events": (EventsConfig, {"stream": _choice("global", "instance"), "directory": _opt_str,
                               "read_timeout_seconds": _seconds(1.0, strict=False),
                               "max_event_bytes": _int(4096), "reconnect_max_seconds": _seconds()}),
@@ -466,11 +474,17 @@ class _Problems:
         self.source = source
         self.lines = lines
         self.items: list[str] = []
+        self.bad: set[str] = set()  # the keys with a problem
 
     def add(self, key: str, message: str) -> None:
         line = self._line(key)
         where = f"{self.source}:{line}" if line else self.source
         self.items.append(f"{where}: {key}: {message}")
+        self.bad.add(key)
+
+    def clean(self, *keys: str) -> bool:
+        """None of ``keys`` (or the tables that hold them) has a problem of its own: a check across them is fair."""
+        return not any(k == b or k.startswith(b + ".") or b.startswith(k + ".") for k in keys for b in self.bad)
 
     def _line(self, key: str) -> int | None:
         parts = key.split(".")
@@ -649,8 +663,17 @@ def _safety(raw: Any, problems: _Problems) -> SafetyConfig:
     return SafetyConfig(**values, rules=tuple(rules), hooks=tuple(hooks))
 
 
-def parse_config(text: str, source: str = "<config>", base_dir: str | Path | None = None) -> Config:
-    """Parse and validate a whole config; raise ConfigError listing every problem."""
+#: a check of the config against the machine: (key, problem) pairs, for the keys not already in error
+EnvironmentCheck = Callable[[Config, Callable[..., bool]], list[tuple[str, str]]]
+
+
+def parse_config(text: str, source: str = "<config>", base_dir: str | Path | None = None,
+                 environment: EnvironmentCheck | None = None) -> Config:
+    """Parse and validate a whole config; raise ConfigError listing every problem.
+
+    ``environment`` adds what only the machine can tell (files, ports); it runs on the
+    config as parsed even when some keys are in error, so one run names every problem.
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -666,27 +689,32 @@ def parse_config(text: str, source: str = "<config>", base_dir: str | Path | Non
     triggers = _triggers(data.get("triggers"), problems)
     safety = _safety(data.get("safety"), problems)
     cfg = Config(**sections, triggers=triggers, safety=safety, source=source)
-    if not problems.items:
-        _cross_checks(cfg, problems)
+    _cross_checks(cfg, problems)
+    if environment is not None:
+        for key, message in environment(cfg, problems.clean):
+            problems.add(key, message)
     if problems.items:
         raise ConfigError(problems.items)
     return cfg
 
 
 def _cross_checks(cfg: Config, problems: _Problems) -> None:
-    if cfg.health.timeout_seconds > max(cfg.health.interval_seconds, 1.0) * 10:
+    """Checks across keys, each only when the keys it compares are valid themselves."""
+    if (problems.clean("health.timeout_seconds", "health.interval_seconds")
+            and cfg.health.timeout_seconds > max(cfg.health.interval_seconds, 1.0) * 10):
         problems.add("health.timeout_seconds", "is much longer than health.interval_seconds; a hung probe "
                      "would hide an outage (keep it at most ten intervals)")
-    if cfg.metrics.listen or cfg.metrics.textfile:
+    if problems.clean("metrics") and (cfg.metrics.listen or cfg.metrics.textfile):
         from .metrics import available
         if not available():
             problems.add("metrics", "needs the prometheus_client library: pip install 'orchestratord[metrics]' "
-                         "(or remove [metrics])")
-    if cfg.events.stream == "global" and cfg.events.directory:
+                         "(or make install EXTRAS=metrics; or remove [metrics])")
+    if (problems.clean("events.stream", "events.directory") and cfg.events.stream == "global"
+            and cfg.events.directory):
         problems.add("events.directory", "only applies to events.stream = \"instance\"")
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], environment: EnvironmentCheck | None = None) -> Config:
     """Read and validate the file at ``path``; errors say which file and what to fix."""
     p = Path(path)
     try:
@@ -696,7 +724,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                            "etc/opencode-orchestrator/orchestrator.toml) or pass --config"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{p}: cannot read: {exc}"]) from None
-    cfg = parse_config(text, str(p), p.resolve().parent)
+    cfg = parse_config(text, str(p), p.resolve().parent, environment)
     return replace(cfg, digest=hashlib.sha256(text.encode("utf-8")).hexdigest()[:12])
 
 
@@ -720,12 +748,32 @@ def dump_config(cfg: Config) -> str:
     out["safety"] = {
         "enabled": s.enabled, "allow": list(s.allow), "broker": s.broker, "broker_sessions": s.broker_sessions,
         "ask": list(s.ask), "hold_timeout_seconds": s.hold_timeout_seconds, "release_on_stop": s.release_on_stop,
-        "rules": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items() if v is not None}
-                  for r in s.rules],
+        "rules": effective_rules(s.rules),
         "hooks": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(h).items() if v is not None}
                   for h in s.hooks],
     }
-    return tomli_w.dumps(out)
+    return tomli_w.dumps(out).replace("[[safety.rules]]", RULES_NOTE + "[[safety.rules]]", 1)
+
+
+RULES_NOTE = ("# The rules in effect: the built-in ones (their check is code, so they have no pattern) with the "
+              "config's changes,\n# then the config's own.\n")
+
+
+def effective_rules(changes: tuple[SafetyRuleConfig, ...]) -> list[dict[str, Any]]:
+    """Every safety rule as it is in effect, as ``[[safety.rules]]`` tables that mean the same again."""
+    from .policy import build_rules
+
+    out = []
+    for rule in build_rules(changes):
+        entry: dict[str, Any] = {"name": rule.name}
+        if rule.applies_to:
+            entry["applies_to"] = sorted(rule.applies_to)
+        if rule.pattern is not None:
+            entry["pattern"] = rule.pattern.pattern
+        entry.update(severity=rule.severity, actions=list(rule.actions), enabled=rule.enabled,
+                     description=rule.description)
+        out.append(entry)
+    return out
 
 
 def summarize(cfg: Config) -> str:

@@ -47,6 +47,11 @@ DESCRIPTIONS: dict[str, str] = {
     "health.timeout_seconds": (
         "Timeout of one probe; a probe that times out counts as the server being down. At most ten "
         "intervals, or a hung probe would hide an outage."),
+    "health.startup_grace_seconds": (
+        "For this long after the daemon starts, a server that has not yet been up is taken to be starting "
+        "(both units start together at boot): its failed probes and stream connects are logged at notice "
+        "(`server-starting`), and only once this has run out with the server still down is `server-down` a "
+        "warning. 0 makes every failure a warning at once."),
 
     "events.stream": (
         "`global` reads `/global/event` (every project on the server; after a reconnect the reader catches up "
@@ -75,7 +80,12 @@ DESCRIPTIONS: dict[str, str] = {
         "`{ permission, pattern, action }`: `pattern` is a glob (default `\"*\"`), `action` is `allow`, "
         "`deny` or `ask`. A reused session gets the whole ruleset again when this changes."),
 
-    "teams.base_dir": "Where claude-teams keeps `teams/<team>/config.json` and the inboxes.",
+    "teams.base_dir": (
+        "Where claude-teams keeps `teams/<team>/config.json` and the inboxes: the `.claude` in the HOME of the "
+        "server it runs under (or its `CLAUDE_TEAMS_BASE_DIR`). The default, `~/.claude`, is that of the user the "
+        "daemon runs as, right for a person running both by hand or as `systemctl --user` services; the shipped "
+        "config and `init-config` set `/var/lib/opencode-serve/.claude`, that of the shipped "
+        "`opencode-serve.service`, which the daemon's unit may read. `check-config` fails when it does not exist."),
     "teams.names": "The teams looked after, named in the prompt. Empty: every team under `teams.base_dir`.",
     "teams.lead": "The lead's agent name: each new message in its inbox is a trigger.",
     "teams.watch_members": (

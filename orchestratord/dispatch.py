@@ -49,6 +49,15 @@ FOLLOW_POLL = 2.0
 IDLE_WAIT = 60.0
 
 
+@dataclass(frozen=True)
+class Hold:
+    """One reason the pending triggers wait, and until when (monotonic) if that is known."""
+
+    reason: str
+    detail: str
+    until: float | None = None
+
+
 def seed_sends(dispatches: Sequence[Dispatch], now: float, wall: float) -> list[float]:
     """Send times of earlier runs on this process's monotonic clock, oldest first.
 
@@ -178,20 +187,36 @@ class Dispatcher(ServerWorker):
     def step(self) -> float:
         assert self.ledger is not None
         if self.shared.server_healthy is False:
+            self._hold(Hold("server-down", "the server does not answer GET /global/health; prompts go once it is back"))
             return 5.0  # the health watch wakes us when it comes back
         try:
             if self.session_id is None:
+                self._hold(Hold("no-session", "the orchestrator session is being found or created"))
                 self.ensure_session()
             open_ = self.ledger.open_dispatches()
             if open_:
-                return self.follow(open_[0])
+                d = open_[0]
+                self._hold(Hold("prompt-in-flight", f"prompt {d.message_id} ({d.state}) has not finished; one prompt "
+                                "at a time, and what waits goes into the next"))
+                return self.follow(d)
             return self.maybe_send()
         except Unreachable as exc:
             self.log.debug(logs.kv("server-unreachable", error=str(exc)))
+            self._hold(Hold("server-unreachable", f"a request to the server failed: {exc}"))
             return 2.0
         except AuthError as exc:
             self.log.error(logs.kv("dispatch-auth-failed", error=str(exc)))
+            self._hold(Hold("server-auth", f"the server refuses the credentials: {exc}"))
             return 30.0
+        except Exception:
+            if self.shared.ledger_failing:
+                self._hold(Hold("ledger-failing", "the ledger cannot be written; no prompt goes without its row"))
+            raise
+
+    def _hold(self, *holds: Hold) -> None:
+        """Say why the pending triggers wait (for ``orchestratord pending``); nothing when none do."""
+        if list(holds) != self.shared.holds:
+            self.shared.update(holds=list(holds))
 
     def ensure_session(self) -> None:
         """Find or create the orchestrator session and remember it in the ledger."""
@@ -245,6 +270,7 @@ class Dispatcher(ServerWorker):
         for t in pending:
             self.seen.setdefault(t.id, now)
         if not pending:
+            self._hold()
             self.seen.clear()
             if self.s.sweep_interval > 0:
                 due = max(self.last_sweep, self.last_sent or 0.0) + self.s.sweep_interval
@@ -259,25 +285,36 @@ class Dispatcher(ServerWorker):
         urgent = any(t.kind in URGENT_KINDS for t in pending)
         # Quiet period after the newest trigger, but never starve a steady trickle. An
         # escalation skips the quiet period and the minimum interval.
-        wait = min(newest + self.s.debounce, oldest + max(4 * self.s.debounce, 2.0)) - now
-        if wait > 0 and not urgent:
-            return wait
+        holds = []
+        quiet_until = min(newest + self.s.debounce, oldest + max(4 * self.s.debounce, 2.0))
+        if quiet_until > now and not urgent:
+            holds.append(Hold("debounce", f"a quiet period of dispatch.debounce_seconds "
+                              f"({self.s.debounce:g}s) after the newest trigger, for more to come", quiet_until))
         if not urgent and self.last_sent is not None and now - self.last_sent < self.s.min_interval:
-            return self.last_sent + self.s.min_interval - now
+            holds.append(Hold("min-interval", f"dispatch.min_interval_seconds ({self.s.min_interval:g}s) since the "
+                              "last prompt", self.last_sent + self.s.min_interval))
         while self.sends and now - self.sends[0] >= 3600:
             self.sends.popleft()
         if len(self.sends) >= self.s.max_per_hour:
+            holds.append(Hold("hourly-cap", f"{len(self.sends)} prompts in the last hour, dispatch.max_per_hour = "
+                              f"{self.s.max_per_hour}; a slot frees an hour after the oldest", self.sends[0] + 3600))
             if not self._cap_logged:
                 self._cap_logged = True
                 self.log.warning(logs.kv("prompt-cap-reached", max_per_hour=self.s.max_per_hour,
                                          pending=len(pending), fix="raise dispatch.max_per_hour if this is expected"))
-            return self.sends[0] + 3600 - now
-        self._cap_logged = False
+        else:
+            self._cap_logged = False
         settle = min(60.0, ABORT_SETTLE * 2 ** self.catches)
         if self.aborted_at is not None and now - self.aborted_at < settle:
-            return self.aborted_at + settle - now
+            holds.append(Hold("abort-settle", "the server winds down a turn the daemon aborted; a prompt sent "
+                              "meanwhile would be aborted with it", self.aborted_at + settle))
+        if holds:
+            self._hold(*holds)
+            return min(h.until for h in holds if h.until is not None) - now
         if self.session_busy(now):
+            self._hold(Hold("session-busy", "the orchestrator session is busy with a turn of its own"))
             return FOLLOW_POLL
+        self._hold()
         return self.send(pending)
 
     def session_busy(self, now: float) -> bool:

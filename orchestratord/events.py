@@ -11,6 +11,7 @@ most of the work and change nothing else.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import select
 import socket
@@ -185,8 +186,9 @@ class EventReader(Worker):
         delay = min(self.reconnect_max, 0.25 * 2 ** min(self._failures, 8))
         delay *= random.uniform(0.5, 1.0)
         if log and (self._failures == 1 or self._failures % 20 == 0):
-            getattr(self.log, level)(logs.kv("stream-connect-failed", path=self.path, error=reason,
-                                             attempt=self._failures, retry_in=f"{delay:.2f}s"))
+            priority = logging.ERROR if level == "error" else logs.NOTICE if self.shared.starting_up() else logging.WARNING
+            self.log.log(priority, logs.kv("stream-connect-failed", path=self.path, error=reason,
+                                           attempt=self._failures, retry_in=f"{delay:.2f}s"))
         return delay
 
     def _connected(self) -> None:

@@ -27,6 +27,7 @@ class HealthWatch(ServerWorker):
         self.stall_after = max(10.0, 3 * (interval + timeout))
         self.healthy: bool | None = None
         self.last_error: str | None = None
+        self.down_unsaid = False  # down since the start, so far logged only as server-starting
 
     def step(self) -> float:
         assert self.client is not None and self.ledger is not None
@@ -51,6 +52,10 @@ class HealthWatch(ServerWorker):
             self.log.error(logs.kv("server-auth-failed", url=url, error=error))
         if healthy == self.healthy:
             self.last_error = error
+            if not healthy and self.down_unsaid and not self.shared.starting_up():
+                self.down_unsaid = False
+                self.log.warning(logs.kv("server-down", url=url, error=error,
+                                         note=f"not up since the start ({self.shared.startup_grace:g}s ago)"))
             if healthy and version != self.shared.server_version:
                 self.shared.update(server_version=version)
             return
@@ -58,11 +63,18 @@ class HealthWatch(ServerWorker):
         self.shared.update(server_healthy=healthy, server_version=version if healthy else self.shared.server_version,
                            outages=self.shared.outages + (0 if healthy else 1))
         if healthy:
+            self.down_unsaid = False
+            self.shared.update(ever_up=True)
             self.ledger.record_transition("server", "up", version)
             self.log.log(logs.NOTICE, logs.kv("server-up", url=url, version=version))
             self.on_up()
         else:
             self.ledger.record_transition("server", "down", error)
-            level = self.log.error if auth else self.log.warning
-            if previous is None or previous:
-                level(logs.kv("server-down", url=url, error=error))
+            if auth or not (previous is None or previous):
+                return  # an auth failure is logged above
+            if self.shared.starting_up():
+                self.down_unsaid = True
+                self.log.log(logs.NOTICE, logs.kv("server-starting", url=url, error=error,
+                                                  grace_seconds=f"{self.shared.startup_grace:g}"))
+            else:
+                self.log.warning(logs.kv("server-down", url=url, error=error))

@@ -14,8 +14,10 @@ empty inbox. Nothing here writes to the team directory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import logs, metrics
+from .config import MISSING_TEAMS_FIX
 from .inboxfile import DEFAULT_MAX_ITEM_BYTES, Entry, InboxError, InboxFile, message_identity, parse_inbox_bytes
 from .ledger import Ledger, MessageRow, OversizedRow
 from .worker import Worker, crash_point
@@ -178,6 +181,7 @@ class InboxWatcher(Worker):
         self.next_scan = 0.0
         self.observer: Any = None
         self.watching: Path | None = None
+        self.watch_problem: str | None = None  # why nothing is watched, as last logged
         self.initialized = False
         #: messages (and oversized ones) logged by this process whose "reported" mark did not reach the ledger
         self.logged: set[int] = set()
@@ -202,6 +206,12 @@ class InboxWatcher(Worker):
         target = self.base / "teams"
         if not target.is_dir():
             target = self.base
+        if not target.is_dir():
+            self._unwatch()  # a watch on a directory since deleted would never fire again
+            self._cannot_watch(f"missing {target}", lambda: self.log.warning(logs.kv(
+                "teams-dir-missing", path=str(target), action=f"looking again every {self.poll_interval:g}s",
+                fix=MISSING_TEAMS_FIX)))
+            return
         if self.watching == target:
             return
         self._unwatch()
@@ -228,12 +238,19 @@ class InboxWatcher(Worker):
             observer.daemon = True
             observer.start()
         except OSError as exc:
-            self.log.warning(logs.kv("inbox-notify-unavailable", path=str(target), error=str(exc),
-                                     action=f"stat rescan every {self.poll_interval:g}s",
-                                     fix="raise fs.inotify.max_user_watches if it is exhausted"))
+            self._cannot_watch(f"{target}: {exc}", lambda: self.log.warning(logs.kv(
+                "inbox-notify-unavailable", path=str(target), error=str(exc),
+                action=f"stat rescan every {self.poll_interval:g}s", fix=_notify_fix(exc))))
             return
-        self.observer, self.watching = observer, target
-        self.log.debug(logs.kv("inbox-watching", path=str(target)))
+        level = logging.INFO if self.watch_problem is not None else logging.DEBUG  # info: the problem logged is over
+        self.log.log(level, logs.kv("inbox-watching", path=str(target)))
+        self.observer, self.watching, self.watch_problem = observer, target, None
+
+    def _cannot_watch(self, problem: str, report: Callable[[], None]) -> None:
+        """Say why nothing is watched once, not at every rescan."""
+        if problem != self.watch_problem:
+            self.watch_problem = problem
+            report()
 
     def _unwatch(self) -> None:
         if self.observer is not None:
@@ -462,6 +479,16 @@ class InboxWatcher(Worker):
             self.logged.discard(m["id"])
         if triggered:
             self.on_trigger()
+
+
+def _notify_fix(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "raise fs.inotify.max_user_watches (the watches are used up)"
+    if exc.errno == errno.EMFILE:
+        return "raise fs.inotify.max_user_instances (the inotify instances are used up)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "give the daemon's user read access to the teams directory"
+    return "none needed if the rescan is fast enough: changes are found by it"
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import tomli_w
 
-from .config import DEFAULT_CONFIG_PATH, Config, parse_config
+from .config import DEFAULT_CONFIG_PATH, SERVE_TEAMS_DIR, Config, parse_config
 
 USER_CONFIG = "~/.config/opencode-orchestrator/orchestrator.toml"
 USER_LEDGER = "~/.local/state/opencode-orchestrator/ledger.sqlite3"
@@ -49,7 +49,9 @@ class InitOptions:
         return {
             "server": {"url": self.server_url or defaults.server.url},
             "ledger": {"path": os.path.abspath(os.path.expanduser(ledger))},
-            "teams": {"base_dir": self.teams_dir or defaults.teams.base_dir, "names": list(self.teams)},
+            # A person's own teams for a --user service; those of the shipped opencode-serve.service otherwise.
+            "teams": {"base_dir": self.teams_dir or (defaults.teams.base_dir if self.user else SERVE_TEAMS_DIR),
+                      "names": list(self.teams)},
         }
 
 

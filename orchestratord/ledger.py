@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, NamedTuple, Sequence
 
-from . import ledgerwatch, metrics
+from . import ledgerwatch, logs, metrics
 from .worker import crash_point
 
 SCHEMA_VERSION = 6
+
+log = logs.get("ledger")
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -218,17 +221,132 @@ P_OPEN, P_HELD, P_ANSWERED, P_GONE = "open", "held", "answered", "gone"
 
 
 class LedgerError(Exception):
-    """The ledger file cannot be opened or written; the message says what to fix."""
+    """The ledger file cannot be opened or written; the message says what to fix.
+
+    ``problem`` and ``fix`` are the two halves when they are known apart (``--json`` shows
+    them as two fields).
+    """
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        super().__init__(problem if fix is None else f"{problem}; {fix}")
+        self.problem = problem
+        self.fix = fix
+
+
+def damaged(path: str, detail: str) -> tuple[str, str]:
+    """(problem, fix) of a file that is not a sound SQLite database."""
+    return (f"ledger {path} is damaged or not a SQLite database ({detail})",
+            f"move it aside (mv {path} {path}.broken) and start the daemon again, and a fresh ledger is created "
+            "there; or point ledger.path at another file")
 
 
 def open_problem(path: str, exc: BaseException | str) -> str:
     """One line for a ledger that will not open: which file, what is wrong, what to do."""
     text = str(exc)
     if "not a database" in text or "malformed" in text or "corrupt" in text or isinstance(exc, str):
-        return (f"ledger {path} is damaged or not a SQLite database ({text}): move it aside "
-                f"(mv {path} {path}.broken) and start again, and a fresh ledger is created there; or point "
-                "ledger.path at another file")
+        problem, fix = damaged(path, text)
+        return f"{problem}: {fix}"
     return f"cannot open ledger {path}: {text}; {ledgerwatch.fix_for(exc)}"
+
+
+AS_DAEMON_USER = "run this as root or as the daemon's user (sudo -u opencode-orchestrator orchestratord ...)"
+
+
+def unreadable(path: str) -> tuple[str, str] | None:
+    """(problem, fix) when the file at ``path`` cannot be a ledger to read, from the filesystem alone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (f"ledger {path} does not exist yet", "start the daemon once, or fix ledger.path")
+    except PermissionError:
+        return (f"ledger {path} cannot be reached: permission denied on a directory above it", AS_DAEMON_USER)
+    except OSError as exc:
+        return (f"ledger {path}: {exc.strerror or exc}", ledgerwatch.fix_for(exc))
+    if stat.S_ISDIR(st.st_mode):
+        return (f"ledger {path} is a directory, not a ledger file", "point ledger.path at the file itself, "
+                f"or move the directory aside (mv {path} {path}.aside)")
+    if not stat.S_ISREG(st.st_mode):
+        return (f"ledger {path} is not a regular file", "point ledger.path at a file")
+    if not os.access(path, os.R_OK):
+        return (f"ledger {path} is not readable by this user (permission denied)", AS_DAEMON_USER)
+    if st.st_size == 0 and not os.path.exists(path + "-wal"):
+        return (f"ledger {path} is empty (0 bytes): no daemon has written it",
+                "start the daemon: it sets the ledger up in that file; or point ledger.path at the daemon's ledger")
+    return None
+
+
+def version_problem(path: str, version: int, tables: int) -> tuple[str, str] | None:
+    """(problem, fix) for a ledger of a schema this version cannot read; None when it can."""
+    if version > SCHEMA_VERSION:
+        return newer_schema(path, version)
+    if version == 0 and tables == 0:
+        return (f"ledger {path} is an empty database: no daemon has written it",
+                "start the daemon: it sets the ledger up in that file; or point ledger.path at the daemon's ledger")
+    return None
+
+
+def newer_schema(path: str, version: int) -> tuple[str, str]:
+    return (f"ledger {path} has schema {version}, newer than this orchestratord ({SCHEMA_VERSION})",
+            "upgrade orchestratord, or run the one that wrote it, or use another ledger.path")
+
+
+def query_problem(path: str, exc: sqlite3.Error) -> tuple[str, str]:
+    """(problem, fix) for a read that failed on a ledger that opened."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and ("no such table" in text or "no such column" in text):
+        version = schema_version(path)
+        if version is not None and version < SCHEMA_VERSION:
+            return (f"ledger {path} has schema {version}, older than this orchestratord ({SCHEMA_VERSION})",
+                    "start the daemon once: it upgrades the ledger, keeping a copy of the old one beside it")
+    if "unable to open" in text or "readonly" in text:
+        return (f"cannot read ledger {path}: {text}", AS_DAEMON_USER)
+    if not isinstance(exc, sqlite3.OperationalError) or "malformed" in text or "not a database" in text:
+        return damaged(path, text)
+    return (f"cannot read ledger {path}: {text}", ledgerwatch.fix_for(exc))
+
+
+def schema_version(path: str) -> int | None:
+    """The ledger's ``user_version``, read on a connection of its own; None if it cannot be read."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error:
+        return None
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+
+
+def backup_name(path: str, version: int) -> str:
+    """A name beside ``path`` for its copy before an upgrade from schema ``version``, not yet taken."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime())
+    name = f"{path}.v{version}-backup-{stamp}"
+    n = 1
+    while os.path.exists(name):
+        n += 1
+        name = f"{path}.v{version}-backup-{stamp}-{n}"
+    return name
+
+
+def copy_database(db: sqlite3.Connection, target: str) -> None:
+    """A consistent copy of the open database ``db`` in a new file ``target`` (SQLite's online backup).
+
+    Safe while the daemon writes: the copy is one snapshot of committed transactions.
+    A file that exists at ``target`` is never overwritten.
+    """
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    os.close(fd)
+    try:
+        out = sqlite3.connect(target)
+        try:
+            db.backup(out)
+        finally:
+            out.close()
+    except BaseException:
+        os.unlink(target)
+        raise
 
 
 @dataclass(frozen=True)
@@ -380,10 +498,17 @@ class Ledger:
         self.readonly = readonly
         try:
             if readonly:
-                if not os.path.exists(path):
-                    raise LedgerError(f"ledger {path} does not exist yet: start the daemon once, or fix ledger.path")
+                trouble = unreadable(path)
+                if trouble is not None:
+                    raise LedgerError(*trouble)
                 self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
                                           check_same_thread=False, timeout=5.0)
+                version = self.db.execute("PRAGMA user_version").fetchone()[0]
+                tables = self.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+                trouble = version_problem(path, version, tables)
+                if trouble is not None:
+                    self.db.close()
+                    raise LedgerError(*trouble)
             else:
                 directory = os.path.dirname(os.path.abspath(path))
                 os.makedirs(directory, exist_ok=True)
@@ -404,6 +529,8 @@ class Ledger:
                 self.db.execute("PRAGMA foreign_keys=ON")
                 self._migrate()
         except sqlite3.DatabaseError as exc:
+            if readonly:
+                raise LedgerError(*query_problem(path, exc)) from exc
             raise LedgerError(open_problem(path, exc)) from exc
         except OSError as exc:
             raise LedgerError(f"cannot create the ledger's directory for {path}: {exc}; check ledger.path "
@@ -427,20 +554,38 @@ class Ledger:
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise LedgerError(f"ledger {self.path} has schema {version}, newer than this orchestratord "
-                              f"({SCHEMA_VERSION}); upgrade orchestratord or use another ledger.path")
-        if version < SCHEMA_VERSION:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for script in MIGRATIONS[version:]:
-                    for statement in script.split(";"):
-                        if statement.strip():
-                            self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+            raise LedgerError(*newer_schema(self.path, version))
+        if version == SCHEMA_VERSION:
+            return
+        # A ledger with history is copied first: a migration is one-way, and a copy is the way back.
+        backup = self._backup_before_migration(version) if version > 0 else None
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if self.db.execute("PRAGMA user_version").fetchone()[0] != version:
+                self.db.execute("COMMIT")  # another process migrated it meanwhile
+                return
+            for script in MIGRATIONS[version:]:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        if backup is not None:
+            log.log(logs.NOTICE, logs.kv("ledger-migrated", path=self.path, **{"from": version}, to=SCHEMA_VERSION,
+                                         backup=backup))
+
+    def _backup_before_migration(self, version: int) -> str:
+        target = backup_name(self.path, version)
+        try:
+            copy_database(self.db, target)
+        except (OSError, sqlite3.Error) as exc:
+            raise LedgerError(f"cannot copy ledger {self.path} to {target} before upgrading it from schema {version} "
+                              f"to {SCHEMA_VERSION}: {exc}", "free space beside ledger.path (the copy is as large as "
+                              "the ledger) or make its directory writable, then start again; nothing was changed") from exc
+        return target
 
     def _tx(self) -> "_Tx":
         return _Tx(self.db)

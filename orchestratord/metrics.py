@@ -94,7 +94,8 @@ def enable() -> None:
         if _m is None:
             if not available():
                 raise MetricsUnavailable("metrics are configured but prometheus_client is not installed: "
-                                         "pip install 'orchestratord[metrics]', or remove [metrics]")
+                                         "pip install 'orchestratord[metrics]' (make install EXTRAS=metrics), "
+                                         "or remove [metrics]")
             _m = _Metrics()
 
 

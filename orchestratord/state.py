@@ -53,6 +53,11 @@ class Shared:
     state: DaemonState = DaemonState.STARTING
     server_healthy: bool | None = None
     server_version: str | None = None
+    # A server still coming up at the daemon's start is logged at notice, not as an outage,
+    # for ``startup_grace`` seconds after ``started`` (monotonic) or until it is first up.
+    started: float = 0.0
+    startup_grace: float = 0.0
+    ever_up: bool = False
     outages: int = 0  # times the server was seen going down: a prompt in flight may have died with it
     stream_connected: bool = False
     # Times a connected stream ended. A restarted server always ends it; a health probe that
@@ -73,6 +78,8 @@ class Shared:
     went_busy: dict[str, float] = field(default_factory=dict)  # monotonic time of the last busy event
     aborted: dict[str, float] = field(default_factory=dict)  # sessions the daemon aborted: monotonic time
     pending_triggers: int = 0
+    # Why the dispatcher holds the pending triggers back (dispatch.Hold), as it last decided.
+    holds: list[Any] = field(default_factory=list)
     ledger_failing: bool = False  # writes to the ledger fail (see ledgerwatch)
     changed: threading.Event = field(default_factory=threading.Event)
 
@@ -81,6 +88,11 @@ class Shared:
             for key, value in values.items():
                 setattr(self, key, value)
         self.changed.set()
+
+    def starting_up(self) -> bool:
+        """True until the server is first seen up, within the startup grace."""
+        with self.lock:
+            return not self.ever_up and self.clock() - self.started < self.startup_grace
 
     def stream_lost(self) -> None:
         """The stream was connected and is no more (counted once per connection)."""

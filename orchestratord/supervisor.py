@@ -69,7 +69,8 @@ class Supervisor:
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.clock = clock
-        self.shared = Shared(server_url=cfg.server.url, clock=clock)
+        self.shared = Shared(server_url=cfg.server.url, clock=clock, started=clock(),
+                             startup_grace=cfg.health.startup_grace_seconds)
         self.sessions = SessionDirectory()
         self.signals: "queue.SimpleQueue[int]" = queue.SimpleQueue()
         self.workers: dict[str, Worker] = {}
@@ -323,11 +324,16 @@ class Supervisor:
         self.shared.changed.clear()
         self.last_state_write = now
         s = self.shared.snapshot()
+        wall, mono = time.time(), self.clock()
+        # The dispatcher's deadlines are monotonic; another process reads them as wall times of this moment.
+        holds = [{"reason": h.reason, "detail": h.detail, "until": None if h.until is None else wall + h.until - mono}
+                 for h in list(self.shared.holds)]
         try:
             self.ledger.set_state({
                 "daemon": {"pid": os.getpid(), "state": s.state, "config": self.config_path,
                            "config_digest": self.cfg.digest, "status_line": self.shared.status_line(),
-                           "written_at": time.time()},
+                           "metrics_listen": self.cfg.metrics.listen, "written_at": wall},
+                "dispatch": {"holds": holds},
                 "ledger": self.health.view(),
                 "server": {"url": s.server_url, "healthy": s.server_healthy, "version": s.server_version},
                 "stream": {"connected": s.stream_connected, "events_total": s.events_total,
@@ -469,6 +475,7 @@ class Supervisor:
             self.cfg, self.password = new, password
             if "log" in changed:
                 logs.set_level(new.log.level)
+            self.shared.update(startup_grace=new.health.startup_grace_seconds)
             if "ledger" in changed and new.ledger.path != old.ledger.path:
                 assert self.ledger is not None
                 self.ledger.close()

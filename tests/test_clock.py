@@ -39,6 +39,7 @@ ALLOWED: dict[tuple[str, str], tuple[int, str]] = {
     ("broker.py", "Broker.__init__"): (1, "the injected wall clock: ledger stamps, message IDs, and a held "
                                           "request's age across a restart (never later than now)"),
     ("cli.py", "cmd_permissions"): (1, "the age of a held request, from its wall stamp, for people"),
+    ("cli.py", "cmd_pending"): (1, "the age of a waiting trigger, from its wall stamp, for people"),
     ("ledger.py", "Ledger.record_oversized"): (1, "an oversized message's first_seen, for people and retention"),
     ("ledger.py", "Ledger.mark_oversized_reported"): (1, "an oversized message's reported_at, for people"),
     ("ledger.py", "Ledger.update_escalation"): (1, "an escalation's handled_at, for people"),
@@ -60,6 +61,7 @@ ALLOWED: dict[tuple[str, str], tuple[int, str]] = {
     ("cli.py", "ledger_view"): (1, "the age of written_at, a wall stamp written by another process"),
     ("ledgerwatch.py", "LedgerHealth.__init__"): (1, "the injected wall clock: when a failing spell began, for people"),
     ("ledgerwatch.py", "put_back"): (1, "the name given to a file moved aside, for people"),
+    ("ledger.py", "backup_name"): (1, "the name of the copy kept before a schema upgrade, for people"),
 }
 
 # Attribute chains that read (or hand out) the wall clock.

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from orchestratord.config import (DEFAULT_TRIGGERS, Config, ConfigError, dump_config, load_config, locate_keys,
-                                  parse_config, summarize)
+from orchestratord.cli import main
+from orchestratord.config import (DEFAULT_TRIGGERS, Config, ConfigError, dump_config, effective_rules, load_config,
+                                  locate_keys, parse_config, summarize)
+from tests.support.privileges import needs_root, open_dir  # noqa: F401 - open_dir is a fixture
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "opencode-orchestrator" / "orchestrator.toml"
 
@@ -138,7 +142,9 @@ match = { a = { b = [] } }
 def test_dump_round_trips() -> None:
     cfg = parse_config('[teams]\nnames = ["a", "b"]\n[[triggers]]\nname = "x"\nevent = "session.*"\n', "c", "/")
     again = parse_config(dump_config(cfg), "c", "/")
-    assert again == cfg
+    # The rules come back spelled out (every built-in one as in effect), the same rules.
+    assert replace(again, safety=replace(again.safety, rules=())) == cfg
+    assert effective_rules(again.safety.rules) == effective_rules(cfg.safety.rules)
     assert tomllib.loads(dump_config(cfg))["teams"]["names"] == ["a", "b"]
 
 
@@ -158,9 +164,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "orchestratord", *args], capture_output=True, text=True, timeout=60)
 
 
+def on_this_machine(tmp_path: Path) -> Path:
+    """The shipped example, its teams and ledger moved to directories of this test."""
+    (tmp_path / "teams").mkdir(exist_ok=True)
+    text = EXAMPLE.read_text().replace('base_dir = "/var/lib/opencode-serve/.claude"', f'base_dir = "{tmp_path / "teams"}"')
+    text = text.replace('path = "/var/lib/opencode-orchestrator/ledger.sqlite3"', f'path = "{tmp_path / "l.sqlite3"}"')
+    config = tmp_path / "example.toml"
+    config.write_text(text)
+    return config
+
+
 def test_check_config_cli(tmp_path: Path) -> None:
-    ok = run_cli("check-config", "--config", str(EXAMPLE))
-    assert ok.returncode == 0 and "ok" in ok.stdout
+    ok = run_cli("check-config", "--config", str(on_this_machine(tmp_path)))
+    assert ok.returncode == 0 and "ok" in ok.stdout, ok.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("[dispatch]\nmax_per_hour = 0\n[server]\nurll = 1\n")
     out = run_cli("check-config", "--config", str(bad))
@@ -170,3 +186,70 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert f"{bad}:4: server.urll: unknown key; did you mean 'url'?" in lines
     missing = run_cli("check-config", "--config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+def test_check_config_finds_what_the_start_would_refuse_all_in_one_round(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f"""
+[server]
+password_file = "{tmp_path / 'no-password'}"
+[ledger]
+path = "{tmp_path / 'not-a-dir' / 'ledger.sqlite3'}"
+[teams]
+base_dir = "{tmp_path / 'no-teams'}"
+[health]
+interval_seconds = 0.1
+timeout_seconds = 20
+[dispatch]
+max_per_hour = 0
+""")
+    (tmp_path / "not-a-dir").write_text("a file where the ledger's directory should be")
+    out = run_cli("check-config", "--config", str(config))
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    keys = [line.split(": ")[1] for line in lines]
+    assert sorted(keys) == ["dispatch.max_per_hour", "health.timeout_seconds", "ledger.path", "server.password_file",
+                            "teams.base_dir"], lines
+    assert any(f"{config}:3: server.password_file: cannot read {tmp_path / 'no-password'}" in line for line in lines)
+    assert any(f"{config}:7: teams.base_dir: {tmp_path / 'no-teams'} does not exist" in line for line in lines)
+    assert any(f"{config}:5: ledger.path: the directory" in line and "not writable" in line for line in lines)
+
+
+@needs_root
+def test_check_config_checks_as_the_user_that_runs_it(open_dir: Path) -> None:
+    from tests.support.privileges import as_nobody
+
+    teams, state = open_dir / "teams", open_dir / "state"
+    teams.mkdir()
+    state.mkdir()  # root's, as a StateDirectory= looks to any other user
+    password = open_dir / "password"
+    password.write_text("secret\n")
+    password.chmod(0o600)
+    config = open_dir / "c.toml"
+    config.write_text(f'[server]\npassword_file = "{password}"\n[ledger]\npath = "{state / "l.sqlite3"}"\n'
+                      f'[teams]\nbase_dir = "{teams}"\n')
+    config.chmod(0o644)
+    assert main(["check-config", "--config", str(config)]) == 0  # as root
+    code, out, err = as_nobody(["check-config", "--config", str(config)])
+    keys = sorted(line.split(": ")[1] for line in err.strip().splitlines())
+    assert code == 1 and keys == ["ledger.path", "server.password_file"], err
+    teams.chmod(0o700)
+    code, out, err = as_nobody(["check-config", "--config", str(config)])
+    assert "teams.base_dir: " in err and "not readable by this user" in err
+
+
+def test_a_metrics_port_in_use_is_an_error_unless_the_running_daemon_holds_it() -> None:
+    from orchestratord.preflight import port_problems
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    listen = f"127.0.0.1:{holder.getsockname()[1]}"
+    try:
+        [(key, problem)] = port_problems(listen, None)
+        assert key == "metrics.listen" and "in use" in problem
+        assert port_problems(listen, {"pid": 1, "metrics_listen": listen}) == []
+        assert port_problems(listen, {"pid": 1, "metrics_listen": "127.0.0.1:1"}) != []
+    finally:
+        holder.close()
+    assert port_problems(listen, None) == []

@@ -542,3 +542,51 @@ def test_an_outage_whose_look_up_fails_is_looked_at_again(rig) -> None:
     assert len(server.prompts) == 1
     d.run_once()
     assert [q["id"] for q in server.prompts] == [p["id"], p["id"]]
+
+
+def answer_and_add(rig: Any, d: Dispatcher, teammate: str, later: float) -> None:
+    """The last prompt answered, then a new trigger ``later`` seconds on, and a step."""
+    clock, server, _, path, _ = rig
+    p = server.prompts[-1]
+    server.reply(p["session"], p["id"], "ok")
+    d.run_once()
+    add_triggers(path, 1, teammate=teammate)
+    clock.t += later
+    d.run_once()
+
+
+def test_the_dispatcher_says_what_holds_the_triggers_back_and_until_when(rig) -> None:
+    clock, server, shared, path, make = rig
+    d = make(min_interval=10.0, debounce=0.5, max_per_hour=2)
+    add_triggers(path, 1)
+    d.run_once()
+    [hold] = shared.holds
+    assert hold.reason == "debounce" and hold.until == pytest.approx(clock.t + 0.5)
+    clock.t += 0.5
+    d.run_once()
+    first_sent = sent_at = clock.t
+    assert shared.holds == [] and len(server.prompts) == 1
+    d.run_once()
+    assert [h.reason for h in shared.holds] == ["prompt-in-flight"]
+    answer_and_add(rig, d, "worker-2", 1.0)
+    assert [h.reason for h in shared.holds] == ["debounce", "min-interval"]
+    assert shared.holds[1].until == pytest.approx(sent_at + 10.0)
+    clock.t += 10.0
+    d.run_once()
+    answer_and_add(rig, d, "worker-3", 20.0)
+    debounce, cap = shared.holds  # a trigger just seen has its quiet period too
+    assert (debounce.reason, cap.reason) == ("debounce", "hourly-cap") and "dispatch.max_per_hour = 2" in cap.detail
+    assert cap.until == pytest.approx(first_sent + 3600)
+    server.status = {d.session_id: {"type": "busy"}}
+    clock.t += 3600
+    shared.touch(d.session_id)  # busy, and active
+    d.run_once()
+    assert [h.reason for h in shared.holds] == ["session-busy"]
+    shared.update(server_healthy=False)
+    d.run_once()
+    assert [h.reason for h in shared.holds] == ["server-down"]
+    shared.update(server_healthy=True)
+    server.status = {}
+    d.run_once()
+    assert [h.reason for h in shared.holds] in (["prompt-in-flight"], [])
+    assert len(server.prompts) == 3

@@ -305,3 +305,29 @@ def test_the_first_start_waits_for_a_whole_read_and_logs_its_baseline_once(
     assert w.ledger().pending_triggers() == [] and w.woken == 0
     baseline = [r for r in caplog.messages if r.startswith("inbox-baseline")]
     assert sum(int(r.split("messages=")[1].split()[0]) for r in baseline) == 1200 and len(baseline) <= 2
+
+
+def test_a_missing_teams_directory_is_named_once_and_watched_when_it_appears(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    base = tmp_path / "nowhere" / ".claude"
+    clock = Clock()
+    w = InboxWatcher(ledger_path=str(tmp_path / "ledger.db"), base_dir=str(base), teams=(TEAM,), lead="team-lead",
+                     watch_members=False, poll_interval=5.0, report_existing=False, on_trigger=lambda: None,
+                     notify=True, clock=clock, wall=clock)
+    w.setup()
+    try:
+        for _ in range(4):  # a rescan every poll interval, as the loop makes them
+            w.next_scan = 0.0
+            w.run_once()
+            clock.now += 5.0
+        missing = [m for m in caplog.messages if m.startswith("teams-dir-missing")]
+        assert len(missing) == 1, caplog.messages
+        assert f"path={base}" in missing[0] and "/var/lib/opencode-serve/.claude" in missing[0]
+        assert not [m for m in caplog.messages if "max_user_watches" in m]
+        make_team(base, TEAM, members=["worker-1"])
+        w.next_scan = 0.0
+        w.run_once()
+        assert w.watching == base / "teams"
+        assert [r for r in caplog.records if r.getMessage().startswith("inbox-watching") and r.levelname == "INFO"]
+    finally:
+        w.teardown()

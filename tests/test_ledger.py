@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestratord.ledger import COMPLETED, PENDING, SCHEMA_VERSION, SENT, EventRow, Ledger, LedgerError
+from orchestratord.ledger import (COMPLETED, MIGRATIONS, PENDING, SCHEMA_VERSION, SENT, EventRow, Ledger,
+                                  LedgerError)
+from tests.support.logcapture import caplog  # noqa: F401 - the fixture
 
 
 def test_schema_version_and_wal(tmp_path: Path) -> None:
@@ -25,6 +27,48 @@ def test_newer_schema_is_refused_with_a_fix(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(LedgerError, match="upgrade orchestratord"):
         Ledger(str(path))
+
+
+def old_ledger(path: Path, version: int) -> None:
+    """A ledger as an orchestratord of schema ``version`` left it, with one message in it."""
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:version]:
+        db.executescript(script)
+    db.execute("INSERT INTO messages(ident, team, recipient, sender, sent_at, type, text, first_seen) "
+               "VALUES('i1', 't', 'team-lead', 'worker-1', '2026-01-01T00:00:00.000Z', 'message', 'kept', 1.0)")
+    db.execute(f"PRAGMA user_version={version}")
+    db.commit()
+    db.close()
+
+
+def test_an_upgrade_keeps_a_copy_of_the_old_ledger_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    old_ledger(path, 4)
+    led = Ledger(str(path))
+    assert led.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    led.close()
+    [copy] = list(tmp_path.glob("ledger.sqlite3.v4-backup-*"))
+    db = sqlite3.connect(copy)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert db.execute("SELECT text FROM messages").fetchall() == [("kept",)]
+    db.close()
+    [line] = [m for m in caplog.messages if m.startswith("ledger-migrated")]
+    assert f"from=4 to={SCHEMA_VERSION} backup={copy}" in line
+    Ledger(str(path)).close()  # at the current schema: no second copy, no second line
+    assert len(list(tmp_path.glob("*backup*"))) == 1 and len([m for m in caplog.messages if "ledger-migrated" in m]) == 1
+
+
+def test_no_upgrade_without_its_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    old_ledger(path, 3)
+    taken = tmp_path / "ledger.sqlite3.v3-backup-x"
+    taken.mkdir()  # the copy cannot be written there
+    monkeypatch.setattr("orchestratord.ledger.backup_name", lambda p, v: str(taken))
+    with pytest.raises(LedgerError, match="nothing was changed"):
+        Ledger(str(path))
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    db.close()
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -245,7 +245,8 @@ def test_a_damaged_ledger_refuses_the_start_saying_what_to_do(tmp_path: Path, da
     cfg = _quiet_config(tmp_path, ledger)
     check = subprocess.run([sys.executable, "-m", "orchestratord", "check-config", "--config", str(cfg)],
                            capture_output=True, text=True, timeout=30)
-    assert check.returncode == 0 and "warning:" in check.stderr and str(ledger) in check.stderr
+    assert check.returncode == 1 and "ledger.path: " in check.stderr and str(ledger) in check.stderr, check.stderr
+    assert "move it aside" in check.stderr and "Traceback" not in check.stderr
 
     d = Daemon(cfg, tmp_path).start()
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -124,5 +126,24 @@ def test_a_metrics_port_in_use_stops_the_start_with_what_to_fix(bed: Bed) -> Non
         d = bed.daemon()
         assert d.wait_exit(30) != 0
         assert any("metrics.listen" in line and "choose a free address" in line for line in d.log()), d.log()[-5:]
+        check = check_config(bed)
+        assert check.returncode == 1 and "metrics.listen: " in check.stderr and "in use" in check.stderr
     finally:
         holder.close()
+
+
+def check_config(bed: Bed) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestratord", "check-config", "--config", str(bed.config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_reload_check_lets_the_running_daemon_keep_its_own_metrics_port(bed: Bed) -> None:
+    port = free_port()
+    bed.write_config(extra=f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    d = bed.ready_daemon()
+    d.wait_log("metrics-listening")
+    wait_for(lambda: check_config(bed).returncode == 0, 15, "check-config to pass beside the daemon holding its port")
+    # Another address for the same port is another program's to the check: refused.
+    bed.write_config(extra=f'\n[metrics]\nlisten = "0.0.0.0:{port}"\n')
+    check = check_config(bed)
+    assert check.returncode == 1 and "metrics.listen: " in check.stderr, check.stderr

@@ -5,8 +5,8 @@ files ``make install DESTDIR=…`` produced, as a package would put them: /usr/l
 the install is bind-mounted over /usr/local inside, the sysusers and tmpfiles snippets
 are applied with systemd's own tools, and the shipped teams-in-home drop-in runs the
 service as "alice", whose ~/.claude is the test server's team directory. One more
-drop-in is the test's own: the dependencies come from the test virtualenv (the install
-is offline, ``--no-deps``), and the watchdog and restart delay are short.
+drop-in is the test's own: the watchdog and restart delay are short. (The shipped pair of
+units, as a new user installs them, is in test_systemd_pair.py.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,10 +31,6 @@ CONFIG = "/etc/opencode-orchestrator/orchestrator.toml"
 LEDGER = "/var/lib/opencode-orchestrator/ledger.sqlite3"
 DROPINS = f"/etc/systemd/system/{UNIT}.d"
 HOME_DROPIN = "/usr/local/share/doc/opencode-orchestrator/teams-in-home.conf"
-SITE = next(Path(sys.prefix, "lib").glob("python3*/site-packages"), Path(sys.prefix))
-# Where the unit finds the test virtualenv's packages: out of /tmp, which PrivateTmp= hides
-# from the service (the project may be cloned under /tmp).
-SITE_INSIDE = "/usr/local/lib/orchestratord-test-site"
 
 REASON = why_not()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no systemd to boot: {REASON}")
@@ -50,7 +45,7 @@ class Machine:
         self.teams_dir = teams_dir
 
     def orchestratord(self, *args: str) -> str:
-        return self.sd.check("/usr/local/bin/orchestratord", *args, "--config", CONFIG, env={"PYTHONPATH": SITE_INSIDE})
+        return self.sd.check("/usr/local/bin/orchestratord", *args, "--config", CONFIG)
 
     def write_config(self, extra: str = "") -> None:
         write_config(self.sd.path(CONFIG), server_url=self.shared.server.url,
@@ -83,9 +78,8 @@ class Machine:
 def machine(tmp_path_factory: pytest.TempPathFactory, _shared_bed: Any) -> Iterator[Machine]:
     base = tmp_path_factory.getbasetemp()
     dest = tmp_path_factory.mktemp("destdir")
-    install = subprocess.run(
-        ["make", "-s", "-C", str(ROOT), "install", f"DESTDIR={dest}", "PREFIX=/usr/local",
-         "PIP_INSTALL_ARGS=--no-deps --no-index --no-build-isolation"], capture_output=True, text=True, timeout=300)
+    install = subprocess.run(["make", "-s", "-C", str(ROOT), "install", f"DESTDIR={dest}", "PREFIX=/usr/local"],
+                             capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stdout + install.stderr
 
     teams_dir: Path = _shared_bed.teams_dir
@@ -95,9 +89,7 @@ def machine(tmp_path_factory: pytest.TempPathFactory, _shared_bed: Any) -> Itera
     sd = BootedSystemd(base)
     try:
         sd.boot()
-        (dest / SITE_INSIDE.lstrip("/")).mkdir(parents=True)
         sd.check("mount", "--bind", f"{dest}/usr/local", "/usr/local")
-        sd.check("mount", "--bind", str(SITE), SITE_INSIDE)
         # The server is the test's own, outside; the shipped opencode-serve.service would
         # look for /usr/local/bin/opencode.
         sd.check("systemctl", "mask", "--runtime", "opencode-serve.service")
@@ -110,7 +102,7 @@ def machine(tmp_path_factory: pytest.TempPathFactory, _shared_bed: Any) -> Itera
         m = Machine(sd, _shared_bed, teams_dir)
         m.write_config()
         sd.path(DROPINS).mkdir(parents=True)
-        m.dropin("test.conf", f"[Service]\nEnvironment=PYTHONPATH={SITE_INSIDE}\nWatchdogSec=3\nRestartSec=1\n")
+        m.dropin("test.conf", "[Service]\nWatchdogSec=3\nRestartSec=1\n")
         # As documented: the shipped drop-in, for alice's team directory.
         m.dropin("teams-in-home.conf", sd.path(HOME_DROPIN).read_text())
         yield m
@@ -164,6 +156,10 @@ def test_the_hardened_unit_reaches_the_server_writes_its_ledger_and_reads_the_te
     script_orchestrator(model, reply="Read the inbox under systemd: worker-1 is done.")
     script_teammate(model, "SYSTEMD-TASK", [send_message_args("done under systemd")])
     worker = server.create_session("worker-1")["id"]
+    # Prompted once the broker's rules are on it: a prompt that races them has its turn restarted,
+    # which on a server this fresh can cost the next turns too (test_broker.py tells that story).
+    wait_for(lambda: any(m.startswith(f"session-brokered session={worker}") for m in machine.unit_messages()), 30,
+             "the broker's rules on the teammate's session")
     server.prompt_async(worker, "SYSTEMD-TASK: report to the lead")
 
     def completed() -> list[dict[str, Any]]:

@@ -145,12 +145,15 @@ class EventReader(Worker):
 
     def step(self) -> float:
         assert self.client is not None and self.ledger is not None
+        # Judged when the attempt begins: one begun while the server was still coming up can
+        # time out after the server is up (it accepted the socket but never answered it).
+        starting = self.shared.starting_up()
         try:
             resp = self.client.open_stream(self.path, self.read_timeout)
         except AuthError as exc:
             return self._failed(f"{exc}", level="error")
         except OpencodeError as exc:
-            return self._failed(str(exc))
+            return self._failed(str(exc), starting=starting)
         with self._resp_lock:
             self._resp = resp
         self._waiting = _poller(resp)
@@ -181,12 +184,12 @@ class EventReader(Worker):
         self.log.warning(logs.kv("stream-disconnected", path=self.path, reason=reason))
         return self._failed(reason, log=False)
 
-    def _failed(self, reason: str, level: str = "warning", log: bool = True) -> float:
+    def _failed(self, reason: str, level: str = "warning", log: bool = True, starting: bool = False) -> float:
         self._failures += 1
         delay = min(self.reconnect_max, 0.25 * 2 ** min(self._failures, 8))
         delay *= random.uniform(0.5, 1.0)
         if log and (self._failures == 1 or self._failures % 20 == 0):
-            priority = logging.ERROR if level == "error" else logs.NOTICE if self.shared.starting_up() else logging.WARNING
+            priority = logging.ERROR if level == "error" else logs.NOTICE if starting or self.shared.starting_up() else logging.WARNING
             self.log.log(priority, logs.kv("stream-connect-failed", path=self.path, error=reason,
                                            attempt=self._failures, retry_in=f"{delay:.2f}s"))
         return delay

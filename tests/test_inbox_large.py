@@ -54,7 +54,7 @@ def test_a_20_mb_lead_inbox_hears_each_new_message_once(bed: Bed) -> None:
     assert d.grep(r'inbox-read .*team-lead\.json read="new part" elements=1'), "an append is read from where the last read ended"
     flips = len(d.grep(r'inbox-read .*team-lead\.json read="whole file"'))
     round_of(3, 3)
-    wait_for(lambda: len(d.grep(r'inbox-read .*team-lead\.json read="whole file"')) > flips, 30,
+    wait_for(lambda: len(d.grep(r'inbox-read .*team-lead\.json read="whole file"')) > flips, 120,
              "the whole read that follows a flag flip")
     holds(lambda: len(reported()) == 6, 1.0, "no second report after the flags flipped")
 

@@ -104,3 +104,28 @@ def test_stream_connect_failures_are_notices_while_the_server_starts(caplog: Any
     r._failures = 19
     r._failed("connection refused")
     assert [level for level, _ in lines(caplog, "stream-connect-failed")] == ["NOTICE", "WARNING"]
+
+
+def test_a_stream_attempt_begun_while_the_server_starts_is_a_notice_when_it_fails_later(caplog: Any) -> None:
+    """The server accepts the socket while it starts, comes up, and never answers that request."""
+    from orchestratord.events import EventReader
+    from orchestratord.opencode import OpencodeError
+
+    clock = Clock()
+    shared = Shared(clock=clock, started=clock(), startup_grace=30.0)
+
+    class Client:
+        def open_stream(self, path: str, read_timeout: float) -> Any:
+            shared.update(ever_up=True)  # the health probe saw it up meanwhile
+            raise OpencodeError(f"GET {path}: read timed out")
+
+    r = EventReader(shared=shared, make_client=lambda: None, ledger_path="-", stream="global",  # type: ignore[arg-type, return-value]
+                    directory=None, read_timeout=25.0, max_event_bytes=1 << 20, reconnect_max=1.0, store="default",
+                    rules=(), on_trigger=lambda: None, on_own_activity=lambda: None, clock=clock)
+    r.client, r.ledger = Client(), object()  # type: ignore[assignment]
+    r.step()
+    r.step()  # begun once the server was up: a warning
+    assert [level for level, _ in lines(caplog, "stream-connect-failed")] == ["NOTICE"]
+    r._failures = 19
+    r.step()
+    assert [level for level, _ in lines(caplog, "stream-connect-failed")] == ["NOTICE", "WARNING"]

@@ -11,6 +11,7 @@ the damage, so the tests can fail.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +165,9 @@ def test_harmless_commands_run_without_a_person(bed: Bed, watch: EventWatch) -> 
 def test_held_requests_wait_for_a_person(bed: Bed, watch: EventWatch) -> None:
     project = bed.server.project
     subprocess.run(["git", "init", "-q", str(project)], check=True)
-    bed.write_config(extra=NO_IDLE + "\n[safety]\nhold_timeout_seconds = 4\n")
+    # Long enough that the first two wait for the person however slow the machine; the third
+    # runs under a short one, set by a reload (the timeout applies to what is held already).
+    bed.write_config(extra=NO_IDLE + "\n[safety]\nhold_timeout_seconds = 300\n")
     script_orchestrator(bed.model, reply="noted")
     d = bed.ready_daemon()
     d.wait_log("stream-connected")
@@ -195,6 +198,10 @@ def test_held_requests_wait_for_a_person(bed: Bed, watch: EventWatch) -> None:
     assert refused["state"]["status"] == "error" and "not on main" in refused["state"]["error"]
     assert cli(bed, "allow", by_session[denied]["id"]).returncode == 1, "answered already"
 
+    bed.config.write_text(bed.config.read_text().replace("hold_timeout_seconds = 300", "hold_timeout_seconds = 4"))
+    reloaded = len(d.grep("config-reloaded"))
+    d.signal(signal.SIGHUP)
+    d.wait_log("config-reloaded", count=reloaded + 1)
     late = bed.spawn("worker-3", "let this one time out")
     [expired] = finished_bash(bed.server, late, 1, timeout=30)
     assert expired["state"]["status"] == "error" and "not allowed within 4s" in expired["state"]["error"]

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 from . import logs, metrics
 from .guard import FROM_PERMISSION, URGENT, Judge, Seen, escalation_specs, seen_in_permission
 from .ledger import P_HELD, P_OPEN, PermissionRequest
+from .ledgerwatch import LedgerHealth
 from .opencode import NotFound, OpencodeClient, OpencodeError, Unreachable, new_message_id
 from .policy import Context, Finding
 from .sessions import SessionDirectory, SessionInfo
@@ -183,8 +184,9 @@ class Broker(ServerWorker):
 
     def __init__(self, *, shared: Shared, sessions: SessionDirectory, make_client: Callable[[], OpencodeClient],
                  ledger_path: str, judge: Judge, settings: BrokerSettings, on_escalation: Callable[[], None],
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
-        super().__init__(make_client, ledger_path, clock)
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 ledger_health: LedgerHealth | None = None) -> None:
+        super().__init__(make_client, ledger_path, clock, ledger_health)
         self.shared = shared
         self.sessions = sessions
         self.judge = judge

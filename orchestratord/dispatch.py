@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 from . import logs, metrics
 from .ledger import COMPLETED, FAILED, PENDING, TIMEOUT, Dispatch, Trigger
+from .ledgerwatch import LedgerHealth
 from .opencode import AuthError, NotFound, OpencodeClient, OpencodeError, Unreachable, new_message_id
 from .state import Shared
 from .worker import ServerWorker, crash_point
@@ -152,8 +153,9 @@ class Dispatcher(ServerWorker):
 
     def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
                  settings: DispatchSettings, server_url: str,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
-        super().__init__(make_client, ledger_path, clock)
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 ledger_health: LedgerHealth | None = None) -> None:
+        super().__init__(make_client, ledger_path, clock, ledger_health)
         self.shared = shared
         self.s = settings
         self.server_url = server_url
@@ -215,8 +217,7 @@ class Dispatcher(ServerWorker):
 
     def _hold(self, *holds: Hold) -> None:
         """Say why the pending triggers wait (for ``orchestratord pending``); nothing when none do."""
-        if list(holds) != self.shared.holds:
-            self.shared.update(holds=list(holds))
+        self.shared.set_holds(holds)
 
     def ensure_session(self) -> None:
         """Find or create the orchestrator session and remember it in the ledger."""
@@ -240,25 +241,25 @@ class Dispatcher(ServerWorker):
                 return
             except NotFound:
                 self.log.warning(logs.kv("session-missing", session=known, action="creating a new one"))
-        self.shared.update(own_session_pending=True)
+        self.shared.set_own_session_pending(True)
         try:
             info = self.client.create_session(self.s.session_title, ruleset)
             sid = info["id"]
             self.ledger.set_meta(key, sid)
             self._use_session(sid)
         finally:
-            self.shared.update(own_session_pending=False)
+            self.shared.set_own_session_pending(False)
         self.log.log(logs.NOTICE, logs.kv("session-created", session=sid, title=self.s.session_title))
 
     def _use_session(self, sid: str) -> None:
         if sid != self.session_id:
             self.log.info(logs.kv("session", session=sid))
         self.session_id = sid
-        self.shared.update(session_id=sid)
+        self.shared.set_session(sid)
 
     def _forget_session(self) -> None:
         self.session_id = None
-        self.shared.update(session_id=None)
+        self.shared.set_session(None)
 
     # -- sending -----------------------------------------------------------------
 
@@ -266,7 +267,7 @@ class Dispatcher(ServerWorker):
         assert self.ledger is not None and self.session_id is not None
         now = self.clock()
         pending = self.ledger.pending_triggers()
-        self.shared.update(pending_triggers=len(pending))
+        self.shared.set_pending_triggers(len(pending))
         for t in pending:
             self.seen.setdefault(t.id, now)
         if not pending:
@@ -355,7 +356,7 @@ class Dispatcher(ServerWorker):
                                                   now=self.wall())
         for t in triggers:
             self.seen.pop(t.id, None)
-        self.shared.update(pending_triggers=0)
+        self.shared.set_pending_triggers(0)
         d = self.ledger.get_dispatch(dispatch_id)
         assert d is not None
         return self._post(d, first=True)
@@ -427,7 +428,7 @@ class Dispatcher(ServerWorker):
             return self._after_outage(d)
         answered = any(isinstance(m, dict) and isinstance(m.get("info"), dict)
                        and m["info"].get("parentID") == d.message_id for m in messages)
-        if not finished and not answered and self.shared.went_busy.get(d.session_id, -1.0) < started:
+        if not finished and not answered and (self.shared.went_busy_at(d.session_id) or -1.0) < started:
             if self.clock() - started > self.s.start_timeout:
                 return self._never_ran(d)
             return FOLLOW_POLL
@@ -453,7 +454,7 @@ class Dispatcher(ServerWorker):
             self.log.log(logs.NOTICE, logs.kv("prompt-done", message_id=d.message_id, outcome=state, tools=calls,
                                               error=error, reply=_shorten(text, 200) or None))
             return 0.0
-        quiet = self.clock() - max(started, self.shared.last_activity.get(d.session_id, started))
+        quiet = self.clock() - max(started, self.shared.activity(d.session_id) or started)
         if quiet > self.s.turn_timeout and self.shared.stream_connected:
             # (With the stream down its silence says nothing; the reconnect starts the count afresh.)
             return self._stuck(d, text, tools, quiet)
@@ -471,7 +472,7 @@ class Dispatcher(ServerWorker):
     # -- turns that never start or never end ------------------------------------
 
     def _outages(self) -> tuple[int, int]:
-        return self.shared.outages, self.shared.stream_losses
+        return self.shared.outages()
 
     def _outage_since(self, dispatch_id: int) -> bool:
         """Whether the server may have restarted since ``dispatch_id`` was last looked at.

@@ -61,8 +61,9 @@ class EventReader(Worker):
                  judge: Judge | None = None, on_escalation: Callable[[], None] = lambda: None,
                  sessions: SessionDirectory | None = None,
                  desk: Callable[[], PermissionDesk | None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(clock)
+                 clock: Callable[[], float] = time.monotonic,
+                 ledger_health: ledgerwatch.LedgerHealth | None = None) -> None:
+        super().__init__(clock, ledger_health)
         self.sessions = sessions if sessions is not None else SessionDirectory()
         self.desk = desk
         self.shared = shared
@@ -117,7 +118,7 @@ class EventReader(Worker):
     def teardown(self) -> None:
         self._flush()
         self._save_seq()
-        self.shared.update(stream_connected=False)
+        self.shared.set_stream_connected(False)
         if self.client:
             self.client.close()
         if self.ledger:
@@ -195,7 +196,7 @@ class EventReader(Worker):
         assert self.client is not None and self.ledger is not None
         first = self._failures == 0 and not self.shared.stream_connected
         self._failures = 0
-        self.shared.update(stream_connected=True)
+        self.shared.set_stream_connected(True)
         metrics.stream_connected(True)
         self._transition("connected", self.path)
         self.log.info(logs.kv("stream-connected", path=self.path))
@@ -219,13 +220,11 @@ class EventReader(Worker):
         except sqlite3.Error as exc:
             if not ledgerwatch.is_trouble(exc):
                 raise
-            ledgerwatch.HEALTH.failed(exc, where=self.name)
+            self.ledger_health.failed(exc, where=self.name)
 
     def _reread_permissions(self) -> None:
         """Requests asked and sessions made while we were away are not replayed: the broker lists them."""
-        now = self.clock()
-        for sid in self.shared.statuses:
-            self.shared.last_activity[sid] = now  # what happened while away is unknown: start afresh
+        self.shared.restart_activity()
         desk = self.desk()
         if desk is not None:
             desk.resync()
@@ -261,8 +260,7 @@ class EventReader(Worker):
             if self.stopping:
                 return
             if count_only and (head := head_session(frame)) is not None and head[0] in count_only:
-                self.shared.count_event(time.time())
-                self.shared.touch(head[1])  # a streaming session is not a stalled one
+                self.shared.count_event(time.time(), head[1])  # a streaming session is not a stalled one
                 self._report_guard()
                 continue
             data = frame_data(frame)
@@ -307,10 +305,8 @@ class EventReader(Worker):
             if store and self.store == "all":
                 self._add_row(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
             return
-        self.shared.count_event(wall)
+        self.shared.count_event(wall, event.session_id)
         metrics.event(event.type, wall)
-        if event.session_id is not None:
-            self.shared.touch(event.session_id)
         if store and (self.store == "all" or (self.store == "default" and event.type not in HIGH_VOLUME)):
             self._add_row(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
         self._observe(event)
@@ -361,7 +357,7 @@ class EventReader(Worker):
             kind = status.get("type") if isinstance(status, dict) else None
             self.shared.set_status(sid, kind)
             if kind in ("busy", "retry"):
-                self.shared.went_busy[sid] = self.clock()
+                self.shared.mark_busy(sid)
         elif etype == "session.idle" and sid:
             self.shared.set_status(sid, None)
         elif etype in ("session.created", "session.updated"):

@@ -22,6 +22,7 @@ from . import logs
 from .hooks import Hooks
 from .inbox import TeamMessage, message_ckey
 from .ledger import Escalation, Ledger
+from .ledgerwatch import LedgerHealth
 from .opencode import NotFound, OpencodeClient, OpencodeError, Unreachable
 from .policy import COMMAND, MESSAGE, PATH, TOOL, Context, Finding, Rule, build_rules, evaluate
 from .sessions import SessionInfo
@@ -279,8 +280,9 @@ class Guard(ServerWorker):
     def __init__(self, *, make_client: Callable[[], OpencodeClient], ledger_path: str, hooks: Sequence[Any],
                  own_session: Callable[[], str | None], on_trigger: Callable[[], None],
                  note_abort: Callable[[str], None] = lambda sid: None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
-        super().__init__(make_client, ledger_path, clock)
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 ledger_health: LedgerHealth | None = None) -> None:
+        super().__init__(make_client, ledger_path, clock, ledger_health)
         self.note_abort = note_abort
         self.hook_configs = tuple(hooks)
         self.own_session = own_session

@@ -29,6 +29,7 @@ from . import logs, metrics
 from .config import MISSING_TEAMS_FIX
 from .inboxfile import DEFAULT_MAX_ITEM_BYTES, Entry, InboxError, InboxFile, message_identity, parse_inbox_bytes
 from .ledger import Ledger, MessageRow, OversizedRow
+from .ledgerwatch import LedgerHealth
 from .worker import Worker, crash_point
 
 __all__ = ["InboxError", "InboxWatcher", "TeamMessage", "content_key", "message_ckey", "message_type", "parse_inbox"]
@@ -158,8 +159,9 @@ class InboxWatcher(Worker):
                  judge: Callable[[Ledger, TeamMessage], int] | None = None,
                  on_escalation: Callable[[], None] = lambda: None, notify: bool = True,
                  max_message_bytes: int = DEFAULT_MAX_ITEM_BYTES,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
-        super().__init__(clock)
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 ledger_health: LedgerHealth | None = None) -> None:
+        super().__init__(clock, ledger_health)
         self.ledger_path = ledger_path
         self.base = Path(base_dir)
         self.teams = tuple(teams)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import logs
+from .ledgerwatch import LedgerHealth
 from .opencode import NotFound, OpencodeClient, OpencodeError
 from .state import Shared
 from .worker import ServerWorker
@@ -45,8 +46,9 @@ class StallWatch(ServerWorker):
 
     def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
                  quiet: float, on_trigger: Callable[[], None], clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
-        super().__init__(make_client, ledger_path, clock)
+                 wall: Callable[[], float] = time.time,
+                 ledger_health: LedgerHealth | None = None) -> None:
+        super().__init__(make_client, ledger_path, clock, ledger_health)
         self.shared = shared
         self.quiet = quiet
         self.on_trigger = on_trigger
@@ -68,7 +70,7 @@ class StallWatch(ServerWorker):
             quiet = self.shared.quiet_for(sid)
             spell = self.reported.get(sid)
             if spell is not None:
-                mark = self.shared.last_activity.get(sid, 0.0)
+                mark = self.shared.activity(sid) or 0.0
                 if mark > spell.mark:
                     del self.reported[sid]  # it moved again; a later silence is a new spell
                 else:
@@ -82,7 +84,7 @@ class StallWatch(ServerWorker):
         assert self.ledger is not None and self.client is not None
         who = self._title(sid)
         name = who or f"session {sid}"
-        mark = self.shared.last_activity.get(sid, 0.0)
+        mark = self.shared.activity(sid) or 0.0
         minutes = _duration(quiet)
         waiting = view.get("waiting")
         if waiting:

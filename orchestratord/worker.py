@@ -37,8 +37,10 @@ class Worker:
     #: a heartbeat older than this means the worker is hung (seconds)
     stall_after = 30.0
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+    def __init__(self, clock: Clock = time.monotonic, ledger_health: ledgerwatch.LedgerHealth | None = None) -> None:
         self.clock = clock
+        #: where a failing ledger write is told (the supervisor's one tracker; a private one in tests)
+        self.ledger_health = ledger_health if ledger_health is not None else ledgerwatch.LedgerHealth()
         self.log = logs.get(self.name)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -137,7 +139,7 @@ class Worker:
             if isinstance(exc, sqlite3.Error) and ledgerwatch.is_trouble(exc):
                 # One critical line for the whole spell (ledger-failing), not one per worker per retry;
                 # the supervisor wakes us as soon as a write goes through again.
-                ledgerwatch.HEALTH.failed(exc, where=self.name)
+                self.ledger_health.failed(exc, where=self.name)
                 self.log.debug(line)
             else:
                 self.log.error(line, exc_info=self.errors == 1)
@@ -166,8 +168,8 @@ class ServerWorker(Worker):
     """
 
     def __init__(self, make_client: Callable[[], "OpencodeClient"], ledger_path: str,
-                 clock: Clock = time.monotonic) -> None:
-        super().__init__(clock)
+                 clock: Clock = time.monotonic, ledger_health: ledgerwatch.LedgerHealth | None = None) -> None:
+        super().__init__(clock, ledger_health)
         self.make_client = make_client
         self.ledger_path = ledger_path
         self.ledger: "Ledger | None" = None

@@ -34,7 +34,9 @@ class FakeClient:
 def rig(tmp_path: Path) -> tuple[Clock, Shared, FakeClient, StallWatch, list[int]]:
     clock, client, woke = Clock(), FakeClient(), []
     shared = Shared(server_url="http://x", clock=clock)
-    shared.update(server_healthy=True, stream_connected=True, session_id="ses_orch")
+    shared.server_seen(True, None)
+    shared.set_stream_connected(True)
+    shared.set_session("ses_orch")
     w = StallWatch(shared=shared, make_client=lambda: client, ledger_path=str(tmp_path / "l.db"), quiet=60.0,
                    on_trigger=lambda: woke.append(1), clock=clock, wall=lambda: 1_700_000_000.0 + clock.t)
     w.setup()
@@ -97,7 +99,7 @@ def test_waiting_and_lying_statuses_are_not_stalls(tmp_path: Path) -> None:
 def test_no_judgement_without_the_stream(tmp_path: Path) -> None:
     clock, shared, client, w, woke = rig(tmp_path)
     shared.set_status("ses_a", "busy")
-    shared.update(stream_connected=False)
+    shared.set_stream_connected(False)
     clock.t += 600
     w.run_once()
     assert kinds(w) == []

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from . import logs, metrics
+from .crashpoints import crash_point
 from .ledger import COMPLETED, FAILED, PENDING, TIMEOUT, Dispatch, Trigger
 from .ledgerwatch import LedgerHealth
 from .opencode import AuthError, NotFound, OpencodeClient, OpencodeError, Unreachable, new_message_id
 from .state import Shared
-from .worker import ServerWorker, crash_point
+from .worker import ServerWorker
 
 # The orchestrator session may use the team tools and read; it may not run shell
 # commands, edit files or fetch from the web unless the config widens this.
@@ -369,8 +370,7 @@ class Dispatcher(ServerWorker):
         try:
             self.client.prompt_async(d.session_id, d.prompt, d.message_id, agent=self.s.agent, model=self.s.model)
         except NotFound:
-            self.ledger.finish_dispatch(d.id, FAILED, error="session not found on the server", now=self.wall())
-            self.ledger.release_triggers(d.id)
+            self._finish(d, FAILED, error="session not found on the server", release=True)
             self.log.warning(logs.kv("session-missing", session=d.session_id, message_id=d.message_id,
                                      action="recreating the session; the triggers stay queued"))
             self._forget_session()
@@ -380,7 +380,7 @@ class Dispatcher(ServerWorker):
                 self.log.warning(logs.kv("prompt-post-failed", message_id=d.message_id, error=str(exc),
                                          action="will look it up and retry"))
                 return 2.0
-            self.ledger.finish_dispatch(d.id, FAILED, error=str(exc), now=self.wall())
+            self._finish(d, FAILED, error=str(exc))
             self.log.error(logs.kv("prompt-rejected", message_id=d.message_id, error=str(exc)))
             return 0.0
         crash_point("after-post")
@@ -418,7 +418,7 @@ class Dispatcher(ServerWorker):
         try:
             messages = self.client.messages(d.session_id, limit=50)
         except NotFound:
-            self.ledger.finish_dispatch(d.id, FAILED, error="session deleted while the prompt ran", now=self.wall())
+            self._finish(d, FAILED, error="session deleted while the prompt ran")
             self.log.warning(logs.kv("prompt-failed", message_id=d.message_id, error="session deleted"))
             if d.session_id == self.session_id:
                 self._forget_session()
@@ -434,15 +434,16 @@ class Dispatcher(ServerWorker):
             return FOLLOW_POLL
         if finished:
             state = FAILED if error else COMPLETED
-            self.ledger.finish_dispatch(d.id, state, reply_text=text, tool_calls=tools, error=error, now=self.wall())
+            # Caught by our own abort of the turn before it: the model never saw it, and its
+            # triggers go back to the queue in the same commit that closes it.
+            caught = bool(error and "Aborted" in error and self.aborted_at is not None
+                          and 0 <= started - self.aborted_at < ABORT_CATCH)
+            self._finish(d, state, reply_text=text, tool_calls=tools, error=error, release=caught)
             self.follow_started.pop(d.id, None)
             self.follow_outages.pop(d.id, None)
-            if (error and "Aborted" in error and self.aborted_at is not None
-                    and 0 <= started - self.aborted_at < ABORT_CATCH):
-                # Caught by our own abort of the turn before it: the model never saw it. The
-                # server keeps aborting new turns while the stuck model stream is still open,
-                # so wait longer each time rather than send a prompt a second.
-                self.ledger.release_triggers(d.id)
+            if caught:
+                # The server keeps aborting new turns while the stuck model stream is still
+                # open, so wait longer each time rather than send a prompt a second.
                 self.catches += 1
                 self.aborted_at = self.clock()
                 wait = min(60.0, ABORT_SETTLE * 2 ** self.catches)
@@ -459,8 +460,8 @@ class Dispatcher(ServerWorker):
             # (With the stream down its silence says nothing; the reconnect starts the count afresh.)
             return self._stuck(d, text, tools, quiet)
         if self.clock() - started > self.s.completion_timeout:
-            self.ledger.finish_dispatch(d.id, TIMEOUT, reply_text=text, tool_calls=tools,
-                                        error=f"no completed reply after {self.s.completion_timeout:g}s", now=self.wall())
+            self._finish(d, TIMEOUT, reply_text=text, tool_calls=tools,
+                         error=f"no completed reply after {self.s.completion_timeout:g}s")
             self.follow_started.pop(d.id, None)
             self.follow_outages.pop(d.id, None)
             self.log.warning(logs.kv("prompt-timeout", message_id=d.message_id, seconds=f"{self.s.completion_timeout:g}",
@@ -513,15 +514,12 @@ class Dispatcher(ServerWorker):
         header = (f"(The server went down while it handled {d.message_id}; that turn did not finish. "
                   "This prompt carries the same reports.)\n\n")
         message_id = new_message_id(self.wall() * 1000)
-        new_id = self.ledger.redrive_dispatch(d, message_id, header + d.prompt,
-                                              f"its turn ended unfinished in a server outage; superseded by "
-                                              f"{message_id}", now=self.wall())
+        new = self._redrive(d, message_id, header + d.prompt,
+                            f"its turn ended unfinished in a server outage; superseded by {message_id}")
         self.follow_started.pop(d.id, None)
         self.follow_outages.pop(d.id, None)
         self.log.warning(logs.kv("prompt-interrupted", session=d.session_id, message_id=d.message_id,
                                  action=f"re-sent as {message_id}"))
-        new = self.ledger.get_dispatch(new_id)
-        assert new is not None
         return self._post(new, first=True)
 
     def _stuck(self, d: Dispatch, text: str, tools: list[dict[str, Any]], quiet: float) -> float:
@@ -535,8 +533,7 @@ class Dispatcher(ServerWorker):
         except OpencodeError as exc:
             self.log.warning(logs.kv("turn-abort-failed", session=d.session_id, error=str(exc), action="retrying"))
             return 2.0
-        self.ledger.finish_dispatch(d.id, TIMEOUT, reply_text=text, tool_calls=tools,
-                                    error=f"no activity for {quiet:.0f}s; aborted", now=self.wall())
+        self._finish(d, TIMEOUT, reply_text=text, tool_calls=tools, error=f"no activity for {quiet:.0f}s; aborted")
         self.ledger.record_stall("turn-timeout", f"orchestrator turn {d.message_id} had no activity for "
                                  f"{quiet:.0f}s and was aborted", session_id=d.session_id, seconds=round(quiet, 1),
                                  now=self.wall())
@@ -562,8 +559,7 @@ class Dispatcher(ServerWorker):
         seconds = f"{self.s.start_timeout:g}"
         if self.ledger.supersedes(d.id) is not None:
             reason = f"never ran, twice (the server has it: {landed})"
-            self.ledger.finish_dispatch(d.id, FAILED, error=reason, now=self.wall())
-            self.ledger.release_triggers(d.id)  # they never reached the model: the next prompt carries them
+            self._finish(d, FAILED, error=reason, release=True)  # they never reached the model: the next prompt carries them
             eid, new = self.ledger.add_escalation(
                 f"never-ran:{d.message_id}", rule="prompt-never-ran", severity="critical", source="server",
                 kind="prompt", what=f"prompt {d.message_id} and the one before it were accepted but never ran",
@@ -576,16 +572,34 @@ class Dispatcher(ServerWorker):
         header = (f"(This prompt supersedes {d.message_id}, which the server accepted but did not run "
                   f"within {seconds}s.)\n\n")
         message_id = new_message_id(self.wall() * 1000)
-        new_id = self.ledger.redrive_dispatch(d, message_id, header + d.prompt,
-                                              f"never ran within {seconds}s (the server has it: {landed}); "
-                                              f"superseded by {message_id}", now=self.wall())
+        new = self._redrive(d, message_id, header + d.prompt,
+                            f"never ran within {seconds}s (the server has it: {landed}); superseded by {message_id}")
         self.ledger.record_stall("never-ran", f"prompt {d.message_id} was accepted but never ran; re-sent as "
                                  f"{message_id}", session_id=d.session_id, now=self.wall())
         self.log.warning(logs.kv("prompt-never-ran", session=d.session_id, message_id=d.message_id, landed=landed,
                                  action=f"re-sent as {message_id}"))
+        return self._post(new, first=True)
+
+    # -- closing prompts -----------------------------------------------------------
+
+    def _finish(self, d: Dispatch, state: str, *, reply_text: str | None = None,
+                tool_calls: list[dict[str, Any]] | None = None, error: str | None = None,
+                release: bool = False) -> None:
+        """Close ``d``, its triggers released or settled in the same commit; the metric once it holds."""
+        assert self.ledger is not None
+        wall = self.wall()
+        self.ledger.finish_dispatch(d.id, state, reply_text=reply_text, tool_calls=tool_calls, error=error,
+                                    release=release, now=wall)
+        metrics.prompt_done(state, wall - d.sent_at if d.sent_at is not None else None)
+
+    def _redrive(self, d: Dispatch, message_id: str, prompt: str, reason: str) -> Dispatch:
+        """Close ``d`` as failed and move its triggers to a new pending prompt, in one commit."""
+        assert self.ledger is not None
+        new_id = self.ledger.redrive_dispatch(d, message_id, prompt, reason, now=self.wall())
+        metrics.prompt_done(FAILED, None)
         new = self.ledger.get_dispatch(new_id)
         assert new is not None
-        return self._post(new, first=True)
+        return new
 
 
 def _shorten(text: str, limit: int) -> str:

@@ -16,18 +16,15 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from . import ledgerwatch, logs, metrics
+from .crashpoints import crash_point
+from .ledger import Ledger
 
 if TYPE_CHECKING:
-    from .ledger import Ledger
     from .opencode import OpencodeClient
 
+__all__ = ["Clock", "ServerWorker", "Worker", "crash_point"]  # crash_point: where the workers have long found it
+
 Clock = Callable[[], float]
-
-
-def crash_point(name: str) -> None:
-    """Test hook: ORCHESTRATORD_TEST_CRASH=<name> ends the process here at once, like a power cut."""
-    if os.environ.get("ORCHESTRATORD_TEST_CRASH") == name:
-        os._exit(137)
 
 
 class Worker:
@@ -172,12 +169,10 @@ class ServerWorker(Worker):
         super().__init__(clock, ledger_health)
         self.make_client = make_client
         self.ledger_path = ledger_path
-        self.ledger: "Ledger | None" = None
+        self.ledger: Ledger | None = None
         self.client: "OpencodeClient | None" = None
 
     def setup(self) -> None:
-        from .ledger import Ledger  # the ledger module uses this one's crash points
-
         self.ledger = Ledger(self.ledger_path)
         self.client = self.make_client()
 

@@ -37,7 +37,7 @@ from . import logs, metrics
 from .guard import FROM_PERMISSION, URGENT, Judge, Seen, escalation_specs, seen_in_permission
 from .ledger import P_HELD, P_OPEN, PermissionRequest
 from .ledgerwatch import LedgerHealth
-from .opencode import NotFound, OpencodeClient, OpencodeError, Unreachable, new_message_id
+from .opencode import NotFound, OpencodeClient, OpencodeError, SessionStatus, Unreachable, new_message_id
 from .policy import Context, Finding
 from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
@@ -475,7 +475,7 @@ class Broker(ServerWorker):
         try:
             if recent is None:
                 recent = self.client.messages(session_id, limit=20)
-            busy = isinstance(self.client.session_status().get(session_id), dict)
+            busy = SessionStatus.of(self.client.session_status(), session_id).busy
         except OpencodeError as exc:
             self.log.warning(logs.kv("early-turn-check-failed", session=session_id, error=str(exc)))
             return
@@ -553,7 +553,7 @@ class Broker(ServerWorker):
                 wait = min(wait, r.check_at - now)
                 continue
             try:
-                busy = isinstance(self.client.session_status().get(r.session_id), dict)
+                busy = SessionStatus.of(self.client.session_status(), r.session_id).busy
                 recent = self.client.messages(r.session_id, limit=20) if r.prompt_id else []
             except NotFound:
                 del self.restarts[key]

@@ -19,7 +19,8 @@ from . import logs, metrics
 from .crashpoints import crash_point
 from .ledger import COMPLETED, FAILED, PENDING, TIMEOUT, Dispatch, Trigger
 from .ledgerwatch import LedgerHealth
-from .opencode import AuthError, NotFound, OpencodeClient, OpencodeError, Unreachable, new_message_id
+from .opencode import (AuthError, NotFound, OpencodeClient, OpencodeError, SessionStatus, Unreachable, last_finished,
+                       messages_of, new_message_id)
 from .state import Shared
 from .worker import ServerWorker
 
@@ -114,19 +115,15 @@ def render_prompt(template: str, triggers: Sequence[Trigger], teams: Sequence[st
 def outcome(messages: list[dict[str, Any]], message_id: str) -> tuple[bool, str, list[dict[str, Any]], str | None]:
     """(finished, reply text, tool calls, error) of the assistant replies to ``message_id``.
 
-    Finished means the last reply has ``time.completed`` and a ``finish`` other than
-    ``tool-calls``/``unknown`` (one prompt can give several assistant messages), or
-    carries an error.
+    Finished is the last reply's :attr:`~.opencode.Message.finished` (one prompt can give
+    several assistant messages, one per step).
     """
-    replies = [m for m in messages if isinstance(m, dict) and isinstance(m.get("info"), dict)
-               and m["info"].get("role") == "assistant" and m["info"].get("parentID") == message_id]
+    replies = [m for m in messages_of(messages) if m.role == "assistant" and m.parent_id == message_id]
     texts: list[str] = []
     tools: list[dict[str, Any]] = []
     error: str | None = None
     for m in replies:
-        for part in m.get("parts") or []:
-            if not isinstance(part, dict):
-                continue
+        for part in m.parts:
             if part.get("type") == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif part.get("type") == "tool":
@@ -137,15 +134,8 @@ def outcome(messages: list[dict[str, Any]], message_id: str) -> tuple[bool, str,
                 if isinstance(out, str):
                     call["output"] = out[:2000]
                 tools.append(call)
-        err = m["info"].get("error")
-        if isinstance(err, dict):
-            data = err.get("data") if isinstance(err.get("data"), dict) else {}
-            error = f"{err.get('name', 'error')}: {data.get('message', '')}".strip(": ")
-    finished = False
-    if replies:
-        last = replies[-1]["info"]
-        done = isinstance(last.get("time"), dict) and last["time"].get("completed")
-        finished = bool(done) and (last.get("finish") not in ("tool-calls", "unknown") or error is not None)
+        error = m.error or error
+    finished = bool(replies) and replies[-1].finished
     return finished, "\n".join(texts).strip(), tools, error
 
 
@@ -323,19 +313,15 @@ class Dispatcher(ServerWorker):
         """True while the orchestrator session is busy; a busy that never clears is checked."""
         assert self.client is not None and self.session_id is not None
         sid = self.session_id
-        status = self.client.session_status()
-        entry = status.get(sid)
-        busy = isinstance(entry, dict) and entry.get("type") in ("busy", "retry")
-        self.shared.set_status(sid, entry.get("type") if busy and isinstance(entry, dict) else None)
-        if not busy:
+        status = SessionStatus.of(self.client.session_status(), sid)
+        self.shared.set_status(sid, status.type if status.busy else None)
+        if not status.busy:
             self._busy_warned = None
             return False
         if self.shared.quiet_for(sid) < self.s.busy_timeout:
             return True
         # Busy, yet nothing has happened for a while: believe the messages if they say it is done.
-        last = self.client.messages(sid, limit=1)
-        info = last[-1].get("info", {}) if last else {}
-        finished = info.get("role") == "assistant" and isinstance(info.get("time"), dict) and info["time"].get("completed")
+        finished = last_finished(self.client.messages(sid, limit=1))
         if self._busy_warned is None:
             self._busy_warned = now
             self.log.warning(logs.kv("status-mismatch" if finished else "session-busy-too-long", session=sid,
@@ -426,8 +412,7 @@ class Dispatcher(ServerWorker):
         finished, text, tools, error = outcome(messages, d.message_id)
         if not finished and self._outage_since(d.id):
             return self._after_outage(d)
-        answered = any(isinstance(m, dict) and isinstance(m.get("info"), dict)
-                       and m["info"].get("parentID") == d.message_id for m in messages)
+        answered = any(m.parent_id == d.message_id for m in messages_of(messages))
         if not finished and not answered and (self.shared.went_busy_at(d.session_id) or -1.0) < started:
             if self.clock() - started > self.s.start_timeout:
                 return self._never_ran(d)
@@ -503,8 +488,7 @@ class Dispatcher(ServerWorker):
             self.log.warning(logs.kv("prompt-lost-in-outage", session=d.session_id, message_id=d.message_id,
                                      action="re-sent under the same ID"))
             return self._post(d, first=False)
-        entry = self.client.session_status().get(d.session_id)
-        if isinstance(entry, dict) and entry.get("type") in ("busy", "retry"):
+        if SessionStatus.of(self.client.session_status(), d.session_id).busy:
             self.follow_outages[d.id] = seen
             return FOLLOW_POLL
         finished, *_ = outcome(self.client.messages(d.session_id, limit=50), d.message_id)

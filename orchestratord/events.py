@@ -25,7 +25,7 @@ import requests
 from . import ledgerwatch, logs, metrics
 from .guard import Judge, seen_in_event
 from .ledger import EventRow, Ledger
-from .opencode import AuthError, OpencodeClient, OpencodeError
+from .opencode import AuthError, OpencodeClient, OpencodeError, SessionStatus
 from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
 from .stream import HIGH_VOLUME, Event, FrameGuard, frame_data, from_sync, head_session, normalize
@@ -204,8 +204,7 @@ class EventReader(Worker):
         # Events are not replayed: re-read what they would have told us.
         try:
             statuses = self.client.session_status()
-            self.shared.replace_statuses({k: str(v.get("type", "busy")) if isinstance(v, dict) else "busy"
-                                          for k, v in statuses.items()})
+            self.shared.replace_statuses(SessionStatus.busy_map(statuses))
         except OpencodeError as exc:
             self.log.warning(logs.kv("status-reread-failed", error=str(exc)))
         self._reread_permissions()

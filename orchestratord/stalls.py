@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from . import logs
 from .ledgerwatch import LedgerHealth
-from .opencode import NotFound, OpencodeClient, OpencodeError
+from .opencode import NotFound, OpencodeClient, OpencodeError, last_finished
 from .state import Shared
 from .worker import ServerWorker
 
@@ -26,17 +26,6 @@ from .worker import ServerWorker
 class _Spell:
     kind: str  # stalled | waiting | status-mismatch
     mark: float  # the session's last activity when it was reported
-
-
-def last_reply_complete(messages: list[dict[str, Any]]) -> bool:
-    """True when the newest message is an assistant reply that has finished."""
-    if not messages:
-        return False
-    info = messages[-1].get("info") if isinstance(messages[-1], dict) else None
-    if not isinstance(info, dict) or info.get("role") != "assistant":
-        return False
-    done = isinstance(info.get("time"), dict) and info["time"].get("completed")
-    return bool(done) and info.get("finish") not in ("tool-calls", "unknown")
 
 
 class StallWatch(ServerWorker):
@@ -103,7 +92,7 @@ class StallWatch(ServerWorker):
         except OpencodeError as exc:
             self.log.debug(logs.kv("stall-check-failed", session=sid, error=str(exc)))
             return
-        if last_reply_complete(messages):
+        if last_finished(messages):
             self.reported[sid] = _Spell("status-mismatch", mark)
             detail = f"{name}: the server says busy but its last reply is complete and nothing happened for {minutes}"
             self.ledger.record_stall("status-mismatch", detail, session_id=sid, teammate=who,

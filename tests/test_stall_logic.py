@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestratord.stalls import StallWatch, last_reply_complete
+from orchestratord.opencode import last_finished
+from orchestratord.stalls import StallWatch
 from orchestratord.state import Shared
 
 
@@ -105,9 +106,9 @@ def test_no_judgement_without_the_stream(tmp_path: Path) -> None:
     assert kinds(w) == []
 
 
-def test_last_reply_complete() -> None:
-    assert not last_reply_complete([])
-    assert not last_reply_complete([{"info": {"role": "user"}}])
-    assert not last_reply_complete([{"info": {"role": "assistant", "time": {"created": 1}}}])
-    assert not last_reply_complete([{"info": {"role": "assistant", "time": {"completed": 2}, "finish": "tool-calls"}}])
-    assert last_reply_complete([{"info": {"role": "assistant", "time": {"completed": 2}, "finish": "stop"}}])
+def test_last_finished() -> None:
+    assert not last_finished([])
+    assert not last_finished([{"info": {"role": "user"}}])
+    assert not last_finished([{"info": {"role": "assistant", "time": {"created": 1}}}])
+    assert not last_finished([{"info": {"role": "assistant", "time": {"completed": 2}, "finish": "tool-calls"}}])
+    assert last_finished([{"info": {"role": "assistant", "time": {"completed": 2}, "finish": "stop"}}])

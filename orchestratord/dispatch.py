@@ -148,7 +148,7 @@ class Dispatcher(ServerWorker):
                  ledger_health: LedgerHealth | None = None) -> None:
         super().__init__(make_client, ledger_path, clock, ledger_health)
         self.shared = shared
-        self.s = settings
+        self.settings = settings
         self.server_url = server_url
         self.wall = wall
         self.stall_after = 60.0
@@ -170,7 +170,7 @@ class Dispatcher(ServerWorker):
     def setup(self) -> None:
         super().setup()
         assert self.ledger is not None
-        self.sends.extend(seed_sends(self.ledger.dispatches(limit=max(self.s.max_per_hour, 1) + 5),
+        self.sends.extend(seed_sends(self.ledger.dispatches(limit=max(self.settings.max_per_hour, 1) + 5),
                                      self.clock(), self.wall()))
         if self.sends:
             self.last_sent = self.sends[-1]
@@ -213,12 +213,12 @@ class Dispatcher(ServerWorker):
     def ensure_session(self) -> None:
         """Find or create the orchestrator session and remember it in the ledger."""
         assert self.client is not None and self.ledger is not None
-        if self.s.session_id:
-            self._use_session(self.s.session_id)
+        if self.settings.session_id:
+            self._use_session(self.settings.session_id)
             return
         key = f"session:{self.server_url}"
         known = self.ledger.get_meta(key)
-        ruleset = session_permission(self.s.permission)
+        ruleset = session_permission(self.settings.permission)
         if known:
             try:
                 info = self.client.get_session(known)
@@ -234,13 +234,13 @@ class Dispatcher(ServerWorker):
                 self.log.warning(logs.kv("session-missing", session=known, action="creating a new one"))
         self.shared.set_own_session_pending(True)
         try:
-            info = self.client.create_session(self.s.session_title, ruleset)
+            info = self.client.create_session(self.settings.session_title, ruleset)
             sid = info["id"]
             self.ledger.set_meta(key, sid)
             self._use_session(sid)
         finally:
             self.shared.set_own_session_pending(False)
-        self.log.log(logs.NOTICE, logs.kv("session-created", session=sid, title=self.s.session_title))
+        self.log.log(logs.NOTICE, logs.kv("session-created", session=sid, title=self.settings.session_title))
 
     def _use_session(self, sid: str) -> None:
         if sid != self.session_id:
@@ -264,8 +264,8 @@ class Dispatcher(ServerWorker):
         if not pending:
             self._hold()
             self.seen.clear()
-            if self.s.sweep_interval > 0:
-                due = max(self.last_sweep, self.last_sent or 0.0) + self.s.sweep_interval
+            if self.settings.sweep_interval > 0:
+                due = max(self.last_sweep, self.last_sent or 0.0) + self.settings.sweep_interval
                 if now >= due:
                     self.last_sweep = now
                     self.ledger.add_trigger("sweep", "periodic check (dispatch.sweep_interval_seconds)", rule="sweep")
@@ -278,21 +278,21 @@ class Dispatcher(ServerWorker):
         # Quiet period after the newest trigger, but never starve a steady trickle. An
         # escalation skips the quiet period and the minimum interval.
         holds = []
-        quiet_until = min(newest + self.s.debounce, oldest + max(4 * self.s.debounce, 2.0))
+        quiet_until = min(newest + self.settings.debounce, oldest + max(4 * self.settings.debounce, 2.0))
         if quiet_until > now and not urgent:
             holds.append(Hold("debounce", f"a quiet period of dispatch.debounce_seconds "
-                              f"({self.s.debounce:g}s) after the newest trigger, for more to come", quiet_until))
-        if not urgent and self.last_sent is not None and now - self.last_sent < self.s.min_interval:
-            holds.append(Hold("min-interval", f"dispatch.min_interval_seconds ({self.s.min_interval:g}s) since the "
-                              "last prompt", self.last_sent + self.s.min_interval))
+                              f"({self.settings.debounce:g}s) after the newest trigger, for more to come", quiet_until))
+        if not urgent and self.last_sent is not None and now - self.last_sent < self.settings.min_interval:
+            holds.append(Hold("min-interval", f"dispatch.min_interval_seconds ({self.settings.min_interval:g}s) since the "
+                              "last prompt", self.last_sent + self.settings.min_interval))
         while self.sends and now - self.sends[0] >= 3600:
             self.sends.popleft()
-        if len(self.sends) >= self.s.max_per_hour:
+        if len(self.sends) >= self.settings.max_per_hour:
             holds.append(Hold("hourly-cap", f"{len(self.sends)} prompts in the last hour, dispatch.max_per_hour = "
-                              f"{self.s.max_per_hour}; a slot frees an hour after the oldest", self.sends[0] + 3600))
+                              f"{self.settings.max_per_hour}; a slot frees an hour after the oldest", self.sends[0] + 3600))
             if not self._cap_logged:
                 self._cap_logged = True
-                self.log.warning(logs.kv("prompt-cap-reached", max_per_hour=self.s.max_per_hour,
+                self.log.warning(logs.kv("prompt-cap-reached", max_per_hour=self.settings.max_per_hour,
                                          pending=len(pending), fix="raise dispatch.max_per_hour if this is expected"))
         else:
             self._cap_logged = False
@@ -318,7 +318,7 @@ class Dispatcher(ServerWorker):
         if not status.busy:
             self._busy_warned = None
             return False
-        if self.shared.quiet_for(sid) < self.s.busy_timeout:
+        if self.shared.quiet_for(sid) < self.settings.busy_timeout:
             return True
         # Busy, yet nothing has happened for a while: believe the messages if they say it is done.
         finished = last_finished(self.client.messages(sid, limit=1))
@@ -337,7 +337,8 @@ class Dispatcher(ServerWorker):
 
     def send(self, triggers: Sequence[Trigger]) -> float:
         assert self.ledger is not None and self.client is not None and self.session_id is not None
-        text = render_prompt(self.s.prompt, triggers, self.s.teams, self.s.teams_base_dir, self.s.lead)
+        s = self.settings
+        text = render_prompt(s.prompt, triggers, s.teams, s.teams_base_dir, s.lead)
         message_id = new_message_id(self.wall() * 1000)
         dispatch_id = self.ledger.create_dispatch(message_id, self.session_id, text, [t.id for t in triggers],
                                                   now=self.wall())
@@ -354,7 +355,8 @@ class Dispatcher(ServerWorker):
         posted_at = self.clock()  # before the POST: the session may go busy before it returns
         outages = self._outages()  # likewise: the server may die as soon as it has answered
         try:
-            self.client.prompt_async(d.session_id, d.prompt, d.message_id, agent=self.s.agent, model=self.s.model)
+            self.client.prompt_async(d.session_id, d.prompt, d.message_id, agent=self.settings.agent,
+                                     model=self.settings.model)
         except NotFound:
             self._finish(d, FAILED, error="session not found on the server", release=True)
             self.log.warning(logs.kv("session-missing", session=d.session_id, message_id=d.message_id,
@@ -379,7 +381,7 @@ class Dispatcher(ServerWorker):
         self.shared.set_status(d.session_id, "busy")
         triggers = self.ledger.triggers_for(d.id)
         wall = self.wall()
-        metrics.prompt_sent([wall - t.at for t in triggers], max(0, self.s.max_per_hour - len(self.sends)))
+        metrics.prompt_sent([wall - t.at for t in triggers], max(0, self.settings.max_per_hour - len(self.sends)))
         self.log.log(logs.NOTICE, logs.kv("prompt-sent", session=d.session_id, message_id=d.message_id,
                                           triggers=len(triggers), resent=None if first else "yes",
                                           teammates=",".join(sorted({t.teammate for t in triggers if t.teammate})) or None))
@@ -414,7 +416,7 @@ class Dispatcher(ServerWorker):
             return self._after_outage(d)
         answered = any(m.parent_id == d.message_id for m in messages_of(messages))
         if not finished and not answered and (self.shared.went_busy_at(d.session_id) or -1.0) < started:
-            if self.clock() - started > self.s.start_timeout:
+            if self.clock() - started > self.settings.start_timeout:
                 return self._never_ran(d)
             return FOLLOW_POLL
         if finished:
@@ -441,15 +443,16 @@ class Dispatcher(ServerWorker):
                                               error=error, reply=_shorten(text, 200) or None))
             return 0.0
         quiet = self.clock() - max(started, self.shared.activity(d.session_id) or started)
-        if quiet > self.s.turn_timeout and self.shared.stream_connected:
+        if quiet > self.settings.turn_timeout and self.shared.stream_connected:
             # (With the stream down its silence says nothing; the reconnect starts the count afresh.)
             return self._stuck(d, text, tools, quiet)
-        if self.clock() - started > self.s.completion_timeout:
+        if self.clock() - started > self.settings.completion_timeout:
             self._finish(d, TIMEOUT, reply_text=text, tool_calls=tools,
-                         error=f"no completed reply after {self.s.completion_timeout:g}s")
+                         error=f"no completed reply after {self.settings.completion_timeout:g}s")
             self.follow_started.pop(d.id, None)
             self.follow_outages.pop(d.id, None)
-            self.log.warning(logs.kv("prompt-timeout", message_id=d.message_id, seconds=f"{self.s.completion_timeout:g}",
+            self.log.warning(logs.kv("prompt-timeout", message_id=d.message_id,
+                                     seconds=f"{self.settings.completion_timeout:g}",
                                      fix="raise dispatch.completion_timeout_seconds if turns are this long"))
             return 0.0
         return FOLLOW_POLL
@@ -540,7 +543,7 @@ class Dispatcher(ServerWorker):
             landed = "no"
         self.follow_started.pop(d.id, None)
         self.follow_outages.pop(d.id, None)
-        seconds = f"{self.s.start_timeout:g}"
+        seconds = f"{self.settings.start_timeout:g}"
         if self.ledger.supersedes(d.id) is not None:
             reason = f"never ran, twice (the server has it: {landed})"
             self._finish(d, FAILED, error=reason, release=True)  # they never reached the model: the next prompt carries them

@@ -94,7 +94,7 @@ class EventReader(Worker):
         self._malformed = 0
         self._malformed_logged = 0.0
         self.last_seq: dict[str, int] = {}
-        self._guard = FrameGuard(max_event_bytes, self._drained)
+        self._frame_guard = FrameGuard(max_event_bytes, self._drained)
         self._batch_since = 0.0  # monotonic time of the oldest row in the batch
         self._waiting: select.poll | None = None  # says whether more of the stream is already here
         self._seq_changed = False  # since it was last written to the ledger
@@ -254,13 +254,13 @@ class EventReader(Worker):
 
     def _consume(self, resp: requests.Response) -> None:
         count_only = self._count_only
-        for frame in self._guard.frames(resp.iter_content(65536)):
+        for frame in self._frame_guard.frames(resp.iter_content(65536)):
             self.beat()
             if self.stopping:
                 return
             if count_only and (head := head_session(frame)) is not None and head[0] in count_only:
                 self.shared.count_event(time.time(), head[1])  # a streaming session is not a stalled one
-                self._report_guard()
+                self._report_frame_guard()
                 continue
             data = frame_data(frame)
             if data is None:
@@ -275,7 +275,7 @@ class EventReader(Worker):
                 self._malformed_frame("not an event", data)
                 continue
             self._handle(event, store=True)
-            self._report_guard()
+            self._report_frame_guard()
 
     def _malformed_frame(self, why: str, data: str) -> None:
         self._malformed += 1
@@ -284,8 +284,8 @@ class EventReader(Worker):
             self._malformed_logged = now
             self.log.warning(logs.kv("malformed-frame", why=why, total=self._malformed, sample=data[:80]))
 
-    def _report_guard(self) -> None:
-        g = self._guard
+    def _report_frame_guard(self) -> None:
+        g = self._frame_guard
         if g.oversized != self._reported_oversized:
             self._reported_oversized = g.oversized
             self.log.warning(logs.kv("oversized-event-skipped", limit=self.max_event_bytes, total=g.oversized,

@@ -559,13 +559,14 @@ class Dispatcher(ServerWorker):
         header = (f"(This prompt supersedes {d.message_id}, which the server accepted but did not run "
                   f"within {seconds}s.)\n\n")
         message_id = new_message_id(self.wall() * 1000)
-        new = self._redrive(d, message_id, header + d.prompt,
-                            f"never ran within {seconds}s (the server has it: {landed}); superseded by {message_id}")
+        successor = self._redrive(d, message_id, header + d.prompt,
+                                  f"never ran within {seconds}s (the server has it: {landed}); "
+                                  f"superseded by {message_id}")
         self.ledger.record_stall("never-ran", f"prompt {d.message_id} was accepted but never ran; re-sent as "
                                  f"{message_id}", session_id=d.session_id, now=self.wall())
         self.log.warning(logs.kv("prompt-never-ran", session=d.session_id, message_id=d.message_id, landed=landed,
                                  action=f"re-sent as {message_id}"))
-        return self._post(new, first=True)
+        return self._post(successor, first=True)
 
     # -- closing prompts -----------------------------------------------------------
 

@@ -122,8 +122,9 @@ class Message:
         err = info.get("error")
         error = None
         if isinstance(err, dict):
-            data = err.get("data") if isinstance(err.get("data"), dict) else {}
-            error = f"{err.get('name', 'error')}: {data.get('message', '')}".strip(": ")
+            data = err.get("data")
+            text = data.get("message", "") if isinstance(data, dict) else ""
+            error = f"{err.get('name', 'error')}: {text}".strip(": ")
         parts = raw.get("parts")
         return cls(id=_str(info.get("id")), role=_str(info.get("role")), parent_id=_str(info.get("parentID")),
                    completed=isinstance(times, dict) and bool(times.get("completed")),

@@ -591,3 +591,23 @@ def test_the_dispatcher_says_what_holds_the_triggers_back_and_until_when(rig) ->
     d.run_once()
     assert [h.reason for h in shared.holds] in (["prompt-in-flight"], [])
     assert len(server.prompts) == 3
+
+
+def test_a_busy_session_paused_between_tool_steps_is_not_taken_for_a_lying_status(rig) -> None:
+    """Busy and quiet past busy_timeout: the last reply stopped for tool calls, so the turn goes on."""
+    clock, server, shared, path, make = rig
+    d, p = one_prompt(rig, debounce=0.0)
+    server.reply(p["session"], p["id"], "ok")
+    d.run_once()
+    add_triggers(path, 1, teammate="worker-2")
+    server.status = {p["session"]: {"type": "busy"}}
+    server.prompt_async(p["session"], "the lead's own turn", "msg_own")  # a turn of its own, mid tool steps
+    server.reply(p["session"], "msg_own", "reading", finish="tool-calls")
+    clock.t += 61.0  # past busy_timeout (60 s) with no event of the session
+    d.run_once()
+    assert [h.reason for h in shared.holds] == ["session-busy"] and len(server.prompts) == 2
+    assert [r["kind"] for r in Ledger(path).stalls()] == [], "a paused turn is no status that lies"
+    server.messages_by_session[p["session"]][-1]["info"]["finish"] = "stop"  # now it is over, yet still "busy"
+    clock.t += 1.0
+    d.run_once()
+    assert len(server.prompts) == 3, "a finished reply under a busy status: the prompt goes anyway"

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from . import logs, metrics
 from .guard import FROM_PERMISSION, URGENT, Judge, Seen, escalation_specs, seen_in_permission
@@ -41,7 +41,10 @@ from .opencode import NotFound, OpencodeClient, OpencodeError, SessionStatus, Un
 from .policy import Context, Finding
 from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
-from .worker import ServerWorker
+from .worker import Deps, ServerWorker
+
+if TYPE_CHECKING:
+    from .config import Config
 
 APPROVE, REJECT, HOLD, LEAVE = "approve", "reject", "hold", "leave"
 #: the broker's own rule, recorded for a request no rule matched
@@ -180,7 +183,19 @@ class Broker(ServerWorker):
     """Gives teammate sessions their ask rules and answers their permission requests."""
 
     name = "broker"
+    sections = ("server", "safety", "session", "teams", "ledger")
     stall_after = 60.0
+
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> Broker:
+        s = cfg.safety
+        settings = BrokerSettings(enabled=s.enabled and s.broker, sessions=s.broker_sessions, ask=s.ask,
+                                  hold_timeout=s.hold_timeout_seconds, release_on_stop=s.release_on_stop,
+                                  teams=cfg.teams.names, own_title=cfg.session.title)
+        return cls(shared=deps.shared, sessions=deps.sessions, make_client=deps.make_client,
+                   ledger_path=cfg.ledger.path, judge=Judge.from_config(s, lead=cfg.teams.lead), settings=settings,
+                   on_escalation=deps.wake("guard"), clock=deps.clock, ledger_health=deps.ledger_health)
 
     def __init__(self, *, shared: Shared, sessions: SessionDirectory, make_client: Callable[[], OpencodeClient],
                  ledger_path: str, judge: Judge, settings: BrokerSettings, on_escalation: Callable[[], None],

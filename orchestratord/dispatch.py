@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import logs, metrics
 from .crashpoints import crash_point
@@ -22,7 +22,10 @@ from .ledgerwatch import LedgerHealth
 from .opencode import (AuthError, NotFound, OpencodeClient, OpencodeError, SessionStatus, Unreachable, last_finished,
                        messages_of, new_message_id)
 from .state import Shared
-from .worker import ServerWorker
+from .worker import Deps, ServerWorker
+
+if TYPE_CHECKING:
+    from .config import Config
 
 # The orchestrator session may use the team tools and read; it may not run shell
 # commands, edit files or fetch from the web unless the config widens this.
@@ -96,6 +99,17 @@ class DispatchSettings:
     turn_timeout: float = 300.0
     start_timeout: float = 30.0
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> DispatchSettings:
+        """The dispatcher's view of the ``dispatch``, ``session`` and ``teams`` sections."""
+        d, s, t = cfg.dispatch, cfg.session, cfg.teams
+        return cls(prompt=d.prompt, debounce=d.debounce_seconds, min_interval=d.min_interval_seconds,
+                   max_per_hour=d.max_per_hour, sweep_interval=d.sweep_interval_seconds,
+                   busy_timeout=d.busy_timeout_seconds, completion_timeout=d.completion_timeout_seconds,
+                   turn_timeout=d.turn_timeout_seconds, start_timeout=d.start_timeout_seconds,
+                   session_title=s.title, session_id=s.id, agent=s.agent, model=s.model, permission=s.permission,
+                   teams=t.names, teams_base_dir=t.base_dir, lead=t.lead)
+
 
 def render_prompt(template: str, triggers: Sequence[Trigger], teams: Sequence[str], base_dir: str, lead: str) -> str:
     """The prompt text: the template with the teams, the lead and a list of what happened."""
@@ -141,6 +155,13 @@ def outcome(messages: list[dict[str, Any]], message_id: str) -> tuple[bool, str,
 
 class Dispatcher(ServerWorker):
     name = "dispatch"
+    sections = ("server", "dispatch", "session", "teams", "ledger")
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> Dispatcher:
+        return cls(shared=deps.shared, make_client=deps.make_client, ledger_path=cfg.ledger.path,
+                   settings=DispatchSettings.from_config(cfg), server_url=cfg.server.url, clock=deps.clock,
+                   ledger_health=deps.ledger_health)
 
     def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
                  settings: DispatchSettings, server_url: str,

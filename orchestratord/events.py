@@ -18,7 +18,7 @@ import socket
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import requests
 
@@ -30,7 +30,10 @@ from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
 from .stream import HIGH_VOLUME, Event, FrameGuard, frame_data, from_sync, head_session, normalize
 from .triggers import Rule, RuleSet
-from .worker import Worker
+from .worker import Deps, Worker
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 #: event rows are written when the stream pauses, or at this many rows, or this old
@@ -53,6 +56,18 @@ class EventReader(Worker):
     """Reads the stream, records events, raises triggers, and keeps the session view."""
 
     name = "events"
+    sections = ("server", "events", "triggers", "safety", "teams", "ledger")  # teams: the lead, for the judge
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> EventReader:
+        e = cfg.events
+        return cls(shared=deps.shared, make_client=deps.make_client, ledger_path=cfg.ledger.path,
+                   stream=e.stream, directory=e.directory, read_timeout=e.read_timeout_seconds,
+                   max_event_bytes=e.max_event_bytes, reconnect_max=e.reconnect_max_seconds,
+                   store=cfg.ledger.store_events, rules=cfg.triggers, on_trigger=deps.wake("dispatch"),
+                   on_own_activity=deps.wake("dispatch"), judge=Judge.from_config(cfg.safety, lead=cfg.teams.lead),
+                   on_escalation=deps.wake("guard"), sessions=deps.sessions, desk=deps.desk, clock=deps.clock,
+                   ledger_health=deps.ledger_health)
 
     def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
                  stream: str, directory: str | None, read_timeout: float, max_event_bytes: int,

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from . import logs
 from .hooks import Hooks
@@ -28,7 +28,10 @@ from .policy import COMMAND, MESSAGE, PATH, TOOL, Context, Finding, Rule, build_
 from .sessions import SessionInfo
 from .stream import Event
 from .triggers import _message_ckey
-from .worker import ServerWorker
+from .worker import Deps, ServerWorker
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logs.get("guard")
 
@@ -275,7 +278,16 @@ class Guard(ServerWorker):
     """Carries out each escalation's actions once: hooks, tell, abort."""
 
     name = "guard"
+    sections = ("server", "safety", "ledger")
     stall_after = 60.0
+
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> Guard:
+        shared = deps.shared
+        return cls(make_client=deps.make_client, ledger_path=cfg.ledger.path, hooks=cfg.safety.hooks,
+                   own_session=lambda: shared.session_id, on_trigger=deps.wake("dispatch"),
+                   note_abort=shared.note_abort, clock=deps.clock, ledger_health=deps.ledger_health)
 
     def __init__(self, *, make_client: Callable[[], OpencodeClient], ledger_path: str, hooks: Sequence[Any],
                  own_session: Callable[[], str | None], on_trigger: Callable[[], None],

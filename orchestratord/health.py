@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import logs, metrics
 from .ledgerwatch import LedgerHealth
 from .opencode import AuthError, OpencodeClient, OpencodeError
 from .state import Shared
-from .worker import ServerWorker
+from .worker import Deps, ServerWorker
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class HealthWatch(ServerWorker):
     """Probes every ``interval`` seconds; logs and records up/down changes, not every probe."""
 
     name = "health"
+    sections = ("server", "health", "ledger")
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> HealthWatch:
+        return cls(shared=deps.shared, make_client=deps.make_client, ledger_path=cfg.ledger.path,
+                   interval=cfg.health.interval_seconds, timeout=cfg.health.timeout_seconds,
+                   on_up=deps.on_server_up, clock=deps.clock, ledger_health=deps.ledger_health)
 
     def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
                  interval: float, timeout: float, on_up: Callable[[], None],

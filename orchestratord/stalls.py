@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import logs
 from .ledgerwatch import LedgerHealth
 from .opencode import NotFound, OpencodeClient, OpencodeError, last_finished
 from .state import Shared
-from .worker import ServerWorker
+from .worker import Deps, ServerWorker
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 @dataclass
@@ -32,6 +35,17 @@ class StallWatch(ServerWorker):
     """Checks the busy teammate sessions every few seconds against the quiet threshold."""
 
     name = "stalls"
+    sections = ("server", "stalls", "ledger")
+
+    @classmethod
+    def enabled_by(cls, cfg: Config) -> bool:
+        return cfg.stalls.enabled
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> StallWatch:
+        return cls(shared=deps.shared, make_client=deps.make_client, ledger_path=cfg.ledger.path,
+                   quiet=cfg.stalls.teammate_quiet_seconds, on_trigger=deps.wake("dispatch"), clock=deps.clock,
+                   ledger_health=deps.ledger_health)
 
     def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
                  quiet: float, on_trigger: Callable[[], None], clock: Callable[[], float] = time.monotonic,

@@ -8,6 +8,7 @@ thread gets the service restarted by systemd.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import signal
@@ -18,10 +19,10 @@ from typing import Any, Callable
 
 from . import ledgerwatch, logs, metrics
 from .config import Config, ConfigError, load_config
-from .broker import Broker, BrokerSettings
-from .dispatch import Dispatcher, DispatchSettings
+from .broker import Broker
+from .dispatch import Dispatcher
 from .events import EventReader
-from .guard import Guard, Judge, seen_in_message
+from .guard import Guard
 from .health import HealthWatch
 from .inbox import InboxWatcher
 from .ledger import Ledger, LedgerError
@@ -30,7 +31,7 @@ from .opencode import OpencodeClient, read_password
 from .sessions import SessionDirectory
 from .stalls import StallWatch
 from .state import DaemonState, Shared
-from .worker import Worker
+from .worker import Deps, Worker
 
 log = logs.get("supervisor")
 
@@ -39,17 +40,13 @@ STATE_EVERY = 5.0
 PRUNE_EVERY = 3600.0
 STOP_TIMEOUT = 5.0
 
-# Which config sections each worker depends on: a reload restarts only the workers
-# whose sections changed.
-WORKER_SECTIONS: dict[str, tuple[str, ...]] = {
-    "health": ("server", "health", "ledger"),
-    "events": ("server", "events", "triggers", "safety", "ledger"),
-    "dispatch": ("server", "dispatch", "session", "teams", "ledger"),
-    "inbox": ("teams", "safety", "ledger"),
-    "guard": ("server", "safety", "ledger"),
-    "broker": ("server", "safety", "session", "teams", "ledger"),
-    "stalls": ("server", "stalls", "ledger"),
-}
+#: every worker, in the order they start; each declares its config sections and builds itself
+WORKERS: tuple[type[Worker], ...] = (HealthWatch, EventReader, Dispatcher, InboxWatcher, Guard, Broker, StallWatch)
+#: which config sections each worker is built from: a reload restarts only the workers whose sections changed
+WORKER_SECTIONS: dict[str, tuple[str, ...]] = {w.name: w.sections for w in WORKERS}
+_BY_NAME: dict[str, type[Worker]] = {w.name: w for w in WORKERS}
+#: the sections of a config (its fields that take part in comparing two configs)
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.compare)
 
 
 class StartupError(Exception):
@@ -57,9 +54,7 @@ class StartupError(Exception):
 
 
 def changed_sections(old: Config, new: Config) -> set[str]:
-    return {name for name in ("server", "ledger", "health", "events", "session", "teams", "dispatch", "triggers",
-                              "safety", "stalls", "metrics", "log")
-            if getattr(old, name) != getattr(new, name)}
+    return {name for name in SECTIONS if getattr(old, name) != getattr(new, name)}
 
 
 class Supervisor:
@@ -89,6 +84,9 @@ class Supervisor:
         self.stop_requested = False
         self.exit_code = 0
         self.ledger_health = ledgerwatch.LedgerHealth(cfg.ledger.path, clock=clock)
+        self.deps = Deps(shared=self.shared, sessions=self.sessions, make_client=self._client,
+                         ledger_health=self.ledger_health, wake=self._wake, desk=self._broker,
+                         on_server_up=self._server_up, clock=clock)
 
     # -- start -------------------------------------------------------------------
 
@@ -146,64 +144,10 @@ class Supervisor:
                               self.cfg.server.timeout_seconds)
 
     def _build(self, name: str) -> Worker:
-        cfg = self.cfg
-        if name == "health":
-            return HealthWatch(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
-                               interval=cfg.health.interval_seconds, timeout=cfg.health.timeout_seconds,
-                               on_up=self._server_up, clock=self.clock, ledger_health=self.ledger_health)
-        if name == "events":
-            return EventReader(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
-                               stream=cfg.events.stream, directory=cfg.events.directory,
-                               read_timeout=cfg.events.read_timeout_seconds, max_event_bytes=cfg.events.max_event_bytes,
-                               reconnect_max=cfg.events.reconnect_max_seconds, store=cfg.ledger.store_events,
-                               rules=cfg.triggers, on_trigger=self._wake("dispatch"),
-                               on_own_activity=self._wake("dispatch"),
-                               judge=Judge.from_config(cfg.safety, lead=cfg.teams.lead),
-                               on_escalation=self._wake("guard"), sessions=self.sessions, desk=self._broker,
-                               clock=self.clock, ledger_health=self.ledger_health)
-        if name == "dispatch":
-            d = cfg.dispatch
-            settings = DispatchSettings(
-                prompt=d.prompt, debounce=d.debounce_seconds, min_interval=d.min_interval_seconds,
-                max_per_hour=d.max_per_hour, sweep_interval=d.sweep_interval_seconds,
-                busy_timeout=d.busy_timeout_seconds, completion_timeout=d.completion_timeout_seconds,
-                turn_timeout=d.turn_timeout_seconds, start_timeout=d.start_timeout_seconds,
-                session_title=cfg.session.title, session_id=cfg.session.id, agent=cfg.session.agent,
-                model=cfg.session.model, permission=cfg.session.permission, teams=cfg.teams.names, teams_base_dir=cfg.teams.base_dir, lead=cfg.teams.lead)
-            return Dispatcher(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
-                              settings=settings, server_url=cfg.server.url, clock=self.clock, ledger_health=self.ledger_health)
-        if name == "inbox":
-            t = cfg.teams
-            judge = Judge.from_config(cfg.safety, lead=cfg.teams.lead)
-            return InboxWatcher(ledger_path=cfg.ledger.path, base_dir=t.base_dir, teams=t.names, lead=t.lead,
-                                watch_members=t.watch_members, poll_interval=t.poll_interval_seconds,
-                                report_existing=t.report_existing, max_message_bytes=t.max_message_bytes,
-                                on_trigger=self._wake("dispatch"),
-                                judge=lambda ledger, m: judge.record(ledger, [seen_in_message(m)]),
-                                on_escalation=self._wake("guard"), clock=self.clock, ledger_health=self.ledger_health)
-        if name == "guard":
-            return Guard(make_client=self._client, ledger_path=cfg.ledger.path, hooks=cfg.safety.hooks,
-                         own_session=lambda: self.shared.session_id, on_trigger=self._wake("dispatch"),
-                         note_abort=self.shared.note_abort,
-                         clock=self.clock, ledger_health=self.ledger_health)
-        if name == "broker":
-            s = cfg.safety
-            settings = BrokerSettings(enabled=s.enabled and s.broker, sessions=s.broker_sessions, ask=s.ask,
-                                      hold_timeout=s.hold_timeout_seconds, release_on_stop=s.release_on_stop,
-                                      teams=cfg.teams.names, own_title=cfg.session.title)
-            return Broker(shared=self.shared, sessions=self.sessions, make_client=self._client,
-                          ledger_path=cfg.ledger.path, judge=Judge.from_config(s, lead=cfg.teams.lead),
-                          settings=settings, on_escalation=self._wake("guard"), clock=self.clock, ledger_health=self.ledger_health)
-        if name == "stalls":
-            return StallWatch(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
-                              quiet=cfg.stalls.teammate_quiet_seconds, on_trigger=self._wake("dispatch"),
-                              clock=self.clock, ledger_health=self.ledger_health)
-        raise KeyError(name)
+        return _BY_NAME[name].build(self.cfg, self.deps)
 
     def _enabled(self, name: str) -> bool:
-        if name == "stalls":
-            return self.cfg.stalls.enabled
-        return True
+        return _BY_NAME[name].enabled_by(self.cfg)
 
     def _broker(self) -> Broker | None:
         worker = self.workers.get("broker")

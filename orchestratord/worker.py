@@ -13,18 +13,39 @@ import os
 import sqlite3
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from . import ledgerwatch, logs, metrics
 from .crashpoints import crash_point
 from .ledger import Ledger
 
 if TYPE_CHECKING:
+    from .config import Config
     from .opencode import OpencodeClient
+    from .sessions import SessionDirectory
+    from .state import Shared
 
-__all__ = ["Clock", "ServerWorker", "Worker", "crash_point"]  # crash_point: where the workers have long found it
+__all__ = ["Clock", "Deps", "ServerWorker", "Worker", "crash_point"]  # crash_point: where the workers have long found it
 
 Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Deps:
+    """What the supervisor hands every worker it builds, besides the config: one object, not six arguments."""
+
+    shared: Shared
+    sessions: SessionDirectory
+    make_client: Callable[[], OpencodeClient]
+    ledger_health: ledgerwatch.LedgerHealth
+    #: ``wake("dispatch")`` is a callable that wakes the dispatcher (whichever instance runs then)
+    wake: Callable[[str], Callable[[], None]]
+    #: the broker while it runs, else None (the event reader hands it permission requests)
+    desk: Callable[[], Any]
+    #: the server was seen up again (the event reader reconnects at once)
+    on_server_up: Callable[[], None]
+    clock: Clock = time.monotonic
 
 
 class Worker:
@@ -33,6 +54,18 @@ class Worker:
     name = "worker"
     #: a heartbeat older than this means the worker is hung (seconds)
     stall_after = 30.0
+    #: the config sections :meth:`build` reads: a reload that changes one of them restarts this worker
+    sections: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def enabled_by(cls, cfg: Config) -> bool:
+        """Whether ``cfg`` runs this worker at all."""
+        return True
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> Worker:
+        """The worker as ``cfg`` asks for it (read only the :attr:`sections` named)."""
+        raise NotImplementedError(cls.__name__)
 
     def __init__(self, clock: Clock = time.monotonic, ledger_health: ledgerwatch.LedgerHealth | None = None) -> None:
         self.clock = clock

@@ -42,6 +42,7 @@ from .policy import Context, Finding
 from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
 from .worker import Deps, ServerWorker
+from .jsonvalues import as_dict
 
 if TYPE_CHECKING:
     from .config import Config
@@ -164,7 +165,7 @@ def asked_already(ruleset: Sequence[Any] | None, permissions: Sequence[str]) -> 
 
 def request_text(req: dict[str, Any]) -> str:
     """What a request asks for, for people: the command, else its patterns."""
-    meta = req.get("metadata") if isinstance(req.get("metadata"), dict) else {}
+    meta = as_dict(req.get("metadata"))
     if isinstance(meta.get("command"), str) and meta["command"].strip():
         return str(meta["command"])
     patterns = [p for p in req.get("patterns") or [] if isinstance(p, str)]

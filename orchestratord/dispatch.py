@@ -23,6 +23,7 @@ from .opencode import (AuthError, NotFound, OpencodeClient, OpencodeError, Sessi
                        messages_of, new_message_id)
 from .state import Shared
 from .worker import Deps, ServerWorker
+from .jsonvalues import as_dict, as_list
 
 if TYPE_CHECKING:
     from .config import Config
@@ -141,7 +142,7 @@ def outcome(messages: list[dict[str, Any]], message_id: str) -> tuple[bool, str,
             if part.get("type") == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif part.get("type") == "tool":
-                state = part.get("state") if isinstance(part.get("state"), dict) else {}
+                state = as_dict(part.get("state"))
                 call: dict[str, Any] = {"tool": part.get("tool"), "status": state.get("status"),
                                         "input": state.get("input")}
                 out = state.get("output") if state.get("status") == "completed" else state.get("error")
@@ -243,7 +244,7 @@ class Dispatcher(ServerWorker):
         if known:
             try:
                 info = self.client.get_session(known)
-                current = info.get("permission") if isinstance(info.get("permission"), list) else []
+                current = as_list(info.get("permission"))
                 if current[len(current) - len(ruleset):] != ruleset:
                     # The config may have changed since it was created: the server appends what
                     # is sent, and the last matching rule wins, so the whole ruleset goes again.

@@ -341,7 +341,7 @@ class EventReader(Worker):
         if self.judge is not None and event.type == "message.part.updated":
             desk = self.desk()
             seen = seen_in_event(event, own, desk.asks if desk is not None else None)
-            if seen and self.judge.record(self.ledger, seen, own, self._session):
+            if seen and self.ledger is not None and self.judge.record(self.ledger, seen, own, self._session):
                 self.on_escalation()
         if event.type == "session.error" and _aborted(event) and self.shared.aborted_recently(event.session_id):
             return  # the daemon aborted that turn itself (a restart, the guard): nothing to tell

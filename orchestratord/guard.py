@@ -29,6 +29,7 @@ from .sessions import SessionInfo
 from .stream import Event
 from .triggers import _message_ckey
 from .worker import Deps, ServerWorker
+from .jsonvalues import as_dict
 
 if TYPE_CHECKING:
     from .config import Config
@@ -98,7 +99,7 @@ def seen_in_event(event: Event, own_session: str | None,
         return []
     if part.get("type") != "tool":
         return []
-    state = part.get("state") if isinstance(part.get("state"), dict) else {}
+    state = as_dict(part.get("state"))
     inp = state.get("input")
     if not isinstance(inp, dict) or not inp:
         return []
@@ -137,9 +138,9 @@ def seen_in_permission(req: dict[str, Any]) -> list[Seen]:
     if not isinstance(pid, str):
         return []
     sid = _str(req.get("sessionID"))
-    tool = req.get("tool") if isinstance(req.get("tool"), dict) else {}
+    tool = as_dict(req.get("tool"))
     key = (f"call:{tool.get('messageID')}:{tool.get('callID')}" if tool.get("callID") else f"perm:{pid}")
-    meta = req.get("metadata") if isinstance(req.get("metadata"), dict) else {}
+    meta = as_dict(req.get("metadata"))
     name = str(req.get("permission") or "")
     patterns = [p for p in req.get("patterns") or [] if isinstance(p, str)]
     out: list[Seen] = []

@@ -913,7 +913,7 @@ class Ledger:
             (session_id, title, team, teammate, directory, json.dumps(list(rules)), state, error, at, at))
 
     def decide_permission(self, request: PermissionRequest, escalations: Sequence[dict[str, Any]] = ()
-                          ) -> tuple[PermissionRequest, list[tuple[int, bool]]]:
+                          ) -> tuple[PermissionRequest, list[tuple[int | None, bool]]]:
         """Record a decision and its escalations in one transaction, before the reply is sent.
 
         A request seen again (a restart, a reconnect that lists it) keeps the decision

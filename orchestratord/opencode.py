@@ -188,7 +188,8 @@ class OpencodeClient:
 
     # -- plumbing --------------------------------------------------------------
 
-    def _request(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> requests.Response:
+    def _request(self, method: str, path: str, *, timeout: float | tuple[float, float] | None = None,
+                 **kwargs: Any) -> requests.Response:
         url = self.base_url + path
         try:
             resp = self.http.request(method, url, timeout=timeout or self.timeout, **kwargs)

@@ -31,16 +31,21 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from . import logs, metrics
 from .guard import FROM_PERMISSION, URGENT, Judge, Seen, escalation_specs, seen_in_permission
 from .ledger import P_HELD, P_OPEN, PermissionRequest
-from .opencode import NotFound, OpencodeClient, OpencodeError, Unreachable, new_message_id
+from .ledgerwatch import LedgerHealth
+from .opencode import NotFound, OpencodeClient, OpencodeError, SessionStatus, Unreachable, new_message_id
 from .policy import Context, Finding
 from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
-from .worker import ServerWorker
+from .worker import Deps, ServerWorker
+from .jsonvalues import as_dict
+
+if TYPE_CHECKING:
+    from .config import Config
 
 APPROVE, REJECT, HOLD, LEAVE = "approve", "reject", "hold", "leave"
 #: the broker's own rule, recorded for a request no rule matched
@@ -160,7 +165,7 @@ def asked_already(ruleset: Sequence[Any] | None, permissions: Sequence[str]) -> 
 
 def request_text(req: dict[str, Any]) -> str:
     """What a request asks for, for people: the command, else its patterns."""
-    meta = req.get("metadata") if isinstance(req.get("metadata"), dict) else {}
+    meta = as_dict(req.get("metadata"))
     if isinstance(meta.get("command"), str) and meta["command"].strip():
         return str(meta["command"])
     patterns = [p for p in req.get("patterns") or [] if isinstance(p, str)]
@@ -179,12 +184,25 @@ class Broker(ServerWorker):
     """Gives teammate sessions their ask rules and answers their permission requests."""
 
     name = "broker"
+    sections = ("server", "safety", "session", "teams", "ledger")
     stall_after = 60.0
+
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> Broker:
+        s = cfg.safety
+        settings = BrokerSettings(enabled=s.enabled and s.broker, sessions=s.broker_sessions, ask=s.ask,
+                                  hold_timeout=s.hold_timeout_seconds, release_on_stop=s.release_on_stop,
+                                  teams=cfg.teams.names, own_title=cfg.session.title)
+        return cls(shared=deps.shared, sessions=deps.sessions, make_client=deps.make_client,
+                   ledger_path=cfg.ledger.path, judge=Judge.from_config(s, lead=cfg.teams.lead), settings=settings,
+                   on_escalation=deps.wake("guard"), clock=deps.clock, ledger_health=deps.ledger_health)
 
     def __init__(self, *, shared: Shared, sessions: SessionDirectory, make_client: Callable[[], OpencodeClient],
                  ledger_path: str, judge: Judge, settings: BrokerSettings, on_escalation: Callable[[], None],
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
-        super().__init__(make_client, ledger_path, clock)
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 ledger_health: LedgerHealth | None = None) -> None:
+        super().__init__(make_client, ledger_path, clock, ledger_health)
         self.shared = shared
         self.sessions = sessions
         self.judge = judge
@@ -473,7 +491,7 @@ class Broker(ServerWorker):
         try:
             if recent is None:
                 recent = self.client.messages(session_id, limit=20)
-            busy = isinstance(self.client.session_status().get(session_id), dict)
+            busy = SessionStatus.of(self.client.session_status(), session_id).busy
         except OpencodeError as exc:
             self.log.warning(logs.kv("early-turn-check-failed", session=session_id, error=str(exc)))
             return
@@ -551,7 +569,7 @@ class Broker(ServerWorker):
                 wait = min(wait, r.check_at - now)
                 continue
             try:
-                busy = isinstance(self.client.session_status().get(r.session_id), dict)
+                busy = SessionStatus.of(self.client.session_status(), r.session_id).busy
                 recent = self.client.messages(r.session_id, limit=20) if r.prompt_id else []
             except NotFound:
                 del self.restarts[key]

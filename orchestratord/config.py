@@ -323,7 +323,7 @@ def _permission_rules(value: Any) -> tuple[tuple[str, str, str], ...]:
             raise ValueError(f"entry {i + 1}: permission and pattern must be non-empty strings")
         if action not in PERMISSION_ACTIONS:
             raise ValueError(f"entry {i + 1}: action must be one of {', '.join(PERMISSION_ACTIONS)}, not {action!r}")
-        out.append((perm, pattern, action))
+        out.append((str(perm), str(pattern), str(action)))
     return tuple(out)
 
 

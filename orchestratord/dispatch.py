@@ -13,13 +13,20 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import logs, metrics
+from .crashpoints import crash_point
 from .ledger import COMPLETED, FAILED, PENDING, TIMEOUT, Dispatch, Trigger
-from .opencode import AuthError, NotFound, OpencodeClient, OpencodeError, Unreachable, new_message_id
+from .ledgerwatch import LedgerHealth
+from .opencode import (AuthError, NotFound, OpencodeClient, OpencodeError, SessionStatus, Unreachable, last_finished,
+                       messages_of, new_message_id)
 from .state import Shared
-from .worker import ServerWorker, crash_point
+from .worker import Deps, ServerWorker
+from .jsonvalues import as_dict, as_list
+
+if TYPE_CHECKING:
+    from .config import Config
 
 # The orchestrator session may use the team tools and read; it may not run shell
 # commands, edit files or fetch from the web unless the config widens this.
@@ -93,6 +100,17 @@ class DispatchSettings:
     turn_timeout: float = 300.0
     start_timeout: float = 30.0
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> DispatchSettings:
+        """The dispatcher's view of the ``dispatch``, ``session`` and ``teams`` sections."""
+        d, s, t = cfg.dispatch, cfg.session, cfg.teams
+        return cls(prompt=d.prompt, debounce=d.debounce_seconds, min_interval=d.min_interval_seconds,
+                   max_per_hour=d.max_per_hour, sweep_interval=d.sweep_interval_seconds,
+                   busy_timeout=d.busy_timeout_seconds, completion_timeout=d.completion_timeout_seconds,
+                   turn_timeout=d.turn_timeout_seconds, start_timeout=d.start_timeout_seconds,
+                   session_title=s.title, session_id=s.id, agent=s.agent, model=s.model, permission=s.permission,
+                   teams=t.names, teams_base_dir=t.base_dir, lead=t.lead)
+
 
 def render_prompt(template: str, triggers: Sequence[Trigger], teams: Sequence[str], base_dir: str, lead: str) -> str:
     """The prompt text: the template with the teams, the lead and a list of what happened."""
@@ -112,50 +130,47 @@ def render_prompt(template: str, triggers: Sequence[Trigger], teams: Sequence[st
 def outcome(messages: list[dict[str, Any]], message_id: str) -> tuple[bool, str, list[dict[str, Any]], str | None]:
     """(finished, reply text, tool calls, error) of the assistant replies to ``message_id``.
 
-    Finished means the last reply has ``time.completed`` and a ``finish`` other than
-    ``tool-calls``/``unknown`` (one prompt can give several assistant messages), or
-    carries an error.
+    Finished is the last reply's :attr:`~.opencode.Message.finished` (one prompt can give
+    several assistant messages, one per step).
     """
-    replies = [m for m in messages if isinstance(m, dict) and isinstance(m.get("info"), dict)
-               and m["info"].get("role") == "assistant" and m["info"].get("parentID") == message_id]
+    replies = [m for m in messages_of(messages) if m.role == "assistant" and m.parent_id == message_id]
     texts: list[str] = []
     tools: list[dict[str, Any]] = []
     error: str | None = None
     for m in replies:
-        for part in m.get("parts") or []:
-            if not isinstance(part, dict):
-                continue
+        for part in m.parts:
             if part.get("type") == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif part.get("type") == "tool":
-                state = part.get("state") if isinstance(part.get("state"), dict) else {}
+                state = as_dict(part.get("state"))
                 call: dict[str, Any] = {"tool": part.get("tool"), "status": state.get("status"),
                                         "input": state.get("input")}
                 out = state.get("output") if state.get("status") == "completed" else state.get("error")
                 if isinstance(out, str):
                     call["output"] = out[:2000]
                 tools.append(call)
-        err = m["info"].get("error")
-        if isinstance(err, dict):
-            data = err.get("data") if isinstance(err.get("data"), dict) else {}
-            error = f"{err.get('name', 'error')}: {data.get('message', '')}".strip(": ")
-    finished = False
-    if replies:
-        last = replies[-1]["info"]
-        done = isinstance(last.get("time"), dict) and last["time"].get("completed")
-        finished = bool(done) and (last.get("finish") not in ("tool-calls", "unknown") or error is not None)
+        error = m.error or error
+    finished = bool(replies) and replies[-1].finished
     return finished, "\n".join(texts).strip(), tools, error
 
 
 class Dispatcher(ServerWorker):
     name = "dispatch"
+    sections = ("server", "dispatch", "session", "teams", "ledger")
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> Dispatcher:
+        return cls(shared=deps.shared, make_client=deps.make_client, ledger_path=cfg.ledger.path,
+                   settings=DispatchSettings.from_config(cfg), server_url=cfg.server.url, clock=deps.clock,
+                   ledger_health=deps.ledger_health)
 
     def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
                  settings: DispatchSettings, server_url: str,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
-        super().__init__(make_client, ledger_path, clock)
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 ledger_health: LedgerHealth | None = None) -> None:
+        super().__init__(make_client, ledger_path, clock, ledger_health)
         self.shared = shared
-        self.s = settings
+        self.settings = settings
         self.server_url = server_url
         self.wall = wall
         self.stall_after = 60.0
@@ -177,7 +192,7 @@ class Dispatcher(ServerWorker):
     def setup(self) -> None:
         super().setup()
         assert self.ledger is not None
-        self.sends.extend(seed_sends(self.ledger.dispatches(limit=max(self.s.max_per_hour, 1) + 5),
+        self.sends.extend(seed_sends(self.ledger.dispatches(limit=max(self.settings.max_per_hour, 1) + 5),
                                      self.clock(), self.wall()))
         if self.sends:
             self.last_sent = self.sends[-1]
@@ -215,22 +230,21 @@ class Dispatcher(ServerWorker):
 
     def _hold(self, *holds: Hold) -> None:
         """Say why the pending triggers wait (for ``orchestratord pending``); nothing when none do."""
-        if list(holds) != self.shared.holds:
-            self.shared.update(holds=list(holds))
+        self.shared.set_holds(holds)
 
     def ensure_session(self) -> None:
         """Find or create the orchestrator session and remember it in the ledger."""
         assert self.client is not None and self.ledger is not None
-        if self.s.session_id:
-            self._use_session(self.s.session_id)
+        if self.settings.session_id:
+            self._use_session(self.settings.session_id)
             return
         key = f"session:{self.server_url}"
         known = self.ledger.get_meta(key)
-        ruleset = session_permission(self.s.permission)
+        ruleset = session_permission(self.settings.permission)
         if known:
             try:
                 info = self.client.get_session(known)
-                current = info.get("permission") if isinstance(info.get("permission"), list) else []
+                current = as_list(info.get("permission"))
                 if current[len(current) - len(ruleset):] != ruleset:
                     # The config may have changed since it was created: the server appends what
                     # is sent, and the last matching rule wins, so the whole ruleset goes again.
@@ -240,25 +254,25 @@ class Dispatcher(ServerWorker):
                 return
             except NotFound:
                 self.log.warning(logs.kv("session-missing", session=known, action="creating a new one"))
-        self.shared.update(own_session_pending=True)
+        self.shared.set_own_session_pending(True)
         try:
-            info = self.client.create_session(self.s.session_title, ruleset)
+            info = self.client.create_session(self.settings.session_title, ruleset)
             sid = info["id"]
             self.ledger.set_meta(key, sid)
             self._use_session(sid)
         finally:
-            self.shared.update(own_session_pending=False)
-        self.log.log(logs.NOTICE, logs.kv("session-created", session=sid, title=self.s.session_title))
+            self.shared.set_own_session_pending(False)
+        self.log.log(logs.NOTICE, logs.kv("session-created", session=sid, title=self.settings.session_title))
 
     def _use_session(self, sid: str) -> None:
         if sid != self.session_id:
             self.log.info(logs.kv("session", session=sid))
         self.session_id = sid
-        self.shared.update(session_id=sid)
+        self.shared.set_session(sid)
 
     def _forget_session(self) -> None:
         self.session_id = None
-        self.shared.update(session_id=None)
+        self.shared.set_session(None)
 
     # -- sending -----------------------------------------------------------------
 
@@ -266,14 +280,14 @@ class Dispatcher(ServerWorker):
         assert self.ledger is not None and self.session_id is not None
         now = self.clock()
         pending = self.ledger.pending_triggers()
-        self.shared.update(pending_triggers=len(pending))
+        self.shared.set_pending_triggers(len(pending))
         for t in pending:
             self.seen.setdefault(t.id, now)
         if not pending:
             self._hold()
             self.seen.clear()
-            if self.s.sweep_interval > 0:
-                due = max(self.last_sweep, self.last_sent or 0.0) + self.s.sweep_interval
+            if self.settings.sweep_interval > 0:
+                due = max(self.last_sweep, self.last_sent or 0.0) + self.settings.sweep_interval
                 if now >= due:
                     self.last_sweep = now
                     self.ledger.add_trigger("sweep", "periodic check (dispatch.sweep_interval_seconds)", rule="sweep")
@@ -286,21 +300,21 @@ class Dispatcher(ServerWorker):
         # Quiet period after the newest trigger, but never starve a steady trickle. An
         # escalation skips the quiet period and the minimum interval.
         holds = []
-        quiet_until = min(newest + self.s.debounce, oldest + max(4 * self.s.debounce, 2.0))
+        quiet_until = min(newest + self.settings.debounce, oldest + max(4 * self.settings.debounce, 2.0))
         if quiet_until > now and not urgent:
             holds.append(Hold("debounce", f"a quiet period of dispatch.debounce_seconds "
-                              f"({self.s.debounce:g}s) after the newest trigger, for more to come", quiet_until))
-        if not urgent and self.last_sent is not None and now - self.last_sent < self.s.min_interval:
-            holds.append(Hold("min-interval", f"dispatch.min_interval_seconds ({self.s.min_interval:g}s) since the "
-                              "last prompt", self.last_sent + self.s.min_interval))
+                              f"({self.settings.debounce:g}s) after the newest trigger, for more to come", quiet_until))
+        if not urgent and self.last_sent is not None and now - self.last_sent < self.settings.min_interval:
+            holds.append(Hold("min-interval", f"dispatch.min_interval_seconds ({self.settings.min_interval:g}s) since the "
+                              "last prompt", self.last_sent + self.settings.min_interval))
         while self.sends and now - self.sends[0] >= 3600:
             self.sends.popleft()
-        if len(self.sends) >= self.s.max_per_hour:
+        if len(self.sends) >= self.settings.max_per_hour:
             holds.append(Hold("hourly-cap", f"{len(self.sends)} prompts in the last hour, dispatch.max_per_hour = "
-                              f"{self.s.max_per_hour}; a slot frees an hour after the oldest", self.sends[0] + 3600))
+                              f"{self.settings.max_per_hour}; a slot frees an hour after the oldest", self.sends[0] + 3600))
             if not self._cap_logged:
                 self._cap_logged = True
-                self.log.warning(logs.kv("prompt-cap-reached", max_per_hour=self.s.max_per_hour,
+                self.log.warning(logs.kv("prompt-cap-reached", max_per_hour=self.settings.max_per_hour,
                                          pending=len(pending), fix="raise dispatch.max_per_hour if this is expected"))
         else:
             self._cap_logged = False
@@ -321,19 +335,15 @@ class Dispatcher(ServerWorker):
         """True while the orchestrator session is busy; a busy that never clears is checked."""
         assert self.client is not None and self.session_id is not None
         sid = self.session_id
-        status = self.client.session_status()
-        entry = status.get(sid)
-        busy = isinstance(entry, dict) and entry.get("type") in ("busy", "retry")
-        self.shared.set_status(sid, entry.get("type") if busy and isinstance(entry, dict) else None)
-        if not busy:
+        status = SessionStatus.of(self.client.session_status(), sid)
+        self.shared.set_status(sid, status.type if status.busy else None)
+        if not status.busy:
             self._busy_warned = None
             return False
-        if self.shared.quiet_for(sid) < self.s.busy_timeout:
+        if self.shared.quiet_for(sid) < self.settings.busy_timeout:
             return True
         # Busy, yet nothing has happened for a while: believe the messages if they say it is done.
-        last = self.client.messages(sid, limit=1)
-        info = last[-1].get("info", {}) if last else {}
-        finished = info.get("role") == "assistant" and isinstance(info.get("time"), dict) and info["time"].get("completed")
+        finished = last_finished(self.client.messages(sid, limit=1))
         if self._busy_warned is None:
             self._busy_warned = now
             self.log.warning(logs.kv("status-mismatch" if finished else "session-busy-too-long", session=sid,
@@ -349,13 +359,14 @@ class Dispatcher(ServerWorker):
 
     def send(self, triggers: Sequence[Trigger]) -> float:
         assert self.ledger is not None and self.client is not None and self.session_id is not None
-        text = render_prompt(self.s.prompt, triggers, self.s.teams, self.s.teams_base_dir, self.s.lead)
+        s = self.settings
+        text = render_prompt(s.prompt, triggers, s.teams, s.teams_base_dir, s.lead)
         message_id = new_message_id(self.wall() * 1000)
         dispatch_id = self.ledger.create_dispatch(message_id, self.session_id, text, [t.id for t in triggers],
                                                   now=self.wall())
         for t in triggers:
             self.seen.pop(t.id, None)
-        self.shared.update(pending_triggers=0)
+        self.shared.set_pending_triggers(0)
         d = self.ledger.get_dispatch(dispatch_id)
         assert d is not None
         return self._post(d, first=True)
@@ -366,10 +377,10 @@ class Dispatcher(ServerWorker):
         posted_at = self.clock()  # before the POST: the session may go busy before it returns
         outages = self._outages()  # likewise: the server may die as soon as it has answered
         try:
-            self.client.prompt_async(d.session_id, d.prompt, d.message_id, agent=self.s.agent, model=self.s.model)
+            self.client.prompt_async(d.session_id, d.prompt, d.message_id, agent=self.settings.agent,
+                                     model=self.settings.model)
         except NotFound:
-            self.ledger.finish_dispatch(d.id, FAILED, error="session not found on the server", now=self.wall())
-            self.ledger.release_triggers(d.id)
+            self._finish(d, FAILED, error="session not found on the server", release=True)
             self.log.warning(logs.kv("session-missing", session=d.session_id, message_id=d.message_id,
                                      action="recreating the session; the triggers stay queued"))
             self._forget_session()
@@ -379,7 +390,7 @@ class Dispatcher(ServerWorker):
                 self.log.warning(logs.kv("prompt-post-failed", message_id=d.message_id, error=str(exc),
                                          action="will look it up and retry"))
                 return 2.0
-            self.ledger.finish_dispatch(d.id, FAILED, error=str(exc), now=self.wall())
+            self._finish(d, FAILED, error=str(exc))
             self.log.error(logs.kv("prompt-rejected", message_id=d.message_id, error=str(exc)))
             return 0.0
         crash_point("after-post")
@@ -392,7 +403,7 @@ class Dispatcher(ServerWorker):
         self.shared.set_status(d.session_id, "busy")
         triggers = self.ledger.triggers_for(d.id)
         wall = self.wall()
-        metrics.prompt_sent([wall - t.at for t in triggers], max(0, self.s.max_per_hour - len(self.sends)))
+        metrics.prompt_sent([wall - t.at for t in triggers], max(0, self.settings.max_per_hour - len(self.sends)))
         self.log.log(logs.NOTICE, logs.kv("prompt-sent", session=d.session_id, message_id=d.message_id,
                                           triggers=len(triggers), resent=None if first else "yes",
                                           teammates=",".join(sorted({t.teammate for t in triggers if t.teammate})) or None))
@@ -417,7 +428,7 @@ class Dispatcher(ServerWorker):
         try:
             messages = self.client.messages(d.session_id, limit=50)
         except NotFound:
-            self.ledger.finish_dispatch(d.id, FAILED, error="session deleted while the prompt ran", now=self.wall())
+            self._finish(d, FAILED, error="session deleted while the prompt ran")
             self.log.warning(logs.kv("prompt-failed", message_id=d.message_id, error="session deleted"))
             if d.session_id == self.session_id:
                 self._forget_session()
@@ -425,23 +436,23 @@ class Dispatcher(ServerWorker):
         finished, text, tools, error = outcome(messages, d.message_id)
         if not finished and self._outage_since(d.id):
             return self._after_outage(d)
-        answered = any(isinstance(m, dict) and isinstance(m.get("info"), dict)
-                       and m["info"].get("parentID") == d.message_id for m in messages)
-        if not finished and not answered and self.shared.went_busy.get(d.session_id, -1.0) < started:
-            if self.clock() - started > self.s.start_timeout:
+        answered = any(m.parent_id == d.message_id for m in messages_of(messages))
+        if not finished and not answered and (self.shared.went_busy_at(d.session_id) or -1.0) < started:
+            if self.clock() - started > self.settings.start_timeout:
                 return self._never_ran(d)
             return FOLLOW_POLL
         if finished:
             state = FAILED if error else COMPLETED
-            self.ledger.finish_dispatch(d.id, state, reply_text=text, tool_calls=tools, error=error, now=self.wall())
+            # Caught by our own abort of the turn before it: the model never saw it, and its
+            # triggers go back to the queue in the same commit that closes it.
+            caught = bool(error and "Aborted" in error and self.aborted_at is not None
+                          and 0 <= started - self.aborted_at < ABORT_CATCH)
+            self._finish(d, state, reply_text=text, tool_calls=tools, error=error, release=caught)
             self.follow_started.pop(d.id, None)
             self.follow_outages.pop(d.id, None)
-            if (error and "Aborted" in error and self.aborted_at is not None
-                    and 0 <= started - self.aborted_at < ABORT_CATCH):
-                # Caught by our own abort of the turn before it: the model never saw it. The
-                # server keeps aborting new turns while the stuck model stream is still open,
-                # so wait longer each time rather than send a prompt a second.
-                self.ledger.release_triggers(d.id)
+            if caught:
+                # The server keeps aborting new turns while the stuck model stream is still
+                # open, so wait longer each time rather than send a prompt a second.
                 self.catches += 1
                 self.aborted_at = self.clock()
                 wait = min(60.0, ABORT_SETTLE * 2 ** self.catches)
@@ -453,16 +464,17 @@ class Dispatcher(ServerWorker):
             self.log.log(logs.NOTICE, logs.kv("prompt-done", message_id=d.message_id, outcome=state, tools=calls,
                                               error=error, reply=_shorten(text, 200) or None))
             return 0.0
-        quiet = self.clock() - max(started, self.shared.last_activity.get(d.session_id, started))
-        if quiet > self.s.turn_timeout and self.shared.stream_connected:
+        quiet = self.clock() - max(started, self.shared.activity(d.session_id) or started)
+        if quiet > self.settings.turn_timeout and self.shared.stream_connected:
             # (With the stream down its silence says nothing; the reconnect starts the count afresh.)
             return self._stuck(d, text, tools, quiet)
-        if self.clock() - started > self.s.completion_timeout:
-            self.ledger.finish_dispatch(d.id, TIMEOUT, reply_text=text, tool_calls=tools,
-                                        error=f"no completed reply after {self.s.completion_timeout:g}s", now=self.wall())
+        if self.clock() - started > self.settings.completion_timeout:
+            self._finish(d, TIMEOUT, reply_text=text, tool_calls=tools,
+                         error=f"no completed reply after {self.settings.completion_timeout:g}s")
             self.follow_started.pop(d.id, None)
             self.follow_outages.pop(d.id, None)
-            self.log.warning(logs.kv("prompt-timeout", message_id=d.message_id, seconds=f"{self.s.completion_timeout:g}",
+            self.log.warning(logs.kv("prompt-timeout", message_id=d.message_id,
+                                     seconds=f"{self.settings.completion_timeout:g}",
                                      fix="raise dispatch.completion_timeout_seconds if turns are this long"))
             return 0.0
         return FOLLOW_POLL
@@ -471,7 +483,7 @@ class Dispatcher(ServerWorker):
     # -- turns that never start or never end ------------------------------------
 
     def _outages(self) -> tuple[int, int]:
-        return self.shared.outages, self.shared.stream_losses
+        return self.shared.outages()
 
     def _outage_since(self, dispatch_id: int) -> bool:
         """Whether the server may have restarted since ``dispatch_id`` was last looked at.
@@ -501,8 +513,7 @@ class Dispatcher(ServerWorker):
             self.log.warning(logs.kv("prompt-lost-in-outage", session=d.session_id, message_id=d.message_id,
                                      action="re-sent under the same ID"))
             return self._post(d, first=False)
-        entry = self.client.session_status().get(d.session_id)
-        if isinstance(entry, dict) and entry.get("type") in ("busy", "retry"):
+        if SessionStatus.of(self.client.session_status(), d.session_id).busy:
             self.follow_outages[d.id] = seen
             return FOLLOW_POLL
         finished, *_ = outcome(self.client.messages(d.session_id, limit=50), d.message_id)
@@ -512,15 +523,12 @@ class Dispatcher(ServerWorker):
         header = (f"(The server went down while it handled {d.message_id}; that turn did not finish. "
                   "This prompt carries the same reports.)\n\n")
         message_id = new_message_id(self.wall() * 1000)
-        new_id = self.ledger.redrive_dispatch(d, message_id, header + d.prompt,
-                                              f"its turn ended unfinished in a server outage; superseded by "
-                                              f"{message_id}", now=self.wall())
+        new = self._redrive(d, message_id, header + d.prompt,
+                            f"its turn ended unfinished in a server outage; superseded by {message_id}")
         self.follow_started.pop(d.id, None)
         self.follow_outages.pop(d.id, None)
         self.log.warning(logs.kv("prompt-interrupted", session=d.session_id, message_id=d.message_id,
                                  action=f"re-sent as {message_id}"))
-        new = self.ledger.get_dispatch(new_id)
-        assert new is not None
         return self._post(new, first=True)
 
     def _stuck(self, d: Dispatch, text: str, tools: list[dict[str, Any]], quiet: float) -> float:
@@ -534,8 +542,7 @@ class Dispatcher(ServerWorker):
         except OpencodeError as exc:
             self.log.warning(logs.kv("turn-abort-failed", session=d.session_id, error=str(exc), action="retrying"))
             return 2.0
-        self.ledger.finish_dispatch(d.id, TIMEOUT, reply_text=text, tool_calls=tools,
-                                    error=f"no activity for {quiet:.0f}s; aborted", now=self.wall())
+        self._finish(d, TIMEOUT, reply_text=text, tool_calls=tools, error=f"no activity for {quiet:.0f}s; aborted")
         self.ledger.record_stall("turn-timeout", f"orchestrator turn {d.message_id} had no activity for "
                                  f"{quiet:.0f}s and was aborted", session_id=d.session_id, seconds=round(quiet, 1),
                                  now=self.wall())
@@ -558,11 +565,10 @@ class Dispatcher(ServerWorker):
             landed = "no"
         self.follow_started.pop(d.id, None)
         self.follow_outages.pop(d.id, None)
-        seconds = f"{self.s.start_timeout:g}"
+        seconds = f"{self.settings.start_timeout:g}"
         if self.ledger.supersedes(d.id) is not None:
             reason = f"never ran, twice (the server has it: {landed})"
-            self.ledger.finish_dispatch(d.id, FAILED, error=reason, now=self.wall())
-            self.ledger.release_triggers(d.id)  # they never reached the model: the next prompt carries them
+            self._finish(d, FAILED, error=reason, release=True)  # they never reached the model: the next prompt carries them
             eid, new = self.ledger.add_escalation(
                 f"never-ran:{d.message_id}", rule="prompt-never-ran", severity="critical", source="server",
                 kind="prompt", what=f"prompt {d.message_id} and the one before it were accepted but never ran",
@@ -575,16 +581,35 @@ class Dispatcher(ServerWorker):
         header = (f"(This prompt supersedes {d.message_id}, which the server accepted but did not run "
                   f"within {seconds}s.)\n\n")
         message_id = new_message_id(self.wall() * 1000)
-        new_id = self.ledger.redrive_dispatch(d, message_id, header + d.prompt,
-                                              f"never ran within {seconds}s (the server has it: {landed}); "
-                                              f"superseded by {message_id}", now=self.wall())
+        successor = self._redrive(d, message_id, header + d.prompt,
+                                  f"never ran within {seconds}s (the server has it: {landed}); "
+                                  f"superseded by {message_id}")
         self.ledger.record_stall("never-ran", f"prompt {d.message_id} was accepted but never ran; re-sent as "
                                  f"{message_id}", session_id=d.session_id, now=self.wall())
         self.log.warning(logs.kv("prompt-never-ran", session=d.session_id, message_id=d.message_id, landed=landed,
                                  action=f"re-sent as {message_id}"))
+        return self._post(successor, first=True)
+
+    # -- closing prompts -----------------------------------------------------------
+
+    def _finish(self, d: Dispatch, state: str, *, reply_text: str | None = None,
+                tool_calls: list[dict[str, Any]] | None = None, error: str | None = None,
+                release: bool = False) -> None:
+        """Close ``d``, its triggers released or settled in the same commit; the metric once it holds."""
+        assert self.ledger is not None
+        wall = self.wall()
+        self.ledger.finish_dispatch(d.id, state, reply_text=reply_text, tool_calls=tool_calls, error=error,
+                                    release=release, now=wall)
+        metrics.prompt_done(state, wall - d.sent_at if d.sent_at is not None else None)
+
+    def _redrive(self, d: Dispatch, message_id: str, prompt: str, reason: str) -> Dispatch:
+        """Close ``d`` as failed and move its triggers to a new pending prompt, in one commit."""
+        assert self.ledger is not None
+        new_id = self.ledger.redrive_dispatch(d, message_id, prompt, reason, now=self.wall())
+        metrics.prompt_done(FAILED, None)
         new = self.ledger.get_dispatch(new_id)
         assert new is not None
-        return self._post(new, first=True)
+        return new
 
 
 def _shorten(text: str, limit: int) -> str:

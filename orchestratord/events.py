@@ -18,19 +18,22 @@ import socket
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import requests
 
 from . import ledgerwatch, logs, metrics
 from .guard import Judge, seen_in_event
 from .ledger import EventRow, Ledger
-from .opencode import AuthError, OpencodeClient, OpencodeError
+from .opencode import AuthError, OpencodeClient, OpencodeError, SessionStatus
 from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
 from .stream import HIGH_VOLUME, Event, FrameGuard, frame_data, from_sync, head_session, normalize
 from .triggers import Rule, RuleSet
-from .worker import Worker
+from .worker import Deps, Worker
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 #: event rows are written when the stream pauses, or at this many rows, or this old
@@ -53,6 +56,18 @@ class EventReader(Worker):
     """Reads the stream, records events, raises triggers, and keeps the session view."""
 
     name = "events"
+    sections = ("server", "events", "triggers", "safety", "teams", "ledger")  # teams: the lead, for the judge
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> EventReader:
+        e = cfg.events
+        return cls(shared=deps.shared, make_client=deps.make_client, ledger_path=cfg.ledger.path,
+                   stream=e.stream, directory=e.directory, read_timeout=e.read_timeout_seconds,
+                   max_event_bytes=e.max_event_bytes, reconnect_max=e.reconnect_max_seconds,
+                   store=cfg.ledger.store_events, rules=cfg.triggers, on_trigger=deps.wake("dispatch"),
+                   on_own_activity=deps.wake("dispatch"), judge=Judge.from_config(cfg.safety, lead=cfg.teams.lead),
+                   on_escalation=deps.wake("guard"), sessions=deps.sessions, desk=deps.desk, clock=deps.clock,
+                   ledger_health=deps.ledger_health)
 
     def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
                  stream: str, directory: str | None, read_timeout: float, max_event_bytes: int,
@@ -61,8 +76,9 @@ class EventReader(Worker):
                  judge: Judge | None = None, on_escalation: Callable[[], None] = lambda: None,
                  sessions: SessionDirectory | None = None,
                  desk: Callable[[], PermissionDesk | None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(clock)
+                 clock: Callable[[], float] = time.monotonic,
+                 ledger_health: ledgerwatch.LedgerHealth | None = None) -> None:
+        super().__init__(clock, ledger_health)
         self.sessions = sessions if sessions is not None else SessionDirectory()
         self.desk = desk
         self.shared = shared
@@ -93,7 +109,7 @@ class EventReader(Worker):
         self._malformed = 0
         self._malformed_logged = 0.0
         self.last_seq: dict[str, int] = {}
-        self._guard = FrameGuard(max_event_bytes, self._drained)
+        self._frame_guard = FrameGuard(max_event_bytes, self._drained)
         self._batch_since = 0.0  # monotonic time of the oldest row in the batch
         self._waiting: select.poll | None = None  # says whether more of the stream is already here
         self._seq_changed = False  # since it was last written to the ledger
@@ -117,7 +133,7 @@ class EventReader(Worker):
     def teardown(self) -> None:
         self._flush()
         self._save_seq()
-        self.shared.update(stream_connected=False)
+        self.shared.set_stream_connected(False)
         if self.client:
             self.client.close()
         if self.ledger:
@@ -198,7 +214,7 @@ class EventReader(Worker):
         assert self.client is not None and self.ledger is not None
         first = self._failures == 0 and not self.shared.stream_connected
         self._failures = 0
-        self.shared.update(stream_connected=True)
+        self.shared.set_stream_connected(True)
         metrics.stream_connected(True)
         self._transition("connected", self.path)
         self.log.info(logs.kv("stream-connected", path=self.path))
@@ -206,8 +222,7 @@ class EventReader(Worker):
         # Events are not replayed: re-read what they would have told us.
         try:
             statuses = self.client.session_status()
-            self.shared.replace_statuses({k: str(v.get("type", "busy")) if isinstance(v, dict) else "busy"
-                                          for k, v in statuses.items()})
+            self.shared.replace_statuses(SessionStatus.busy_map(statuses))
         except OpencodeError as exc:
             self.log.warning(logs.kv("status-reread-failed", error=str(exc)))
         self._reread_permissions()
@@ -222,13 +237,11 @@ class EventReader(Worker):
         except sqlite3.Error as exc:
             if not ledgerwatch.is_trouble(exc):
                 raise
-            ledgerwatch.HEALTH.failed(exc, where=self.name)
+            self.ledger_health.failed(exc, where=self.name)
 
     def _reread_permissions(self) -> None:
         """Requests asked and sessions made while we were away are not replayed: the broker lists them."""
-        now = self.clock()
-        for sid in self.shared.statuses:
-            self.shared.last_activity[sid] = now  # what happened while away is unknown: start afresh
+        self.shared.restart_activity()
         desk = self.desk()
         if desk is not None:
             desk.resync()
@@ -259,14 +272,13 @@ class EventReader(Worker):
 
     def _consume(self, resp: requests.Response) -> None:
         count_only = self._count_only
-        for frame in self._guard.frames(resp.iter_content(65536)):
+        for frame in self._frame_guard.frames(resp.iter_content(65536)):
             self.beat()
             if self.stopping:
                 return
             if count_only and (head := head_session(frame)) is not None and head[0] in count_only:
-                self.shared.count_event(time.time())
-                self.shared.touch(head[1])  # a streaming session is not a stalled one
-                self._report_guard()
+                self.shared.count_event(time.time(), head[1])  # a streaming session is not a stalled one
+                self._report_frame_guard()
                 continue
             data = frame_data(frame)
             if data is None:
@@ -281,7 +293,7 @@ class EventReader(Worker):
                 self._malformed_frame("not an event", data)
                 continue
             self._handle(event, store=True)
-            self._report_guard()
+            self._report_frame_guard()
 
     def _malformed_frame(self, why: str, data: str) -> None:
         self._malformed += 1
@@ -290,8 +302,8 @@ class EventReader(Worker):
             self._malformed_logged = now
             self.log.warning(logs.kv("malformed-frame", why=why, total=self._malformed, sample=data[:80]))
 
-    def _report_guard(self) -> None:
-        g = self._guard
+    def _report_frame_guard(self) -> None:
+        g = self._frame_guard
         if g.oversized != self._reported_oversized:
             self._reported_oversized = g.oversized
             self.log.warning(logs.kv("oversized-event-skipped", limit=self.max_event_bytes, total=g.oversized,
@@ -310,10 +322,8 @@ class EventReader(Worker):
             if store and self.store == "all":
                 self._add_row(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
             return
-        self.shared.count_event(wall)
+        self.shared.count_event(wall, event.session_id)
         metrics.event(event.type, wall)
-        if event.session_id is not None:
-            self.shared.touch(event.session_id)
         if store and (self.store == "all" or (self.store == "default" and event.type not in HIGH_VOLUME)):
             self._add_row(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
         self._observe(event)
@@ -334,7 +344,7 @@ class EventReader(Worker):
         if self.judge is not None and event.type == "message.part.updated":
             desk = self.desk()
             seen = seen_in_event(event, own, desk.asks if desk is not None else None)
-            if seen and self.judge.record(self.ledger, seen, own, self._session):
+            if seen and self.ledger is not None and self.judge.record(self.ledger, seen, own, self._session):
                 self.on_escalation()
         if event.type == "session.error" and _aborted(event) and self.shared.aborted_recently(event.session_id):
             return  # the daemon aborted that turn itself (a restart, the guard): nothing to tell
@@ -364,7 +374,7 @@ class EventReader(Worker):
             kind = status.get("type") if isinstance(status, dict) else None
             self.shared.set_status(sid, kind)
             if kind in ("busy", "retry"):
-                self.shared.went_busy[sid] = self.clock()
+                self.shared.mark_busy(sid)
         elif etype == "session.idle" and sid:
             self.shared.set_status(sid, None)
         elif etype in ("session.created", "session.updated"):

@@ -16,18 +16,23 @@ import json
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from . import logs
 from .hooks import Hooks
 from .inbox import TeamMessage, message_ckey
 from .ledger import Escalation, Ledger
+from .ledgerwatch import LedgerHealth
 from .opencode import NotFound, OpencodeClient, OpencodeError, Unreachable
 from .policy import COMMAND, MESSAGE, PATH, TOOL, Context, Finding, Rule, build_rules, evaluate
 from .sessions import SessionInfo
 from .stream import Event
 from .triggers import _message_ckey
-from .worker import ServerWorker
+from .worker import Deps, ServerWorker
+from .jsonvalues import as_dict
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logs.get("guard")
 
@@ -94,7 +99,7 @@ def seen_in_event(event: Event, own_session: str | None,
         return []
     if part.get("type") != "tool":
         return []
-    state = part.get("state") if isinstance(part.get("state"), dict) else {}
+    state = as_dict(part.get("state"))
     inp = state.get("input")
     if not isinstance(inp, dict) or not inp:
         return []
@@ -133,9 +138,9 @@ def seen_in_permission(req: dict[str, Any]) -> list[Seen]:
     if not isinstance(pid, str):
         return []
     sid = _str(req.get("sessionID"))
-    tool = req.get("tool") if isinstance(req.get("tool"), dict) else {}
+    tool = as_dict(req.get("tool"))
     key = (f"call:{tool.get('messageID')}:{tool.get('callID')}" if tool.get("callID") else f"perm:{pid}")
-    meta = req.get("metadata") if isinstance(req.get("metadata"), dict) else {}
+    meta = as_dict(req.get("metadata"))
     name = str(req.get("permission") or "")
     patterns = [p for p in req.get("patterns") or [] if isinstance(p, str)]
     out: list[Seen] = []
@@ -274,13 +279,23 @@ class Guard(ServerWorker):
     """Carries out each escalation's actions once: hooks, tell, abort."""
 
     name = "guard"
+    sections = ("server", "safety", "ledger")
     stall_after = 60.0
+
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> Guard:
+        shared = deps.shared
+        return cls(make_client=deps.make_client, ledger_path=cfg.ledger.path, hooks=cfg.safety.hooks,
+                   own_session=lambda: shared.session_id, on_trigger=deps.wake("dispatch"),
+                   note_abort=shared.note_abort, clock=deps.clock, ledger_health=deps.ledger_health)
 
     def __init__(self, *, make_client: Callable[[], OpencodeClient], ledger_path: str, hooks: Sequence[Any],
                  own_session: Callable[[], str | None], on_trigger: Callable[[], None],
                  note_abort: Callable[[str], None] = lambda sid: None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
-        super().__init__(make_client, ledger_path, clock)
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 ledger_health: LedgerHealth | None = None) -> None:
+        super().__init__(make_client, ledger_path, clock, ledger_health)
         self.note_abort = note_abort
         self.hook_configs = tuple(hooks)
         self.own_session = own_session

@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import logs, metrics
+from .ledgerwatch import LedgerHealth
 from .opencode import AuthError, OpencodeClient, OpencodeError
 from .state import Shared
-from .worker import ServerWorker
+from .worker import Deps, ServerWorker
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class HealthWatch(ServerWorker):
     """Probes every ``interval`` seconds; logs and records up/down changes, not every probe."""
 
     name = "health"
+    sections = ("server", "health", "ledger")
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> HealthWatch:
+        return cls(shared=deps.shared, make_client=deps.make_client, ledger_path=cfg.ledger.path,
+                   interval=cfg.health.interval_seconds, timeout=cfg.health.timeout_seconds,
+                   on_up=deps.on_server_up, clock=deps.clock, ledger_health=deps.ledger_health)
 
     def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
                  interval: float, timeout: float, on_up: Callable[[], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(make_client, ledger_path, clock)
+                 clock: Callable[[], float] = time.monotonic,
+                 ledger_health: LedgerHealth | None = None) -> None:
+        super().__init__(make_client, ledger_path, clock, ledger_health)
         self.shared = shared
         self.interval = interval
         self.timeout = timeout
@@ -57,14 +69,12 @@ class HealthWatch(ServerWorker):
                 self.log.warning(logs.kv("server-down", url=url, error=error,
                                          note=f"not up since the start ({self.shared.startup_grace:g}s ago)"))
             if healthy and version != self.shared.server_version:
-                self.shared.update(server_version=version)
+                self.shared.server_seen(True, version)
             return
         previous, self.healthy, self.last_error = self.healthy, healthy, error
-        self.shared.update(server_healthy=healthy, server_version=version if healthy else self.shared.server_version,
-                           outages=self.shared.outages + (0 if healthy else 1))
+        self.shared.server_seen(healthy, version)
         if healthy:
             self.down_unsaid = False
-            self.shared.update(ever_up=True)
             self.ledger.record_transition("server", "up", version)
             self.log.log(logs.NOTICE, logs.kv("server-up", url=url, version=version))
             self.on_up()

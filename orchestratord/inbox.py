@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import logs, metrics
-from .config import MISSING_TEAMS_FIX
+from .config import MISSING_TEAMS_FIX, Config
 from .inboxfile import DEFAULT_MAX_ITEM_BYTES, Entry, InboxError, InboxFile, message_identity, parse_inbox_bytes
 from .ledger import Ledger, MessageRow, OversizedRow
-from .worker import Worker, crash_point
+from .ledgerwatch import LedgerHealth
+from .worker import Deps, Worker, crash_point
 
 __all__ = ["InboxError", "InboxWatcher", "TeamMessage", "content_key", "message_ckey", "message_type", "parse_inbox"]
 
@@ -151,15 +152,30 @@ class InboxWatcher(Worker):
     """Reads the team inboxes when they change; records and reports each new message once."""
 
     name = "inbox"
+    sections = ("teams", "safety", "ledger")
     stall_after = 60.0
+
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> InboxWatcher:
+        from .guard import Judge, seen_in_message  # guard reads this module's messages
+
+        t = cfg.teams
+        judge = Judge.from_config(cfg.safety, lead=t.lead)
+        return cls(ledger_path=cfg.ledger.path, base_dir=t.base_dir, teams=t.names, lead=t.lead,
+                   watch_members=t.watch_members, poll_interval=t.poll_interval_seconds,
+                   report_existing=t.report_existing, max_message_bytes=t.max_message_bytes,
+                   on_trigger=deps.wake("dispatch"), judge=lambda ledger, m: judge.record(ledger, [seen_in_message(m)]),
+                   on_escalation=deps.wake("guard"), clock=deps.clock, ledger_health=deps.ledger_health)
 
     def __init__(self, *, ledger_path: str, base_dir: str, teams: Sequence[str], lead: str, watch_members: bool,
                  poll_interval: float, report_existing: bool, on_trigger: Callable[[], None],
                  judge: Callable[[Ledger, TeamMessage], int] | None = None,
                  on_escalation: Callable[[], None] = lambda: None, notify: bool = True,
                  max_message_bytes: int = DEFAULT_MAX_ITEM_BYTES,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
-        super().__init__(clock)
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 ledger_health: LedgerHealth | None = None) -> None:
+        super().__init__(clock, ledger_health)
         self.ledger_path = ledger_path
         self.base = Path(base_dir)
         self.teams = tuple(teams)

@@ -15,10 +15,10 @@ import sqlite3
 import stat
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypeVar
 
 from . import ledgerwatch, logs, metrics
-from .worker import crash_point
+from .crashpoints import crash_point
 
 SCHEMA_VERSION = 6
 
@@ -590,6 +590,12 @@ class Ledger:
     def _tx(self) -> "_Tx":
         return _Tx(self.db)
 
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """A query whose rows are read by column name (:func:`_built`), never by position."""
+        cur = self.db.execute(sql, params)
+        cur.row_factory = sqlite3.Row
+        return cur
+
     # -- meta and live state ------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
@@ -682,12 +688,12 @@ class Ledger:
 
     def pending_triggers(self) -> list[Trigger]:
         """Triggers not yet covered by any prompt, oldest first."""
-        cur = self.db.execute(_TRIGGER_COLUMNS + " WHERE dispatch_id IS NULL ORDER BY id")
-        return [Trigger(*row) for row in cur.fetchall()]
+        cur = self._rows(_TRIGGER_COLUMNS + " WHERE dispatch_id IS NULL ORDER BY id")
+        return [_built(Trigger, row) for row in cur.fetchall()]
 
     def triggers_for(self, dispatch_id: int) -> list[Trigger]:
-        cur = self.db.execute(_TRIGGER_COLUMNS + " WHERE dispatch_id=? ORDER BY id", (dispatch_id,))
-        return [Trigger(*row) for row in cur.fetchall()]
+        cur = self._rows(_TRIGGER_COLUMNS + " WHERE dispatch_id=? ORDER BY id", (dispatch_id,))
+        return [_built(Trigger, row) for row in cur.fetchall()]
 
     def count_pending_triggers(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM triggers WHERE dispatch_id IS NULL").fetchone()[0]
@@ -712,29 +718,34 @@ class Ledger:
                         (SENT, now if now is not None else time.time(), dispatch_id))
 
     def finish_dispatch(self, dispatch_id: int, state: str, reply_text: str | None = None,
-                        tool_calls: list[dict[str, Any]] | None = None, error: str | None = None,
-                        now: float | None = None) -> None:
-        at = now if now is not None else time.time()
-        self.db.execute(
-            "UPDATE dispatches SET state=?, completed_at=?, reply_text=?, tool_calls=?, error=? WHERE id=?",
-            (state, at, reply_text, json.dumps(tool_calls or []), error, dispatch_id))
-        row = self.db.execute("SELECT sent_at FROM dispatches WHERE id=?", (dispatch_id,)).fetchone()
-        metrics.prompt_done(state, at - row[0] if row and row[0] is not None else None)
+                        tool_calls: list[dict[str, Any]] | None = None, error: str | None = None, *,
+                        release: bool = False, now: float | None = None) -> None:
+        """Close a prompt and settle its triggers, in one transaction.
 
-    def release_triggers(self, dispatch_id: int) -> None:
-        """Give a dispatch's triggers back to the queue (its prompt never reached the server)."""
-        self.db.execute("UPDATE triggers SET dispatch_id=NULL WHERE dispatch_id=?", (dispatch_id,))
+        With ``release`` its triggers go back to the queue (the model never saw them: the
+        next prompt carries them); else they stay with it, settled. Either both happen or
+        neither: a prompt closed with triggers still tied to it that it never delivered
+        would be a report lost for good.
+        """
+        at = now if now is not None else time.time()
+        with self._tx():
+            self.db.execute(
+                "UPDATE dispatches SET state=?, completed_at=?, reply_text=?, tool_calls=?, error=? WHERE id=?",
+                (state, at, reply_text, json.dumps(tool_calls or []), error, dispatch_id))
+            if release:
+                self.db.execute("UPDATE triggers SET dispatch_id=NULL WHERE dispatch_id=?", (dispatch_id,))
+            crash_point("before-settle-commit")  # test hook: a crash with both writes made, neither committed
 
     def open_dispatches(self) -> list[Dispatch]:
-        cur = self.db.execute(_DISPATCH_COLUMNS + " WHERE state IN (?, ?) ORDER BY id", OPEN_STATES)
+        cur = self._rows(_DISPATCH_COLUMNS + " WHERE state IN (?, ?) ORDER BY id", OPEN_STATES)
         return [_dispatch(row) for row in cur.fetchall()]
 
     def dispatches(self, limit: int = 20) -> list[Dispatch]:
-        cur = self.db.execute(_DISPATCH_COLUMNS + " ORDER BY id DESC LIMIT ?", (limit,))
+        cur = self._rows(_DISPATCH_COLUMNS + " ORDER BY id DESC LIMIT ?", (limit,))
         return [_dispatch(row) for row in cur.fetchall()]
 
     def get_dispatch(self, dispatch_id: int) -> Dispatch | None:
-        row = self.db.execute(_DISPATCH_COLUMNS + " WHERE id=?", (dispatch_id,)).fetchone()
+        row = self._rows(_DISPATCH_COLUMNS + " WHERE id=?", (dispatch_id,)).fetchone()
         return _dispatch(row) if row else None
 
     def dispatch_totals(self) -> dict[str, Any]:
@@ -860,7 +871,7 @@ class Ledger:
                         (json.dumps(done), json.dumps({**before, **outcome}), escalation_id))
 
     def open_escalations(self, limit: int = 100) -> list[Escalation]:
-        cur = self.db.execute(_ESCALATION_COLUMNS + " WHERE handled_at IS NULL ORDER BY id LIMIT ?", (limit,))
+        cur = self._rows(_ESCALATION_COLUMNS + " WHERE handled_at IS NULL ORDER BY id LIMIT ?", (limit,))
         return [_escalation(r) for r in cur.fetchall()]
 
     def update_escalation(self, escalation_id: int, done: Sequence[str], outcome: dict[str, Any],
@@ -870,7 +881,7 @@ class Ledger:
                          (now if now is not None else time.time()) if handled else None, escalation_id))
 
     def escalations(self, limit: int = 50) -> list[Escalation]:
-        cur = self.db.execute(_ESCALATION_COLUMNS + " ORDER BY id DESC LIMIT ?", (limit,))
+        cur = self._rows(_ESCALATION_COLUMNS + " ORDER BY id DESC LIMIT ?", (limit,))
         return [_escalation(r) for r in cur.fetchall()]
 
     def count_escalations(self) -> int:
@@ -880,14 +891,14 @@ class Ledger:
     # -- the permission broker -------------------------------------------------------
 
     def brokered(self, session_id: str) -> BrokeredSession | None:
-        row = self.db.execute(_BROKERED_COLUMNS + " WHERE session_id=?", (session_id,)).fetchone()
+        row = self._rows(_BROKERED_COLUMNS + " WHERE session_id=?", (session_id,)).fetchone()
         return _brokered(row) if row else None
 
     def brokered_sessions(self, state: str | None = None) -> list[BrokeredSession]:
         if state is None:
-            cur = self.db.execute(_BROKERED_COLUMNS + " ORDER BY at")
+            cur = self._rows(_BROKERED_COLUMNS + " ORDER BY at")
         else:
-            cur = self.db.execute(_BROKERED_COLUMNS + " WHERE state=? ORDER BY at", (state,))
+            cur = self._rows(_BROKERED_COLUMNS + " WHERE state=? ORDER BY at", (state,))
         return [_brokered(r) for r in cur.fetchall()]
 
     def set_brokered(self, session_id: str, *, state: str, rules: Sequence[dict[str, str]], title: str | None = None,
@@ -902,7 +913,7 @@ class Ledger:
             (session_id, title, team, teammate, directory, json.dumps(list(rules)), state, error, at, at))
 
     def decide_permission(self, request: PermissionRequest, escalations: Sequence[dict[str, Any]] = ()
-                          ) -> tuple[PermissionRequest, list[tuple[int, bool]]]:
+                          ) -> tuple[PermissionRequest, list[tuple[int | None, bool]]]:
         """Record a decision and its escalations in one transaction, before the reply is sent.
 
         A request seen again (a restart, a reconnect that lists it) keeps the decision
@@ -911,7 +922,7 @@ class Ledger:
         sends it itself.
         """
         with self._tx():
-            row = self.db.execute(_PERMISSION_COLUMNS + " WHERE id=?", (request.id,)).fetchone()
+            row = self._rows(_PERMISSION_COLUMNS + " WHERE id=?", (request.id,)).fetchone()
             if row is not None:
                 return _permission(row), []
             results = [self._escalation_in_tx(**e) for e in escalations]
@@ -933,17 +944,17 @@ class Ledger:
         return {"held": held, "total": total, "brokered_sessions": brokered}
 
     def permission(self, request_id: str) -> PermissionRequest | None:
-        row = self.db.execute(_PERMISSION_COLUMNS + " WHERE id=?", (request_id,)).fetchone()
+        row = self._rows(_PERMISSION_COLUMNS + " WHERE id=?", (request_id,)).fetchone()
         return _permission(row) if row else None
 
     def permissions(self, states: Sequence[str] | None = None, limit: int = 200) -> list[PermissionRequest]:
         """Requests, oldest first: those in ``states``, or the latest ``limit`` of all."""
         if states:
             marks = ",".join("?" * len(states))
-            cur = self.db.execute(_PERMISSION_COLUMNS + f" WHERE state IN ({marks}) ORDER BY asked_at, id LIMIT ?",
+            cur = self._rows(_PERMISSION_COLUMNS + f" WHERE state IN ({marks}) ORDER BY asked_at, id LIMIT ?",
                                   (*states, limit))
             return [_permission(r) for r in cur.fetchall()]
-        cur = self.db.execute(_PERMISSION_COLUMNS + " ORDER BY asked_at DESC, id DESC LIMIT ?", (limit,))
+        cur = self._rows(_PERMISSION_COLUMNS + " ORDER BY asked_at DESC, id DESC LIMIT ?", (limit,))
         return [_permission(r) for r in reversed(cur.fetchall())]
 
     def answer_permission(self, request_id: str, *, decision: str, reply: str, message: str | None, by: str,
@@ -990,7 +1001,6 @@ class Ledger:
         with self._tx():
             self.db.execute("UPDATE dispatches SET state=?, completed_at=?, error=? WHERE id=?",
                             (FAILED, at, reason, old.id))
-            metrics.prompt_done(FAILED, None)
             cur = self.db.execute(
                 "INSERT INTO dispatches(message_id, session_id, state, created_at, prompt, supersedes) "
                 "VALUES(?, ?, ?, ?, ?, ?)", (message_id, old.session_id, PENDING, at, prompt, old.id))
@@ -1060,36 +1070,43 @@ _INSERT_PERMISSION = (f"INSERT INTO permissions({', '.join(_PERMISSION_FIELDS)})
                       f"VALUES({', '.join('?' * len(_PERMISSION_FIELDS))})")
 
 
-def _permission(row: Sequence[Any]) -> PermissionRequest:
-    return PermissionRequest(*row)
+Row = TypeVar("Row")
+
+
+def _built(cls: Callable[..., Row], row: sqlite3.Row, **decode: Callable[[Any], Any]) -> Row:
+    """A dataclass from a row, field by column name; the ``decode`` columns pass through their function."""
+    values = {key: row[key] for key in row.keys()}
+    for key, fn in decode.items():
+        values[key] = fn(values[key])
+    return cls(**values)
+
+
+def _json_tuple(text: str) -> tuple[Any, ...]:
+    return tuple(json.loads(text))
+
+
+def _permission(row: sqlite3.Row) -> PermissionRequest:
+    return _built(PermissionRequest, row)
 
 
 def _permission_values(p: PermissionRequest) -> tuple[Any, ...]:
     return tuple(getattr(p, f) for f in _PERMISSION_FIELDS)
 
 
-def _brokered(row: Sequence[Any]) -> BrokeredSession:
-    values = list(row)
-    values[5] = json.loads(values[5])
-    return BrokeredSession(*values)
+def _brokered(row: sqlite3.Row) -> BrokeredSession:
+    return _built(BrokeredSession, row, rules=json.loads)
 
 
-def _escalation(row: Sequence[Any]) -> Escalation:
-    values = list(row)
-    values[13] = tuple(json.loads(values[13]))
-    values[14] = tuple(json.loads(values[14]))
-    values[15] = json.loads(values[15])
-    return Escalation(*values)
+def _escalation(row: sqlite3.Row) -> Escalation:
+    return _built(Escalation, row, actions=_json_tuple, done=_json_tuple, outcome=json.loads)
 
 
 def _message(row: Sequence[Any]) -> dict[str, Any]:
     return dict(zip(_MESSAGE_KEYS, row))
 
 
-def _dispatch(row: Sequence[Any]) -> Dispatch:
-    values = list(row)
-    values[9] = json.loads(values[9]) if values[9] else []
-    return Dispatch(*values)
+def _dispatch(row: sqlite3.Row) -> Dispatch:
+    return _built(Dispatch, row, tool_calls=lambda text: json.loads(text) if text else [])
 
 
 class _Tx:

@@ -201,10 +201,6 @@ class LedgerHealth:
                 "last": None if last is None else {"since": last.since, "until": last.until, "error": last.error}}
 
 
-#: the daemon's one tracker; the supervisor sets its path
-HEALTH = LedgerHealth()
-
-
 def identity(path: str) -> tuple[int, int] | None:
     """(device, inode) of the file at ``path``, or None if there is none."""
     try:

@@ -1,8 +1,10 @@
-"""The one HTTP client for ``opencode serve``: auth, timeouts, typed errors.
+"""The one HTTP client for ``opencode serve``: auth, timeouts, typed errors, typed answers.
 
 Every request the daemon makes to the server goes through :class:`OpencodeClient`, so
 auth (HTTP basic, the event stream included), timeouts and the mapping of failures to
-a few exception types live in one place.
+a few exception types live in one place. What the daemon decides on in an answer (is
+this reply finished, is this session busy) is defined once, here: :class:`Message` and
+:class:`SessionStatus`.
 """
 
 from __future__ import annotations
@@ -67,6 +69,90 @@ class Health:
     version: str | None
 
 
+#: a reply that ended with one of these is a turn paused between steps (tool calls), not its end
+PAUSED_FINISHES = ("tool-calls", "unknown")
+#: the ``GET /session/status`` types of a session that is running a turn
+BUSY_TYPES = ("busy", "retry")
+
+
+@dataclass(frozen=True)
+class SessionStatus:
+    """One session's entry in ``GET /session/status`` (idle sessions are absent from it)."""
+
+    type: str
+
+    @property
+    def busy(self) -> bool:
+        return self.type in BUSY_TYPES
+
+    @classmethod
+    def of(cls, statuses: dict[str, Any], session_id: str) -> "SessionStatus":
+        """The status of ``session_id`` in the map; absent means idle."""
+        entry = statuses.get(session_id)
+        if entry is None:
+            return cls("idle")
+        return cls(entry["type"] if isinstance(entry, dict) and isinstance(entry.get("type"), str) else "busy")
+
+    @classmethod
+    def busy_map(cls, statuses: dict[str, Any]) -> dict[str, str]:
+        """sessionID -> type, of the sessions the map says are running a turn."""
+        listed = {sid: cls.of(statuses, sid) for sid in statuses}
+        return {sid: st.type for sid, st in listed.items() if st.busy}
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of ``GET /session/:id/message``, typed where the daemon decides on it."""
+
+    id: str | None
+    role: str | None
+    parent_id: str | None
+    completed: bool  # ``time.completed`` is set
+    finish: str | None
+    error: str | None  # "Name: message" of ``info.error``
+    parts: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def from_api(cls, raw: Any) -> "Message | None":
+        """None for anything without an ``info`` object."""
+        info = raw.get("info") if isinstance(raw, dict) else None
+        if not isinstance(info, dict):
+            return None
+        times = info.get("time")
+        err = info.get("error")
+        error = None
+        if isinstance(err, dict):
+            data = err.get("data")
+            text = data.get("message", "") if isinstance(data, dict) else ""
+            error = f"{err.get('name', 'error')}: {text}".strip(": ")
+        parts = raw.get("parts")
+        return cls(id=_str(info.get("id")), role=_str(info.get("role")), parent_id=_str(info.get("parentID")),
+                   completed=isinstance(times, dict) and bool(times.get("completed")),
+                   finish=_str(info.get("finish")), error=error,
+                   parts=tuple(p for p in parts if isinstance(p, dict)) if isinstance(parts, list) else ())
+
+    @property
+    def finished(self) -> bool:
+        """An assistant reply whose turn is over: completed, and not paused between tool steps.
+
+        A reply that failed is over whatever its finish says. One prompt can give several
+        replies (one per step): only the last one's ``finished`` says the turn ended.
+        """
+        return (self.role == "assistant" and self.completed
+                and (self.finish not in PAUSED_FINISHES or self.error is not None))
+
+
+def messages_of(raw: list[Any]) -> list[Message]:
+    """The messages of a ``GET /session/:id/message`` answer, skipping what is not one."""
+    return [m for m in map(Message.from_api, raw) if m is not None]
+
+
+def last_finished(raw: list[Any]) -> bool:
+    """Whether the newest message is an assistant reply whose turn is over."""
+    found = messages_of(raw[-1:])
+    return bool(found) and found[0].finished
+
+
 def read_password(password_file: str | None, environ: dict[str, str] | None = None) -> str | None:
     """The server password from ``password_file`` or systemd's ``$CREDENTIALS_DIRECTORY``.
 
@@ -102,7 +188,8 @@ class OpencodeClient:
 
     # -- plumbing --------------------------------------------------------------
 
-    def _request(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> requests.Response:
+    def _request(self, method: str, path: str, *, timeout: float | tuple[float, float] | None = None,
+                 **kwargs: Any) -> requests.Response:
         url = self.base_url + path
         try:
             resp = self.http.request(method, url, timeout=timeout or self.timeout, **kwargs)
@@ -220,6 +307,10 @@ class OpencodeClient:
 def iter_chunks(resp: requests.Response, size: int = 65536) -> Iterator[bytes]:
     """The stream's bytes in large reads; small reads make a large event take seconds."""
     return resp.iter_content(size)
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _short(exc: BaseException) -> str:

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import logs
-from .opencode import NotFound, OpencodeClient, OpencodeError
+from .ledgerwatch import LedgerHealth
+from .opencode import NotFound, OpencodeClient, OpencodeError, last_finished
 from .state import Shared
-from .worker import ServerWorker
+from .worker import Deps, ServerWorker
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 @dataclass
@@ -27,26 +31,27 @@ class _Spell:
     mark: float  # the session's last activity when it was reported
 
 
-def last_reply_complete(messages: list[dict[str, Any]]) -> bool:
-    """True when the newest message is an assistant reply that has finished."""
-    if not messages:
-        return False
-    info = messages[-1].get("info") if isinstance(messages[-1], dict) else None
-    if not isinstance(info, dict) or info.get("role") != "assistant":
-        return False
-    done = isinstance(info.get("time"), dict) and info["time"].get("completed")
-    return bool(done) and info.get("finish") not in ("tool-calls", "unknown")
-
-
 class StallWatch(ServerWorker):
     """Checks the busy teammate sessions every few seconds against the quiet threshold."""
 
     name = "stalls"
+    sections = ("server", "stalls", "ledger")
+
+    @classmethod
+    def enabled_by(cls, cfg: Config) -> bool:
+        return cfg.stalls.enabled
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> StallWatch:
+        return cls(shared=deps.shared, make_client=deps.make_client, ledger_path=cfg.ledger.path,
+                   quiet=cfg.stalls.teammate_quiet_seconds, on_trigger=deps.wake("dispatch"), clock=deps.clock,
+                   ledger_health=deps.ledger_health)
 
     def __init__(self, *, shared: Shared, make_client: Callable[[], OpencodeClient], ledger_path: str,
                  quiet: float, on_trigger: Callable[[], None], clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
-        super().__init__(make_client, ledger_path, clock)
+                 wall: Callable[[], float] = time.time,
+                 ledger_health: LedgerHealth | None = None) -> None:
+        super().__init__(make_client, ledger_path, clock, ledger_health)
         self.shared = shared
         self.quiet = quiet
         self.on_trigger = on_trigger
@@ -68,7 +73,7 @@ class StallWatch(ServerWorker):
             quiet = self.shared.quiet_for(sid)
             spell = self.reported.get(sid)
             if spell is not None:
-                mark = self.shared.last_activity.get(sid, 0.0)
+                mark = self.shared.activity(sid) or 0.0
                 if mark > spell.mark:
                     del self.reported[sid]  # it moved again; a later silence is a new spell
                 else:
@@ -82,7 +87,7 @@ class StallWatch(ServerWorker):
         assert self.ledger is not None and self.client is not None
         who = self._title(sid)
         name = who or f"session {sid}"
-        mark = self.shared.last_activity.get(sid, 0.0)
+        mark = self.shared.activity(sid) or 0.0
         minutes = _duration(quiet)
         waiting = view.get("waiting")
         if waiting:
@@ -101,7 +106,7 @@ class StallWatch(ServerWorker):
         except OpencodeError as exc:
             self.log.debug(logs.kv("stall-check-failed", session=sid, error=str(exc)))
             return
-        if last_reply_complete(messages):
+        if last_finished(messages):
             self.reported[sid] = _Spell("status-mismatch", mark)
             detail = f"{name}: the server says busy but its last reply is complete and nothing happened for {minutes}"
             self.ledger.record_stall("status-mismatch", detail, session_id=sid, teammate=who,

@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
+from .jsonvalues import as_dict
 
 HIGH_VOLUME = frozenset({"message.part.delta"})
 
@@ -68,7 +69,7 @@ def normalize(obj: Any, data: str) -> Event | None:
         sync = obj.get("syncEvent")
         if not isinstance(sync, dict):
             return None
-        sdata = sync.get("data") if isinstance(sync.get("data"), dict) else {}
+        sdata = as_dict(sync.get("data"))
         sid = sync.get("aggregateID") if isinstance(sync.get("aggregateID"), str) else session_of(sdata)
         return Event(obj.get("id") if isinstance(obj.get("id"), str) else None, "sync", sdata, sid, directory, data, sync)
     if not isinstance(props, dict):

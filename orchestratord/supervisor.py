@@ -8,6 +8,7 @@ thread gets the service restarted by systemd.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import signal
@@ -18,10 +19,10 @@ from typing import Any, Callable
 
 from . import ledgerwatch, logs, metrics
 from .config import Config, ConfigError, load_config
-from .broker import Broker, BrokerSettings
-from .dispatch import Dispatcher, DispatchSettings
+from .broker import Broker
+from .dispatch import Dispatcher
 from .events import EventReader
-from .guard import Guard, Judge, seen_in_message
+from .guard import Guard
 from .health import HealthWatch
 from .inbox import InboxWatcher
 from .ledger import Ledger, LedgerError
@@ -30,7 +31,7 @@ from .opencode import OpencodeClient, read_password
 from .sessions import SessionDirectory
 from .stalls import StallWatch
 from .state import DaemonState, Shared
-from .worker import Worker
+from .worker import Deps, Worker
 
 log = logs.get("supervisor")
 
@@ -39,17 +40,13 @@ STATE_EVERY = 5.0
 PRUNE_EVERY = 3600.0
 STOP_TIMEOUT = 5.0
 
-# Which config sections each worker depends on: a reload restarts only the workers
-# whose sections changed.
-WORKER_SECTIONS: dict[str, tuple[str, ...]] = {
-    "health": ("server", "health", "ledger"),
-    "events": ("server", "events", "triggers", "safety", "ledger"),
-    "dispatch": ("server", "dispatch", "session", "teams", "ledger"),
-    "inbox": ("teams", "safety", "ledger"),
-    "guard": ("server", "safety", "ledger"),
-    "broker": ("server", "safety", "session", "teams", "ledger"),
-    "stalls": ("server", "stalls", "ledger"),
-}
+#: every worker, in the order they start; each declares its config sections and builds itself
+WORKERS: tuple[type[Worker], ...] = (HealthWatch, EventReader, Dispatcher, InboxWatcher, Guard, Broker, StallWatch)
+#: which config sections each worker is built from: a reload restarts only the workers whose sections changed
+WORKER_SECTIONS: dict[str, tuple[str, ...]] = {w.name: w.sections for w in WORKERS}
+_BY_NAME: dict[str, type[Worker]] = {w.name: w for w in WORKERS}
+#: the sections of a config (its fields that take part in comparing two configs)
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.compare)
 
 
 class StartupError(Exception):
@@ -57,9 +54,7 @@ class StartupError(Exception):
 
 
 def changed_sections(old: Config, new: Config) -> set[str]:
-    return {name for name in ("server", "ledger", "health", "events", "session", "teams", "dispatch", "triggers",
-                              "safety", "stalls", "metrics", "log")
-            if getattr(old, name) != getattr(new, name)}
+    return {name for name in SECTIONS if getattr(old, name) != getattr(new, name)}
 
 
 class Supervisor:
@@ -88,7 +83,10 @@ class Supervisor:
         self.last_textfile = 0.0
         self.stop_requested = False
         self.exit_code = 0
-        self.health = ledgerwatch.HEALTH = ledgerwatch.LedgerHealth(cfg.ledger.path, clock=clock)
+        self.ledger_health = ledgerwatch.LedgerHealth(cfg.ledger.path, clock=clock)
+        self.deps = Deps(shared=self.shared, sessions=self.sessions, make_client=self._client,
+                         ledger_health=self.ledger_health, wake=self._wake, desk=self._broker,
+                         on_server_up=self._server_up, clock=clock)
 
     # -- start -------------------------------------------------------------------
 
@@ -110,12 +108,12 @@ class Supervisor:
             self.ledger.close()
             self.ledger = None
             raise StartupError(f"cannot write ledger {self.cfg.ledger.path}: {exc}; {ledgerwatch.fix_for(exc)}") from exc
-        self.shared.update(session_id=self.ledger.get_meta(f"session:{self.cfg.server.url}") or self.cfg.session.id)
+        self.shared.set_session(self.ledger.get_meta(f"session:{self.cfg.server.url}") or self.cfg.session.id)
         self._metrics(self.cfg)
         for name in WORKER_SECTIONS:
             if self._enabled(name):
                 self._start_worker(name)
-        self.shared.update(state=DaemonState.READY)
+        self.shared.set_state(DaemonState.READY)
         log.log(logs.NOTICE, logs.kv("started", config=self.config_path, digest=self.cfg.digest,
                                      server=self.cfg.server.url,
                                      ledger=self.cfg.ledger.path, pid=os.getpid()))
@@ -146,64 +144,10 @@ class Supervisor:
                               self.cfg.server.timeout_seconds)
 
     def _build(self, name: str) -> Worker:
-        cfg = self.cfg
-        if name == "health":
-            return HealthWatch(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
-                               interval=cfg.health.interval_seconds, timeout=cfg.health.timeout_seconds,
-                               on_up=self._server_up, clock=self.clock)
-        if name == "events":
-            return EventReader(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
-                               stream=cfg.events.stream, directory=cfg.events.directory,
-                               read_timeout=cfg.events.read_timeout_seconds, max_event_bytes=cfg.events.max_event_bytes,
-                               reconnect_max=cfg.events.reconnect_max_seconds, store=cfg.ledger.store_events,
-                               rules=cfg.triggers, on_trigger=self._wake("dispatch"),
-                               on_own_activity=self._wake("dispatch"),
-                               judge=Judge.from_config(cfg.safety, lead=cfg.teams.lead),
-                               on_escalation=self._wake("guard"), sessions=self.sessions, desk=self._broker,
-                               clock=self.clock)
-        if name == "dispatch":
-            d = cfg.dispatch
-            settings = DispatchSettings(
-                prompt=d.prompt, debounce=d.debounce_seconds, min_interval=d.min_interval_seconds,
-                max_per_hour=d.max_per_hour, sweep_interval=d.sweep_interval_seconds,
-                busy_timeout=d.busy_timeout_seconds, completion_timeout=d.completion_timeout_seconds,
-                turn_timeout=d.turn_timeout_seconds, start_timeout=d.start_timeout_seconds,
-                session_title=cfg.session.title, session_id=cfg.session.id, agent=cfg.session.agent,
-                model=cfg.session.model, permission=cfg.session.permission, teams=cfg.teams.names, teams_base_dir=cfg.teams.base_dir, lead=cfg.teams.lead)
-            return Dispatcher(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
-                              settings=settings, server_url=cfg.server.url, clock=self.clock)
-        if name == "inbox":
-            t = cfg.teams
-            judge = Judge.from_config(cfg.safety, lead=cfg.teams.lead)
-            return InboxWatcher(ledger_path=cfg.ledger.path, base_dir=t.base_dir, teams=t.names, lead=t.lead,
-                                watch_members=t.watch_members, poll_interval=t.poll_interval_seconds,
-                                report_existing=t.report_existing, max_message_bytes=t.max_message_bytes,
-                                on_trigger=self._wake("dispatch"),
-                                judge=lambda ledger, m: judge.record(ledger, [seen_in_message(m)]),
-                                on_escalation=self._wake("guard"), clock=self.clock)
-        if name == "guard":
-            return Guard(make_client=self._client, ledger_path=cfg.ledger.path, hooks=cfg.safety.hooks,
-                         own_session=lambda: self.shared.session_id, on_trigger=self._wake("dispatch"),
-                         note_abort=self.shared.note_abort,
-                         clock=self.clock)
-        if name == "broker":
-            s = cfg.safety
-            settings = BrokerSettings(enabled=s.enabled and s.broker, sessions=s.broker_sessions, ask=s.ask,
-                                      hold_timeout=s.hold_timeout_seconds, release_on_stop=s.release_on_stop,
-                                      teams=cfg.teams.names, own_title=cfg.session.title)
-            return Broker(shared=self.shared, sessions=self.sessions, make_client=self._client,
-                          ledger_path=cfg.ledger.path, judge=Judge.from_config(s, lead=cfg.teams.lead),
-                          settings=settings, on_escalation=self._wake("guard"), clock=self.clock)
-        if name == "stalls":
-            return StallWatch(shared=self.shared, make_client=self._client, ledger_path=cfg.ledger.path,
-                              quiet=cfg.stalls.teammate_quiet_seconds, on_trigger=self._wake("dispatch"),
-                              clock=self.clock)
-        raise KeyError(name)
+        return _BY_NAME[name].build(self.cfg, self.deps)
 
     def _enabled(self, name: str) -> bool:
-        if name == "stalls":
-            return self.cfg.stalls.enabled
-        return True
+        return _BY_NAME[name].enabled_by(self.cfg)
 
     def _broker(self) -> Broker | None:
         worker = self.workers.get("broker")
@@ -286,13 +230,12 @@ class Supervisor:
                 self.last_pet = now
         self._check_ledger_file()
         self._write_state(now=now)
-        if self.shared.ledger_failing != self.health.failing:
-            self.shared.update(ledger_failing=self.health.failing)
+        self.shared.set_ledger_failing(self.ledger_health.failing)
         snap = self.shared.snapshot()
         degraded = (snap.server_healthy is False or not snap.stream_connected or bool(stale)
                     or snap.ledger_failing)
         if self.shared.state in (DaemonState.READY, DaemonState.DEGRADED):
-            self.shared.update(state=DaemonState.DEGRADED if degraded else DaemonState.READY)
+            self.shared.set_state(DaemonState.DEGRADED if degraded else DaemonState.READY)
         line = self.shared.status_line()
         if line != self.last_status:
             self.last_status = line
@@ -318,7 +261,7 @@ class Supervisor:
     def _write_state(self, now: float | None = None, force: bool = False) -> None:
         """Copy the live state to the ledger; while the ledger fails, this write is the probe."""
         now = self.clock() if now is None else now
-        force = force or self.health.failing
+        force = force or self.ledger_health.failing
         if self.ledger is None or (not force and not self.shared.changed.is_set() and now - self.last_state_write < STATE_EVERY):
             return
         self.shared.changed.clear()
@@ -327,14 +270,14 @@ class Supervisor:
         wall, mono = time.time(), self.clock()
         # The dispatcher's deadlines are monotonic; another process reads them as wall times of this moment.
         holds = [{"reason": h.reason, "detail": h.detail, "until": None if h.until is None else wall + h.until - mono}
-                 for h in list(self.shared.holds)]
+                 for h in s.holds]
         try:
             self.ledger.set_state({
                 "daemon": {"pid": os.getpid(), "state": s.state, "config": self.config_path,
                            "config_digest": self.cfg.digest, "status_line": self.shared.status_line(),
                            "metrics_listen": self.cfg.metrics.listen, "written_at": wall},
                 "dispatch": {"holds": holds},
-                "ledger": self.health.view(),
+                "ledger": self.ledger_health.view(),
                 "server": {"url": s.server_url, "healthy": s.server_healthy, "version": s.server_version},
                 "stream": {"connected": s.stream_connected, "events_total": s.events_total,
                            "last_event_at": s.last_event_at},
@@ -344,19 +287,19 @@ class Supervisor:
         except Exception as exc:
             metrics.ledger_error()
             if ledgerwatch.is_trouble(exc):
-                self.health.failed(exc, where="supervisor")
+                self.ledger_health.failed(exc, where="supervisor")
             else:
                 log.error(logs.kv("ledger-write-failed", what="status", error=str(exc),
                                   fix="check free space and permissions of ledger.path"))
             return
-        if self.health.failing:
+        if self.ledger_health.failing:
             # Writes go through again: every worker retries what it could not record now,
             # not at the end of its backoff; once per spell and at its end, not at every
             # probe (writes that keep failing now and then would have the stream reconnect
             # every second).
-            ended = self.health.succeeded()
-            if ended or self._woken_in != self.health.episodes:
-                self._woken_in = self.health.episodes
+            ended = self.ledger_health.succeeded()
+            if ended or self._woken_in != self.ledger_health.episodes:
+                self._woken_in = self.ledger_health.episodes
                 for worker in self.workers.values():
                     worker.wake()
             if ended:
@@ -435,7 +378,7 @@ class Supervisor:
 
     def reload(self) -> bool:
         """Load the config file again; keep the old one on any error."""
-        self.shared.update(state=DaemonState.RELOADING)
+        self.shared.set_state(DaemonState.RELOADING)
         self.notifier.reloading()
         try:
             try:
@@ -475,15 +418,14 @@ class Supervisor:
             self.cfg, self.password = new, password
             if "log" in changed:
                 logs.set_level(new.log.level)
-            self.shared.update(startup_grace=new.health.startup_grace_seconds)
+            self.shared.set_startup_grace(new.health.startup_grace_seconds)
             if "ledger" in changed and new.ledger.path != old.ledger.path:
                 assert self.ledger is not None
                 self.ledger.close()
                 self.ledger = Ledger(new.ledger.path)
-                self.health.path = new.ledger.path
+                self.ledger_health.path = new.ledger.path
             if "server" in changed:
-                self.shared.update(server_url=new.server.url, server_healthy=None, server_version=None,
-                                   session_id=None)
+                self.shared.set_server_url(new.server.url)
             restart = [name for name, sections in WORKER_SECTIONS.items() if changed & set(sections)]
             self._stop_workers(restart)
             for name in restart:
@@ -498,11 +440,11 @@ class Supervisor:
                                          restarted=",".join(restart) or "none"))
             return True
         finally:
-            self.shared.update(state=DaemonState.READY)
+            self.shared.set_state(DaemonState.READY)
             self.notifier.ready(self.shared.status_line())
 
     def shutdown(self) -> int:
-        self.shared.update(state=DaemonState.STOPPING)
+        self.shared.set_state(DaemonState.STOPPING)
         self.notifier.stopping()
         log.info(logs.kv("stopping", workers=",".join(self.workers)))
         broker = self._broker()

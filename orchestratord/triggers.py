@@ -15,15 +15,24 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 from .inbox import content_key
 from .sessions import SessionInfo
 from .stream import Event
+from .jsonvalues import as_dict
 
 
 class Rule(Protocol):
-    name: str
-    event: str
-    match: Mapping[str, Any]
-    sessions: str
-    enabled: bool
-    description: str
+    """A trigger rule as the matcher reads it (``config.TriggerRule``, frozen, is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def event(self) -> str: ...
+    @property
+    def match(self) -> Mapping[str, Any]: ...
+    @property
+    def sessions(self) -> str: ...
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def description(self) -> str: ...
 
 
 _MISSING = object()
@@ -88,8 +97,8 @@ def describe(rule: Rule, event: Event, session: SessionInfo | None = None) -> Ma
     words = rule.description or f"event {event.type}"
     if part and part.get("type") == "tool":
         tool = str(part.get("tool", ""))
-        state = part.get("state") if isinstance(part.get("state"), dict) else {}
-        inp = state.get("input") if isinstance(state.get("input"), dict) else {}
+        state = as_dict(part.get("state"))
+        inp = as_dict(state.get("input"))
         team = _str(inp.get("team_name"))
         teammate = None if session is not None and session.teammate else (
             _str(inp.get("sender")) or _str(inp.get("from")))
@@ -112,7 +121,7 @@ def describe(rule: Rule, event: Event, session: SessionInfo | None = None) -> Ma
             err = props.get("error")
             if isinstance(err, dict):
                 name = err.get("name") or ""
-                data = err.get("data") if isinstance(err.get("data"), dict) else {}
+                data = as_dict(err.get("data"))
                 msg = data.get("message") or ""
                 words += f" ({_shorten(f'{name}: {msg}'.strip(': '), 160)})"
     title = session.title if session is not None else None
@@ -134,7 +143,8 @@ def _message_ckey(tool: str, inp: Mapping[str, Any]) -> str | None:
         return None
     team, recipient, content = inp.get("team_name"), inp.get("recipient"), inp.get("content")
     kind = inp.get("type") or "message"
-    if not all(isinstance(v, str) and v for v in (team, recipient, kind)) or not isinstance(content, str):
+    if not (isinstance(team, str) and team and isinstance(recipient, str) and recipient and isinstance(kind, str)
+            and kind and isinstance(content, str)):
         return None
     if kind == "message":
         return content_key(team, recipient, content)

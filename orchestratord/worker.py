@@ -13,21 +13,39 @@ import os
 import sqlite3
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from . import ledgerwatch, logs, metrics
+from .crashpoints import crash_point
+from .ledger import Ledger
 
 if TYPE_CHECKING:
-    from .ledger import Ledger
+    from .config import Config
     from .opencode import OpencodeClient
+    from .sessions import SessionDirectory
+    from .state import Shared
+
+__all__ = ["Clock", "Deps", "ServerWorker", "Worker", "crash_point"]  # crash_point: where the workers have long found it
 
 Clock = Callable[[], float]
 
 
-def crash_point(name: str) -> None:
-    """Test hook: ORCHESTRATORD_TEST_CRASH=<name> ends the process here at once, like a power cut."""
-    if os.environ.get("ORCHESTRATORD_TEST_CRASH") == name:
-        os._exit(137)
+@dataclass(frozen=True)
+class Deps:
+    """What the supervisor hands every worker it builds, besides the config: one object, not six arguments."""
+
+    shared: Shared
+    sessions: SessionDirectory
+    make_client: Callable[[], OpencodeClient]
+    ledger_health: ledgerwatch.LedgerHealth
+    #: ``wake("dispatch")`` is a callable that wakes the dispatcher (whichever instance runs then)
+    wake: Callable[[str], Callable[[], None]]
+    #: the broker while it runs, else None (the event reader hands it permission requests)
+    desk: Callable[[], Any]
+    #: the server was seen up again (the event reader reconnects at once)
+    on_server_up: Callable[[], None]
+    clock: Clock = time.monotonic
 
 
 class Worker:
@@ -36,9 +54,23 @@ class Worker:
     name = "worker"
     #: a heartbeat older than this means the worker is hung (seconds)
     stall_after = 30.0
+    #: the config sections :meth:`build` reads: a reload that changes one of them restarts this worker
+    sections: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+    @classmethod
+    def enabled_by(cls, cfg: Config) -> bool:
+        """Whether ``cfg`` runs this worker at all."""
+        return True
+
+    @classmethod
+    def build(cls, cfg: Config, deps: Deps) -> Worker:
+        """The worker as ``cfg`` asks for it (read only the :attr:`sections` named)."""
+        raise NotImplementedError(cls.__name__)
+
+    def __init__(self, clock: Clock = time.monotonic, ledger_health: ledgerwatch.LedgerHealth | None = None) -> None:
         self.clock = clock
+        #: where a failing ledger write is told (the supervisor's one tracker; a private one in tests)
+        self.ledger_health = ledger_health if ledger_health is not None else ledgerwatch.LedgerHealth()
         self.log = logs.get(self.name)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -137,7 +169,7 @@ class Worker:
             if isinstance(exc, sqlite3.Error) and ledgerwatch.is_trouble(exc):
                 # One critical line for the whole spell (ledger-failing), not one per worker per retry;
                 # the supervisor wakes us as soon as a write goes through again.
-                ledgerwatch.HEALTH.failed(exc, where=self.name)
+                self.ledger_health.failed(exc, where=self.name)
                 self.log.debug(line)
             else:
                 self.log.error(line, exc_info=self.errors == 1)
@@ -166,16 +198,14 @@ class ServerWorker(Worker):
     """
 
     def __init__(self, make_client: Callable[[], "OpencodeClient"], ledger_path: str,
-                 clock: Clock = time.monotonic) -> None:
-        super().__init__(clock)
+                 clock: Clock = time.monotonic, ledger_health: ledgerwatch.LedgerHealth | None = None) -> None:
+        super().__init__(clock, ledger_health)
         self.make_client = make_client
         self.ledger_path = ledger_path
-        self.ledger: "Ledger | None" = None
+        self.ledger: Ledger | None = None
         self.client: "OpencodeClient | None" = None
 
     def setup(self) -> None:
-        from .ledger import Ledger  # the ledger module uses this one's crash points
-
         self.ledger = Ledger(self.ledger_path)
         self.client = self.make_client()
 

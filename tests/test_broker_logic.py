@@ -134,7 +134,7 @@ def server() -> FakeServer:
 def broker(tmp_path: Path, server: FakeServer, clock: Clock | None = None, own: str | None = "ses_orch",
            **settings: Any) -> Broker:
     shared = Shared()
-    shared.session_id = own
+    shared.set_session(own)
     clock = clock or Clock()
     b = Broker(shared=shared, sessions=SessionDirectory(), make_client=lambda: server,  # type: ignore[arg-type, return-value]
                ledger_path=str(tmp_path / "l.db"), judge=Judge(build_rules(())),
@@ -229,7 +229,7 @@ def test_a_new_session_titled_like_ours_waits_until_ours_is_known(tmp_path: Path
     b = broker(tmp_path, server, clock=clock, own=None)
     b.run_once()
     assert server.patches == [], "it may be the orchestrator's session being created"
-    b.shared.session_id = "ses_new"
+    b.shared.set_session("ses_new")
     clock.now += 2
     b.run_once()
     assert server.patches == [], "it was ours: its deny of bash stays the last word"

@@ -116,7 +116,7 @@ def rig(tmp_path: Path):
     clock = Clock()
     server = FakeServer()
     shared = Shared(server_url="http://x", clock=clock)
-    shared.update(stream_connected=True)
+    shared.set_stream_connected(True)
     path = str(tmp_path / "ledger.db")
 
     def make(**kw: Any) -> Dispatcher:
@@ -316,11 +316,11 @@ def test_a_turn_is_not_called_silent_while_the_stream_is_down(rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, min_interval=0.0, turn_timeout=30.0, completion_timeout=1000.0)
     server.start(p["session"], p["id"])
-    shared.update(stream_connected=False)  # e.g. the reader cannot write the ledger: no events are read
+    shared.set_stream_connected(False)  # e.g. the reader cannot write the ledger: no events are read
     clock.t += 120
     d.run_once()
     assert Ledger(path).open_dispatches() and getattr(server, "aborted", []) == []
-    shared.update(stream_connected=True)
+    shared.set_stream_connected(True)
     shared.touch(p["session"])  # the reconnect starts the count afresh
     clock.t += 31
     d.run_once()
@@ -378,7 +378,7 @@ def test_a_prompt_that_never_runs_is_sent_again_once_then_escalated(rig) -> None
 def test_a_prompt_that_starts_is_not_resent(rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, start_timeout=30.0)
-    shared.went_busy[p["session"]] = clock.t  # the busy event came
+    shared.mark_busy(p["session"])  # the busy event came
     clock.t += 60
     shared.touch(p["session"])
     d.run_once()
@@ -440,16 +440,17 @@ def test_the_session_ruleset_is_restated_when_the_config_widens_it(rig) -> None:
 
 def outage(shared: Shared) -> None:
     """What a server restart does: the health watch sees it down and up again, the stream ends."""
-    shared.update(server_healthy=False, outages=shared.outages + 1, stream_connected=True)
+    shared.server_seen(False, None)
+    shared.set_stream_connected(True)
     shared.stream_lost()
-    shared.update(server_healthy=True)
+    shared.server_seen(True, None)
 
 
 def test_a_health_probe_that_timed_out_while_the_stream_went_on_is_no_outage(rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, min_interval=0.0)
-    shared.update(server_healthy=False, outages=shared.outages + 1)  # the probe timed out; the stream stayed
-    shared.update(server_healthy=True)
+    shared.server_seen(False, None)  # the probe timed out; the stream stayed
+    shared.server_seen(True, None)
     d.run_once()
     d.run_once()
     assert len(server.prompts) == 1, "a prompt slow to start is not sent a second time"
@@ -582,11 +583,31 @@ def test_the_dispatcher_says_what_holds_the_triggers_back_and_until_when(rig) ->
     shared.touch(d.session_id)  # busy, and active
     d.run_once()
     assert [h.reason for h in shared.holds] == ["session-busy"]
-    shared.update(server_healthy=False)
+    shared.server_seen(False, None)
     d.run_once()
     assert [h.reason for h in shared.holds] == ["server-down"]
-    shared.update(server_healthy=True)
+    shared.server_seen(True, None)
     server.status = {}
     d.run_once()
     assert [h.reason for h in shared.holds] in (["prompt-in-flight"], [])
     assert len(server.prompts) == 3
+
+
+def test_a_busy_session_paused_between_tool_steps_is_not_taken_for_a_lying_status(rig) -> None:
+    """Busy and quiet past busy_timeout: the last reply stopped for tool calls, so the turn goes on."""
+    clock, server, shared, path, make = rig
+    d, p = one_prompt(rig, debounce=0.0)
+    server.reply(p["session"], p["id"], "ok")
+    d.run_once()
+    add_triggers(path, 1, teammate="worker-2")
+    server.status = {p["session"]: {"type": "busy"}}
+    server.prompt_async(p["session"], "the lead's own turn", "msg_own")  # a turn of its own, mid tool steps
+    server.reply(p["session"], "msg_own", "reading", finish="tool-calls")
+    clock.t += 61.0  # past busy_timeout (60 s) with no event of the session
+    d.run_once()
+    assert [h.reason for h in shared.holds] == ["session-busy"] and len(server.prompts) == 2
+    assert [r["kind"] for r in Ledger(path).stalls()] == [], "a paused turn is no status that lies"
+    server.messages_by_session[p["session"]][-1]["info"]["finish"] = "stop"  # now it is over, yet still "busy"
+    clock.t += 1.0
+    d.run_once()
+    assert len(server.prompts) == 3, "a finished reply under a busy status: the prompt goes anyway"

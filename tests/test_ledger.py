@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestratord.ledger import (COMPLETED, MIGRATIONS, PENDING, SCHEMA_VERSION, SENT, EventRow, Ledger,
+from orchestratord.ledger import (COMPLETED, FAILED, MIGRATIONS, PENDING, SCHEMA_VERSION, SENT, EventRow, Ledger,
                                   LedgerError)
 from tests.support.logcapture import caplog  # noqa: F401 - the fixture
 
@@ -97,12 +97,29 @@ def test_trigger_dedup_and_dispatch_ties_triggers(tmp_path: Path) -> None:
     assert led.dispatch_totals()["sent_total"] == 1 and led.dispatch_totals()["last_outcome"] == COMPLETED
 
 
-def test_release_triggers_puts_them_back(tmp_path: Path) -> None:
+def test_a_failed_prompt_releases_its_triggers_in_the_same_commit(tmp_path: Path) -> None:
     led = Ledger(str(tmp_path / "l.db"))
     t = led.add_trigger("event", "x")
     d = led.create_dispatch("msg_2", "ses_1", "p", [t])
-    led.release_triggers(d)
+    led.finish_dispatch(d, FAILED, error="never sent", release=True)
     assert [x.id for x in led.pending_triggers()] == [t]
+    assert led.get_dispatch(d).state == FAILED
+    t2 = led.add_trigger("event", "y")
+    d2 = led.create_dispatch("msg_3", "ses_1", "p", [t2])
+    led.finish_dispatch(d2, FAILED, error="rejected")  # settled: the model saw it
+    assert [x.id for x in led.triggers_for(d2)] == [t2] and [x.id for x in led.pending_triggers()] == [t]
+
+
+def test_a_failed_settle_leaves_the_prompt_open_and_its_triggers_with_it(tmp_path: Path) -> None:
+    """The triggers' update fails inside the transaction: the prompt's close is rolled back too."""
+    led = Ledger(str(tmp_path / "l.db"))
+    t = led.add_trigger("event", "x")
+    d = led.create_dispatch("msg_2", "ses_1", "p", [t])
+    led.db.execute("CREATE TRIGGER no_release BEFORE UPDATE OF dispatch_id ON triggers "
+                   "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    with pytest.raises(sqlite3.IntegrityError):
+        led.finish_dispatch(d, FAILED, error="never sent", release=True)
+    assert led.get_dispatch(d).state == PENDING and [x.id for x in led.triggers_for(d)] == [t]
 
 
 def test_two_threads_two_connections(tmp_path: Path) -> None:

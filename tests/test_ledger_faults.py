@@ -648,14 +648,13 @@ def test_a_stream_that_cannot_be_recorded_is_not_reported_as_connected(tmp_path:
     health = LedgerHealth(str(tmp_path / "ledger.db"))
     r = EventReader(shared=shared, make_client=Client, ledger_path=str(tmp_path / "ledger.db"),  # type: ignore[arg-type]
                     stream="global", directory=None, read_timeout=5, max_event_bytes=1 << 20, reconnect_max=1,
-                    store="default", rules=(), on_trigger=lambda: None, on_own_activity=lambda: None)
+                    store="default", rules=(), on_trigger=lambda: None, on_own_activity=lambda: None,
+                    ledger_health=health)
     r.client = Client()  # type: ignore[assignment]
     r.ledger = Ledger(str(tmp_path / "ledger.db"))
 
     def full(*a: Any, **k: Any) -> None:
         raise FULL
-    import orchestratord.ledgerwatch as lw
-    saved, lw.HEALTH = lw.HEALTH, health
     try:
         r.ledger.record_transition = full  # type: ignore[method-assign]
         r.ledger.add_events = full  # type: ignore[method-assign]
@@ -665,7 +664,6 @@ def test_a_stream_that_cannot_be_recorded_is_not_reported_as_connected(tmp_path:
         assert shared.stream_connected is False, "a stream whose events cannot be recorded is not watched"
         assert health.current is not None, "and the ledger's trouble is on record"
     finally:
-        lw.HEALTH = saved
         r.ledger.close()
 
 
@@ -730,15 +728,15 @@ def test_workers_are_woken_once_when_writes_go_through_again_not_at_every_probe(
     w = StubWorker("events")
     sup.workers = {"events": w}
     try:
-        sup.health.failed(FULL, where="events")
+        sup.ledger_health.failed(FULL, where="events")
         for _ in range(5):  # writes go through, but a worker's keep failing now and then
             clock.now += 1.0
             sup._write_state(now=clock.now)
-            sup.health.failed(FULL, where="events")
+            sup.ledger_health.failed(FULL, where="events")
         assert w.wakes == 1, "a reconnect a second while the spell lasts would flood the log"
         clock.now += 60.0
         sup._write_state(now=clock.now)
-        assert not sup.health.failing and w.wakes == 2, "and once more when the spell ends"
+        assert not sup.ledger_health.failing and w.wakes == 2, "and once more when the spell ends"
     finally:
         sup.ledger.close()
 

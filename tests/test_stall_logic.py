@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestratord.stalls import StallWatch, last_reply_complete
+from orchestratord.opencode import last_finished
+from orchestratord.stalls import StallWatch
 from orchestratord.state import Shared
 
 
@@ -34,7 +35,9 @@ class FakeClient:
 def rig(tmp_path: Path) -> tuple[Clock, Shared, FakeClient, StallWatch, list[int]]:
     clock, client, woke = Clock(), FakeClient(), []
     shared = Shared(server_url="http://x", clock=clock)
-    shared.update(server_healthy=True, stream_connected=True, session_id="ses_orch")
+    shared.server_seen(True, None)
+    shared.set_stream_connected(True)
+    shared.set_session("ses_orch")
     w = StallWatch(shared=shared, make_client=lambda: client, ledger_path=str(tmp_path / "l.db"), quiet=60.0,
                    on_trigger=lambda: woke.append(1), clock=clock, wall=lambda: 1_700_000_000.0 + clock.t)
     w.setup()
@@ -97,15 +100,15 @@ def test_waiting_and_lying_statuses_are_not_stalls(tmp_path: Path) -> None:
 def test_no_judgement_without_the_stream(tmp_path: Path) -> None:
     clock, shared, client, w, woke = rig(tmp_path)
     shared.set_status("ses_a", "busy")
-    shared.update(stream_connected=False)
+    shared.set_stream_connected(False)
     clock.t += 600
     w.run_once()
     assert kinds(w) == []
 
 
-def test_last_reply_complete() -> None:
-    assert not last_reply_complete([])
-    assert not last_reply_complete([{"info": {"role": "user"}}])
-    assert not last_reply_complete([{"info": {"role": "assistant", "time": {"created": 1}}}])
-    assert not last_reply_complete([{"info": {"role": "assistant", "time": {"completed": 2}, "finish": "tool-calls"}}])
-    assert last_reply_complete([{"info": {"role": "assistant", "time": {"completed": 2}, "finish": "stop"}}])
+def test_last_finished() -> None:
+    assert not last_finished([])
+    assert not last_finished([{"info": {"role": "user"}}])
+    assert not last_finished([{"info": {"role": "assistant", "time": {"created": 1}}}])
+    assert not last_finished([{"info": {"role": "assistant", "time": {"completed": 2}, "finish": "tool-calls"}}])
+    assert last_finished([{"info": {"role": "assistant", "time": {"completed": 2}, "finish": "stop"}}])

@@ -100,7 +100,7 @@ def test_stream_connect_failures_are_notices_while_the_server_starts(caplog: Any
                     directory=None, read_timeout=25.0, max_event_bytes=1 << 20, reconnect_max=1.0, store="default",
                     rules=(), on_trigger=lambda: None, on_own_activity=lambda: None, clock=clock)
     r._failed("connection refused")
-    shared.update(ever_up=True)
+    shared.server_seen(True, None)
     r._failures = 19
     r._failed("connection refused")
     assert [level for level, _ in lines(caplog, "stream-connect-failed")] == ["NOTICE", "WARNING"]

@@ -180,7 +180,7 @@ class Dispatcher(ServerWorker):
         self.last_sent: float | None = None
         self.last_sweep: float = clock()
         self.follow_started: dict[int, float] = {}
-        # dispatch id -> (shared.outages, shared.stream_losses) when last looked at
+        # dispatch id -> shared.outages() (server outages, stream losses) when last looked at
         self.follow_outages: dict[int, tuple[int, int]] = {}
         self._cap_logged = False
         self._busy_warned: float | None = None

@@ -116,7 +116,7 @@ def test_a_stream_attempt_begun_while_the_server_starts_is_a_notice_when_it_fail
 
     class Client:
         def open_stream(self, path: str, read_timeout: float) -> Any:
-            shared.update(ever_up=True)  # the health probe saw it up meanwhile
+            shared.server_seen(True, None)  # the health probe saw it up meanwhile
             raise OpencodeError(f"GET {path}: read timed out")
 
     r = EventReader(shared=shared, make_client=lambda: None, ledger_path="-", stream="global",  # type: ignore[arg-type, return-value]

@@ -264,7 +264,8 @@ def test_requests_asked_while_the_daemon_was_down_are_answered_at_its_start(bed:
     assert [(x["session_id"], x["decision"]) for x in mine] == [(harmless, "approve"), (destructive, "reject")]
     for sid in (harmless, destructive):
         [req] = [p for _, p in watch.find("permission.asked") if p.get("sessionID") == sid]
-        watch.wait("permission.replied", lambda p, rid=req["id"]: p.get("requestID") == rid)
+        rid: str = req["id"]
+        watch.wait("permission.replied", lambda p: bool(p.get("requestID") == rid))  # noqa: B023 - used at once
     again.wait_log(r"permission-rejected .*rule=recursive-delete")
 
 

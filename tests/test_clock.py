@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import pytest
 
 from orchestratord.dispatch import Dispatcher, seed_sends
 from orchestratord.ledger import Dispatch, Ledger
+from orchestratord.opencode import OpencodeClient
 from orchestratord.state import Shared
 from tests.test_dispatch_logic import FakeServer, add_triggers, settings
 
@@ -163,7 +164,8 @@ def make(tmp_path: Path, clocks: Clocks) -> Any:
 
     def new(**kw: Any) -> tuple[Dispatcher, FakeServer, str]:
         shared = Shared(server_url="http://x", clock=lambda: clocks.mono)
-        d = Dispatcher(shared=shared, make_client=lambda: server, ledger_path=path, settings=settings(**kw),
+        d = Dispatcher(shared=shared, make_client=lambda: cast(OpencodeClient, server), ledger_path=path,
+                       settings=settings(**kw),
                        server_url="http://x", clock=lambda: clocks.mono, wall=lambda: clocks.wall)
         d.setup()
         return d, server, path

@@ -88,7 +88,7 @@ def test_fractions_and_paths() -> None:
                        '[server]\npassword_file = "~/pw"\n', "c", "/etc/orch")
     assert cfg.dispatch.debounce_seconds == 0.25
     assert cfg.ledger.path == "/etc/orch/state/l.db"
-    assert not cfg.server.password_file.startswith("~")
+    assert cfg.server.password_file is not None and not cfg.server.password_file.startswith("~")
 
 
 def test_password_is_not_a_config_key() -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, cast
 
 import pytest
 
 from orchestratord.dispatch import DispatchSettings, Dispatcher, outcome, render_prompt
 from orchestratord.ledger import COMPLETED, PENDING, SENT, TIMEOUT, Ledger
-from orchestratord.opencode import NotFound, Unreachable
+from orchestratord.opencode import NotFound, OpencodeClient, Unreachable
 from orchestratord.state import Shared
 
 
@@ -104,15 +104,18 @@ class FakeServer:
 
 
 def settings(**kw: Any) -> DispatchSettings:
-    base = dict(prompt="Teams {teams}, lead {lead}.\n{triggers}", debounce=0.5, min_interval=5.0, max_per_hour=3,
+    base: dict[str, Any] = dict(prompt="Teams {teams}, lead {lead}.\n{triggers}", debounce=0.5, min_interval=5.0, max_per_hour=3,
                 sweep_interval=0.0, busy_timeout=60.0, completion_timeout=120.0, session_title="orchestrator",
                 session_id=None, agent=None, model=None, teams=("my-team",), teams_base_dir="/x", lead="team-lead")
     base.update(kw)
     return DispatchSettings(**base)
 
 
+Rig = tuple[Clock, FakeServer, Shared, str, Callable[..., Dispatcher]]
+
+
 @pytest.fixture
-def rig(tmp_path: Path):
+def rig(tmp_path: Path) -> Rig:
     clock = Clock()
     server = FakeServer()
     shared = Shared(server_url="http://x", clock=clock)
@@ -120,7 +123,7 @@ def rig(tmp_path: Path):
     path = str(tmp_path / "ledger.db")
 
     def make(**kw: Any) -> Dispatcher:
-        d = Dispatcher(shared=shared, make_client=lambda: server, ledger_path=path, settings=settings(**kw),
+        d = Dispatcher(shared=shared, make_client=lambda: cast(OpencodeClient, server), ledger_path=path, settings=settings(**kw),
                        server_url="http://x", clock=clock, wall=lambda: clock.t)
         d.setup()
         return d
@@ -146,7 +149,7 @@ def one_prompt(rig: Any, **kw: Any) -> tuple[Dispatcher, dict[str, Any]]:
     return d, p
 
 
-def test_no_trigger_no_prompt(rig) -> None:
+def test_no_trigger_no_prompt(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make()
     for _ in range(10):
@@ -155,7 +158,7 @@ def test_no_trigger_no_prompt(rig) -> None:
     assert d.session_id is not None and server.permission  # created once, with the ruleset
 
 
-def test_burst_is_one_prompt_after_the_quiet_period(rig) -> None:
+def test_burst_is_one_prompt_after_the_quiet_period(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make()
     add_triggers(path, 10)
@@ -168,10 +171,11 @@ def test_burst_is_one_prompt_after_the_quiet_period(rig) -> None:
     assert "teammate worker-1" in text and text.count("thing ") == 10 and "my-team" in text
 
 
-def test_busy_session_waits_then_one_prompt(rig) -> None:
+def test_busy_session_waits_then_one_prompt(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make()
     d.run_once()
+    assert d.session_id is not None
     server.status = {d.session_id: {"type": "busy"}}
     add_triggers(path, 10)
     for _ in range(5):
@@ -183,7 +187,7 @@ def test_busy_session_waits_then_one_prompt(rig) -> None:
     assert len(server.prompts) == 1
 
 
-def test_follow_records_outcome_then_next_prompt_respects_min_interval(rig) -> None:
+def test_follow_records_outcome_then_next_prompt_respects_min_interval(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make()
     add_triggers(path, 1)
@@ -208,7 +212,7 @@ def test_follow_records_outcome_then_next_prompt_respects_min_interval(rig) -> N
     assert len(server.prompts) == 2
 
 
-def test_hourly_cap(rig) -> None:
+def test_hourly_cap(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make(min_interval=0.0, debounce=0.0)
     for i in range(5):
@@ -223,12 +227,13 @@ def test_hourly_cap(rig) -> None:
     assert len(server.prompts) == 4
 
 
-def test_crash_after_post_is_not_sent_again(rig) -> None:
+def test_crash_after_post_is_not_sent_again(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make()
     d.run_once()
     led = Ledger(path)
     t = led.add_trigger("event", "x")
+    assert t is not None and d.session_id is not None
     led.create_dispatch("msg_landed", d.session_id, "p", [t])
     server.messages_by_session.setdefault(d.session_id, []).append({"info": {"id": "msg_landed", "role": "user"}})
     fresh = make()
@@ -236,19 +241,20 @@ def test_crash_after_post_is_not_sent_again(rig) -> None:
     assert server.prompts == [] and led.open_dispatches()[0].state == SENT
 
 
-def test_crash_before_post_is_sent_with_the_same_id(rig) -> None:
+def test_crash_before_post_is_sent_with_the_same_id(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make()
     d.run_once()
     led = Ledger(path)
     t = led.add_trigger("event", "x")
+    assert t is not None and d.session_id is not None
     led.create_dispatch("msg_lost", d.session_id, "p", [t])
     fresh = make()
     fresh.run_once()
     assert [p["id"] for p in server.prompts] == ["msg_lost"]
 
 
-def test_unreachable_post_stays_pending_and_is_looked_up(rig) -> None:
+def test_unreachable_post_stays_pending_and_is_looked_up(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make(debounce=0.0)
     d.run_once()
@@ -266,7 +272,7 @@ def test_unreachable_post_stays_pending_and_is_looked_up(rig) -> None:
     assert len(server.prompts) == 1 and Ledger(path).open_dispatches()[0].state == SENT
 
 
-def test_deleted_session_is_recreated_and_triggers_kept(rig) -> None:
+def test_deleted_session_is_recreated_and_triggers_kept(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make(debounce=0.0)
     d.run_once()
@@ -280,7 +286,7 @@ def test_deleted_session_is_recreated_and_triggers_kept(rig) -> None:
     assert server.prompts[0]["session"] == d.session_id and server.prompts[0]["text"].count("thing") == 2
 
 
-def test_completion_timeout(rig) -> None:
+def test_completion_timeout(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, completion_timeout=10.0)
     server.start(p["session"], p["id"])
@@ -292,7 +298,7 @@ def test_completion_timeout(rig) -> None:
     assert getattr(server, "aborted", []) == []
 
 
-def test_a_silent_turn_is_aborted_and_an_active_one_left_alone(rig) -> None:
+def test_a_silent_turn_is_aborted_and_an_active_one_left_alone(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, min_interval=0.0, turn_timeout=30.0, completion_timeout=1000.0)
     server.start(p["session"], p["id"])
@@ -312,7 +318,7 @@ def test_a_silent_turn_is_aborted_and_an_active_one_left_alone(rig) -> None:
     assert len(server.prompts) == 2, "the next trigger gets a fresh prompt"
 
 
-def test_a_turn_is_not_called_silent_while_the_stream_is_down(rig) -> None:
+def test_a_turn_is_not_called_silent_while_the_stream_is_down(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, min_interval=0.0, turn_timeout=30.0, completion_timeout=1000.0)
     server.start(p["session"], p["id"])
@@ -327,7 +333,7 @@ def test_a_turn_is_not_called_silent_while_the_stream_is_down(rig) -> None:
     assert server.aborted == [p["session"]]
 
 
-def test_a_prompt_caught_by_the_abort_of_a_stuck_turn_is_requeued(rig) -> None:
+def test_a_prompt_caught_by_the_abort_of_a_stuck_turn_is_requeued(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, min_interval=0.0, turn_timeout=30.0)
     server.start(p["session"], p["id"])
@@ -351,7 +357,7 @@ def test_a_prompt_caught_by_the_abort_of_a_stuck_turn_is_requeued(rig) -> None:
     assert len(server.prompts) == 3 and "worker-2" in server.prompts[2]["text"]
 
 
-def test_a_prompt_that_never_runs_is_sent_again_once_then_escalated(rig) -> None:
+def test_a_prompt_that_never_runs_is_sent_again_once_then_escalated(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d, first = one_prompt(rig, debounce=0.0, min_interval=0.0, start_timeout=30.0)
     clock.t += 20
@@ -375,7 +381,7 @@ def test_a_prompt_that_never_runs_is_sent_again_once_then_escalated(rig) -> None
     assert led.count_pending_triggers() == 1, "its trigger goes back to the queue"
 
 
-def test_a_prompt_that_starts_is_not_resent(rig) -> None:
+def test_a_prompt_that_starts_is_not_resent(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, start_timeout=30.0)
     shared.mark_busy(p["session"])  # the busy event came
@@ -385,7 +391,7 @@ def test_a_prompt_that_starts_is_not_resent(rig) -> None:
     assert len(server.prompts) == 1 and Ledger(path).open_dispatches()
 
 
-def test_sweep_only_when_configured(rig) -> None:
+def test_sweep_only_when_configured(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make(sweep_interval=30.0, debounce=0.0)
     d.run_once()
@@ -401,7 +407,7 @@ def test_render_and_outcome_helpers() -> None:
     assert outcome([], "msg_x")[0] is False
 
 
-def test_an_escalation_skips_the_quiet_period_and_the_min_interval(rig) -> None:
+def test_an_escalation_skips_the_quiet_period_and_the_min_interval(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make(debounce=5.0, min_interval=60.0)
     add_triggers(path, 1)
@@ -423,7 +429,7 @@ def test_an_escalation_skips_the_quiet_period_and_the_min_interval(rig) -> None:
     assert any("teammate worker-2" in ln for ln in lines[2:])
 
 
-def test_the_session_ruleset_is_restated_when_the_config_widens_it(rig) -> None:
+def test_the_session_ruleset_is_restated_when_the_config_widens_it(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make()
     d.run_once()
@@ -446,7 +452,7 @@ def outage(shared: Shared) -> None:
     shared.server_seen(True, None)
 
 
-def test_a_health_probe_that_timed_out_while_the_stream_went_on_is_no_outage(rig) -> None:
+def test_a_health_probe_that_timed_out_while_the_stream_went_on_is_no_outage(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, min_interval=0.0)
     shared.server_seen(False, None)  # the probe timed out; the stream stayed
@@ -459,7 +465,7 @@ def test_a_health_probe_that_timed_out_while_the_stream_went_on_is_no_outage(rig
     assert Ledger(path).dispatches()[0].state == "completed"
 
 
-def test_a_prompt_the_restarted_server_lost_is_sent_again_under_the_same_id(rig) -> None:
+def test_a_prompt_the_restarted_server_lost_is_sent_again_under_the_same_id(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, min_interval=0.0)
     server.messages_by_session[p["session"]].clear()  # the old process died before storing it
@@ -470,7 +476,7 @@ def test_a_prompt_the_restarted_server_lost_is_sent_again_under_the_same_id(rig)
     assert row.state == "sent" and row.message_id == p["id"]
 
 
-def test_a_turn_that_died_with_the_server_is_sent_again_under_a_new_id(rig) -> None:
+def test_a_turn_that_died_with_the_server_is_sent_again_under_a_new_id(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, min_interval=0.0)
     server.start(p["session"], p["id"])  # it had begun, and did not finish
@@ -488,7 +494,7 @@ def test_a_turn_that_died_with_the_server_is_sent_again_under_a_new_id(rig) -> N
     assert Ledger(path).dispatches()[0].state == "completed"
 
 
-def test_a_turn_still_running_after_a_network_outage_is_left_alone(rig) -> None:
+def test_a_turn_still_running_after_a_network_outage_is_left_alone(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, min_interval=0.0)
     server.start(p["session"], p["id"])
@@ -504,7 +510,7 @@ def test_a_turn_still_running_after_a_network_outage_is_left_alone(rig) -> None:
     assert row.state == "completed"
 
 
-def test_an_outage_that_begins_as_the_post_returns_is_not_missed(rig) -> None:
+def test_an_outage_that_begins_as_the_post_returns_is_not_missed(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make(debounce=0.0, min_interval=0.0, start_timeout=30.0)
     accept = server.prompt_async
@@ -514,7 +520,7 @@ def test_an_outage_that_begins_as_the_post_returns_is_not_missed(rig) -> None:
         server.messages_by_session[sid].clear()  # answered 204, then killed before storing it
         outage(shared)  # and the health watch saw it before the dispatcher went on
 
-    server.prompt_async = accept_then_die  # type: ignore[method-assign]
+    server.prompt_async = accept_then_die  # type: ignore[method-assign, assignment]
     add_triggers(path, 1)
     for _ in range(3):
         if server.prompts:
@@ -527,7 +533,7 @@ def test_an_outage_that_begins_as_the_post_returns_is_not_missed(rig) -> None:
     assert not Ledger(path).escalations()
 
 
-def test_an_outage_whose_look_up_fails_is_looked_at_again(rig) -> None:
+def test_an_outage_whose_look_up_fails_is_looked_at_again(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0, min_interval=0.0)
     server.messages_by_session[p["session"]].clear()
@@ -556,7 +562,7 @@ def answer_and_add(rig: Any, d: Dispatcher, teammate: str, later: float) -> None
     d.run_once()
 
 
-def test_the_dispatcher_says_what_holds_the_triggers_back_and_until_when(rig) -> None:
+def test_the_dispatcher_says_what_holds_the_triggers_back_and_until_when(rig: Rig) -> None:
     clock, server, shared, path, make = rig
     d = make(min_interval=10.0, debounce=0.5, max_per_hour=2)
     add_triggers(path, 1)
@@ -578,6 +584,7 @@ def test_the_dispatcher_says_what_holds_the_triggers_back_and_until_when(rig) ->
     debounce, cap = shared.holds  # a trigger just seen has its quiet period too
     assert (debounce.reason, cap.reason) == ("debounce", "hourly-cap") and "dispatch.max_per_hour = 2" in cap.detail
     assert cap.until == pytest.approx(first_sent + 3600)
+    assert d.session_id is not None
     server.status = {d.session_id: {"type": "busy"}}
     clock.t += 3600
     shared.touch(d.session_id)  # busy, and active
@@ -593,7 +600,7 @@ def test_the_dispatcher_says_what_holds_the_triggers_back_and_until_when(rig) ->
     assert len(server.prompts) == 3
 
 
-def test_a_busy_session_paused_between_tool_steps_is_not_taken_for_a_lying_status(rig) -> None:
+def test_a_busy_session_paused_between_tool_steps_is_not_taken_for_a_lying_status(rig: Rig) -> None:
     """Busy and quiet past busy_timeout: the last reply stopped for tool calls, so the turn goes on."""
     clock, server, shared, path, make = rig
     d, p = one_prompt(rig, debounce=0.0)

@@ -23,6 +23,7 @@ def chat(model: ScriptedModel, text: str, stream: bool = True, **extra: Any) -> 
 def chunks(resp: requests.Response) -> Iterator[dict[str, Any] | str]:
     """The ``data:`` payloads of an SSE response; ``[DONE]`` as the string."""
     for line in resp.iter_lines(decode_unicode=True):
+        assert isinstance(line, str)
         if line.startswith("data: "):
             data = line[len("data: "):]
             yield data if data == "[DONE]" else json.loads(data)
@@ -93,7 +94,7 @@ def test_queue_rules_default_and_reset(model: ScriptedModel) -> None:
 
 def test_title_requests_skip_the_queue(model: ScriptedModel) -> None:
     model.enqueue(Reply.text("queued"))
-    title = {"model": MODEL_ID, "stream": True, "messages": [
+    title: dict[str, Any] = {"model": MODEL_ID, "stream": True, "messages": [
         {"role": "system", "content": "You are a title generator. You output ONLY a thread title."},
         {"role": "user", "content": "Generate a title for this conversation: hello"}]}
     resp = requests.post(f"{model.url}/v1/chat/completions", json=title, timeout=10, stream=True)
@@ -107,7 +108,7 @@ def test_script_tool_then_text(model: ScriptedModel) -> None:
     model.script_tool_then_text("claude-teams_read_inbox", {"team_name": "t"}, "all read", marker="M1")
     first = [c for c in chunks(chat(model, "M1 go")) if isinstance(c, dict)]
     assert first[-1]["choices"][0]["finish_reason"] == "tool_calls"
-    follow = {"model": MODEL_ID, "stream": True, "messages": [
+    follow: dict[str, Any] = {"model": MODEL_ID, "stream": True, "messages": [
         {"role": "user", "content": "M1 go"},
         {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
             "name": "claude-teams_read_inbox", "arguments": "{}"}}]},

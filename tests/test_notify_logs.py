@@ -7,6 +7,7 @@ import logging
 import socket
 import struct
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -15,7 +16,7 @@ from orchestratord.notify import Notifier, watchdog_interval
 
 
 @pytest.fixture
-def notify_socket(tmp_path: Path):
+def notify_socket(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
@@ -24,7 +25,7 @@ def notify_socket(tmp_path: Path):
     sock.close()
 
 
-def test_messages_reach_the_socket(notify_socket) -> None:
+def test_messages_reach_the_socket(notify_socket: tuple[str, socket.socket]) -> None:
     path, sock = notify_socket
     n = Notifier(path)
     assert n.ready("ok") and n.status("busy") and n.reloading() and n.watchdog() and n.stopping()

@@ -39,7 +39,8 @@ def deps() -> Deps:
 @pytest.mark.parametrize("kind", WORKERS, ids=lambda w: w.name)
 def test_a_worker_builds_from_its_own_sections_alone(kind: type[Worker]) -> None:
     cfg = Config()
-    fenced = dataclasses.replace(cfg, **{s: Unread(s) for s in SECTIONS if s not in kind.sections})
+    unread: dict[str, Any] = {s: Unread(s) for s in SECTIONS if s not in kind.sections}
+    fenced = dataclasses.replace(cfg, **unread)
     assert kind.enabled_by(cfg)
     worker = kind.build(fenced, deps())
     assert isinstance(worker, kind) and worker.name == kind.name

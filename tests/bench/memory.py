@@ -72,7 +72,10 @@ def run(workdir: Path, corpus: Corpus, events: int, messages: int,
                 server.feed.put(path)
                 fed += written
                 counted += plain
-                wait_for(lambda c=counted: _events_total(ledger) >= c, 300, f"{fed} events taken in", interval=0.5)
+                def taken_in(c: int = counted) -> bool:
+                    return _events_total(ledger) >= c
+
+                wait_for(taken_in, 300, f"{fed} events taken in", interval=0.5)
                 out[f"rss_mb_after_{fed}_events"] = round(proc_rss_bytes(pid) / 2**20, 1)
                 progress(f"memory: {fed} events")
             out["events"] = fed
@@ -80,7 +83,10 @@ def run(workdir: Path, corpus: Corpus, events: int, messages: int,
             for _ in range(2):
                 _write_messages(teams, sent, messages // 2)
                 sent += messages // 2
-                wait_for(lambda s=sent: _reported(ledger) >= s, 300, f"{sent} messages reported", interval=0.5)
+                def reported(n: int = sent) -> bool:
+                    return _reported(ledger) >= n
+
+                wait_for(reported, 300, f"{sent} messages reported", interval=0.5)
                 out[f"rss_mb_after_{sent}_messages"] = round(proc_rss_bytes(pid) / 2**20, 1)
                 progress(f"memory: {sent} messages")
             out["messages"] = sent

@@ -17,13 +17,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 T = TypeVar("T")
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 15.0, what: str = "condition", interval: float = 0.02) -> T:
-    """Poll ``predicate`` until it returns something truthy, or fail naming ``what``."""
+def wait_for(predicate: Callable[[], T | None | Literal[False]], timeout: float = 15.0, what: str = "condition",
+             interval: float = 0.02) -> T:
+    """Poll ``predicate`` until it returns something truthy (None and False are not), or fail naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -31,11 +32,25 @@ from .inboxfile import DEFAULT_MAX_ITEM_BYTES, Entry, InboxError, InboxFile, mes
 from .ledger import Ledger, MessageRow, OversizedRow
 from .worker import Worker, crash_point
 
-__all__ = ["InboxError", "InboxWatcher", "TeamMessage", "content_key", "message_ckey", "message_type", "parse_inbox"]
+__all__ = ["InboxError", "InboxWatcher", "TeamMessage", "content_key", "message_ckey", "message_type", "parse_inbox",
+           "without_reminder"]
 
 STRUCTURED_TYPES = ("shutdown_request", "shutdown_approved", "shutdown_rejected", "shutdown_response",
                     "idle_notification", "task_assignment", "task_completed", "plan_approval_request",
                     "plan_approval_response", "broadcast")
+
+
+#: what claude-teams appends to a message's text before it stores it ("This message was sent from …")
+_REMINDER = re.compile(r"\s*<system_reminder>(?:(?!<system_reminder>).)*</system_reminder>\s*\Z", re.DOTALL)
+
+
+def without_reminder(text: str) -> str:
+    """The text as its sender wrote it: a trailing ``<system_reminder>`` block taken off.
+
+    The event stream sees the ``content`` of the send_message call, the inbox file the
+    stored text; only without the suffix do the two agree.
+    """
+    return _REMINDER.sub("", text) if text.endswith("</system_reminder>") else text
 
 
 @dataclass(frozen=True)
@@ -64,7 +79,7 @@ class TeamMessage:
 
     def short(self, limit: int = 120) -> str:
         """One line for the log: the summary, or the start of the text."""
-        base = self.summary or self.text
+        base = self.summary or without_reminder(self.text)
         if self.type != "message":
             base = f"[{self.type}] {self.summary or _structured_gist(self.text)}"
         one = " ".join(base.split())
@@ -135,7 +150,7 @@ CKEY_WINDOW = 600.0
 def message_ckey(m: TeamMessage) -> str:
     """The content key the event stream can compute too (see triggers.describe)."""
     if m.type == "message":
-        return content_key(m.team, m.recipient, m.text)
+        return content_key(m.team, m.recipient, without_reminder(m.text))
     return content_key(m.team, m.recipient, f"{m.type}:{_structured_gist(m.text)}")
 
 

@@ -128,13 +128,29 @@ def describe(rule: Rule, event: Event, session: SessionInfo | None = None) -> Ma
                  team=team, teammate=teammate, ckey=ckey)
 
 
-def _message_ckey(tool: str, inp: Mapping[str, Any]) -> str | None:
-    """The content key of a send_message call, as the inbox watcher computes it from the file."""
+def _message_ckey(tool: str, inp: Mapping[str, Any], lead: str = "team-lead") -> str | None:
+    """The content key of a send_message call, as the inbox watcher computes it from the file.
+
+    Each kind is keyed as claude-teams stores it in the recipient's inbox: a message or a
+    broadcast (to the lead) by its text, a shutdown request by its reason, an approved
+    shutdown as a ``shutdown_approved`` of its request ID, a refused one by its plain text.
+    """
     if not tool.endswith("send_message"):
         return None
     team, recipient, content = inp.get("team_name"), inp.get("recipient"), inp.get("content")
     kind = inp.get("type") or "message"
-    if not all(isinstance(v, str) and v for v in (team, recipient, kind)) or not isinstance(content, str):
+    if not isinstance(team, str) or not team or not isinstance(kind, str):
+        return None
+    content = content if isinstance(content, str) else ""
+    if kind == "broadcast":
+        return content_key(team, lead, content) if content and inp.get("sender") != lead else None
+    if kind == "shutdown_response":
+        to = recipient if isinstance(recipient, str) and recipient else lead
+        if inp.get("approve") is True:
+            rid = inp.get("request_id")
+            return content_key(team, to, f"shutdown_approved:{rid}") if isinstance(rid, str) and rid else None
+        return content_key(team, to, content or "Shutdown rejected")
+    if not isinstance(recipient, str) or not recipient or not isinstance(inp.get("content"), str):
         return None
     if kind == "message":
         return content_key(team, recipient, content)

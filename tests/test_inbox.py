@@ -12,12 +12,14 @@ from typing import Any
 import pytest
 
 from orchestratord.inbox import (InboxError, InboxWatcher, TeamMessage, content_key, message_ckey, message_type,
-                                 parse_inbox)
+                                 parse_inbox, without_reminder)
 from orchestratord.inboxfile import InboxFile
 from orchestratord.ledger import Ledger
 from orchestratord.triggers import _message_ckey
 from tests.support.logcapture import caplog  # noqa: F401 - the fixture
 from tests.support.team import make_team
+
+REMINDER = "\n\n<system_reminder>This message was sent from {0}. Use your send_message tool to respond.</system_reminder>"
 
 TEAM = "my-team"
 
@@ -331,3 +333,25 @@ def test_a_missing_teams_directory_is_named_once_and_watched_when_it_appears(
         assert [r for r in caplog.records if r.getMessage().startswith("inbox-watching") and r.levelname == "INFO"]
     finally:
         w.teardown()
+
+
+def test_the_content_key_ignores_the_reminder_and_matches_each_kind_of_call() -> None:
+    """What claude-teams stores (the reminder appended, structured texts) keys as the call that sent it."""
+    send = "claude-teams_send_message"
+    stored = "parser done" + REMINDER.format("worker-1")
+    plain = TeamMessage(TEAM, "team-lead", "worker-1", "t", stored, None, "message", False)
+    assert message_ckey(plain) == _message_ckey(send, {"team_name": TEAM, "type": "message",
+                                                        "recipient": "team-lead", "content": "parser done"})
+    assert plain.short() == "parser done"
+    assert message_ckey(plain) == _message_ckey(send, {"team_name": TEAM, "type": "broadcast",
+                                                        "content": "parser done", "sender": "worker-1"})
+    approved = json.dumps({"type": "shutdown_approved", "requestId": "shutdown-1@worker-1", "from": "worker-1",
+                           "timestamp": "t", "paneId": "", "backendType": "opencode", "sessionId": "ses_1"})
+    msg = TeamMessage(TEAM, "team-lead", "worker-1", "t", approved, None, "shutdown_approved", False)
+    assert message_ckey(msg) == _message_ckey(send, {"team_name": TEAM, "type": "shutdown_response",
+                                                      "request_id": "shutdown-1@worker-1", "approve": True})
+    refused = TeamMessage(TEAM, "team-lead", "worker-1", "t", "still busy", "shutdown_rejected", "message", False)
+    assert message_ckey(refused) == _message_ckey(send, {"team_name": TEAM, "type": "shutdown_response",
+                                                         "request_id": "r", "approve": False,
+                                                         "content": "still busy"})
+    assert without_reminder("a <system_reminder>x</system_reminder> b") == "a <system_reminder>x</system_reminder> b"

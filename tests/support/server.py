@@ -43,7 +43,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def opencode_config(model_url: str, teams_dir: Path, permission: dict[str, Any] | None = None) -> dict[str, Any]:
+def opencode_config(model_url: str, teams_dir: Path, permission: dict[str, Any] | None = None,
+                    server_url: str | None = None) -> dict[str, Any]:
+    """The project's opencode.json; with ``server_url`` the claude-teams server gets
+    ``OPENCODE_SERVER_URL`` (spawned teammates get sessions, messages are pushed)."""
+    teams_env = {"CLAUDE_TEAMS_BASE_DIR": str(teams_dir)}
+    if server_url:
+        teams_env["OPENCODE_SERVER_URL"] = server_url
     cfg: dict[str, Any] = {
         "$schema": "https://opencode.ai/config.json",
         "autoupdate": False,
@@ -60,7 +66,7 @@ def opencode_config(model_url: str, teams_dir: Path, permission: dict[str, Any] 
         "mcp": {"claude-teams": {
             "type": "local",
             "command": [sys.executable, str(TEAMS_SERVER)],
-            "environment": {"CLAUDE_TEAMS_BASE_DIR": str(teams_dir)},
+            "environment": teams_env,
             "enabled": True,
         }},
     }
@@ -71,7 +77,8 @@ def opencode_config(model_url: str, teams_dir: Path, permission: dict[str, Any] 
 
 class OpencodeServer:
     def __init__(self, root: Path, model_url: str, teams_dir: Path, password: str | None = None,
-                 permission: dict[str, Any] | None = None, path_prefix: Path | None = None) -> None:
+                 permission: dict[str, Any] | None = None, path_prefix: Path | None = None,
+                 teams_push: bool = True) -> None:
         if not OPENCODE_BIN.exists():
             raise RuntimeError(f"{OPENCODE_BIN} is missing: run `make opencode` (part of `make test`)")
         self.root = root
@@ -88,7 +95,8 @@ class OpencodeServer:
         self._last_prompt: dict[str, str] = {}  # session -> messageID of its last prompt_async
         for d in (self.home, self.project):
             d.mkdir(parents=True, exist_ok=True)
-        (self.project / "opencode.json").write_text(json.dumps(opencode_config(model_url, teams_dir, permission), indent=2))
+        (self.project / "opencode.json").write_text(json.dumps(opencode_config(
+            model_url, teams_dir, permission, server_url=self.url if teams_push else None), indent=2))
         self.http = requests.Session()
         if password:
             self.http.auth = (self.username, password)

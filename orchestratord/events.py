@@ -10,6 +10,7 @@ most of the work and change nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -29,11 +30,13 @@ from .opencode import AuthError, OpencodeClient, OpencodeError
 from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
 from .stream import HIGH_VOLUME, Event, FrameGuard, frame_data, from_sync, head_session, normalize
-from .triggers import Rule, RuleSet
+from .triggers import Match, Rule, RuleSet
 from .worker import Worker
 
 
 #: event rows are written when the stream pauses, or at this many rows, or this old
+#: how far back a teammate's turn may reach when its previous idle is not known
+TURN_LOOKBACK = 600.0
 BATCH_ROWS = 1000
 BATCH_SECONDS = 1.0
 
@@ -76,6 +79,8 @@ class EventReader(Worker):
         self.reconnect_max = reconnect_max
         self.store = store
         self.rules = RuleSet(rules)
+        self._turn_start: dict[str, float] = {}  # session -> wall time of its last idle
+        self._our_aborts: set[str] = set()  # sessions whose turn the daemon aborted, until their idle
         # Types whose events have no effect here but to be counted.
         self._count_only = frozenset(t.encode() for t in HIGH_VOLUME
                                      if store != "all" and not self.rules.for_type(t))
@@ -334,22 +339,55 @@ class EventReader(Worker):
             if seen and self.judge.record(self.ledger, seen, own, self._session):
                 self.on_escalation()
         if event.type == "session.error" and _aborted(event) and self.shared.aborted_recently(event.session_id):
+            if event.session_id:
+                self._our_aborts.add(event.session_id)  # and the idle that ends that turn is no news either
             return  # the daemon aborted that turn itself (a restart, the guard): nothing to tell
+        if event.type == "session.idle" and event.session_id in self._our_aborts:
+            self._our_aborts.discard(event.session_id)
+            return
         matches = self.rules.match(event, own, self._session)
         if matches:
             self._flush()
             assert self.ledger is not None
             added = 0
             for m in matches:
+                covered = None
+                if event.type == "session.idle" and event.session_id and m.teammate:
+                    m, covered = self._idle(m, event.session_id, wall)
                 tid = self.ledger.add_trigger(m.kind, m.detail, rule=m.rule, dedup=m.dedup, team=m.team,
                                               teammate=m.teammate, session_id=event.session_id,
-                                              event_type=event.type, event_id=event.id, ckey=m.ckey, now=wall)
-                if tid is not None:
+                                              event_type=event.type, event_id=event.id, ckey=m.ckey,
+                                              covered=covered, now=wall)
+                if tid is not None and covered is not None:
+                    self.log.info(logs.kv("trigger-covered", rule=m.rule, session=event.session_id,
+                                          teammate=m.teammate, by=covered, note="its turn already reported"))
+                elif tid is not None:
                     added += 1
                     self.log.info(logs.kv("trigger", rule=m.rule, session=event.session_id, teammate=m.teammate,
                                           event=event.type))
+            if event.type == "session.idle" and event.session_id:
+                self._turn_start.pop(event.session_id, None)
+                self._turn_start[event.session_id] = wall
+                if len(self._turn_start) > 1000:  # the oldest sessions' turns are long over
+                    del self._turn_start[next(iter(self._turn_start))]
             if added:
                 self.on_trigger()
+
+    def _idle(self, m: Match, session_id: str, wall: float) -> tuple[Match, str | None]:
+        """A teammate's idle: covered by what it reported in this turn, else worded as a stop.
+
+        One turn of a teammate costs one prompt: a message it sent in the turn (pending or
+        already in a prompt) is the news, and the idle that follows adds nothing. The turn
+        began at the session's last idle (or, not known since this process started, at most
+        ``TURN_LOOKBACK`` ago).
+        """
+        assert self.ledger is not None
+        since = self._turn_start.get(session_id, wall - TURN_LOOKBACK)
+        report = self.ledger.turn_report(session_id, m.team, m.teammate, since)
+        if report is not None:
+            return m, f"turn:{report}"
+        where = m.detail[m.detail.find(" in session "):] if " in session " in m.detail else ""
+        return dataclasses.replace(m, detail=f"{m.teammate} stopped without reporting{where}"), None
 
     def _observe(self, event: Event) -> None:
         """Keep the session view current from the events that describe it."""

@@ -20,7 +20,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 from . import ledgerwatch, logs, metrics
 from .worker import crash_point
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 log = logs.get("ledger")
 
@@ -209,7 +209,15 @@ CREATE TABLE IF NOT EXISTS oversized_messages (
 CREATE INDEX IF NOT EXISTS oversized_unreported ON oversized_messages(reported_at) WHERE reported_at IS NULL;
 """
 
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6)
+# v7: a trigger that needs no prompt of its own says why in ``covered``: ``turn:<id>`` (a
+# teammate's idle after it reported in that turn, trigger <id>) or ``claude-teams`` (the
+# message was pushed into the orchestrator's session by claude-teams itself).
+_SCHEMA_V7 = """
+ALTER TABLE triggers ADD COLUMN covered TEXT;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6,
+                               _SCHEMA_V7)
 
 # Dispatch states: recorded before the POST, sent after it, then one of the final three.
 PENDING, SENT, COMPLETED, FAILED, TIMEOUT = "pending", "sent", "completed", "failed", "timeout"
@@ -650,12 +658,13 @@ class Ledger:
     def add_trigger(self, kind: str, detail: str, *, rule: str | None = None, dedup: str | None = None,
                     team: str | None = None, teammate: str | None = None, session_id: str | None = None,
                     event_type: str | None = None, event_id: str | None = None, ckey: str | None = None,
-                    window: float = 600.0, now: float | None = None) -> int | None:
+                    window: float = 600.0, covered: str | None = None, now: float | None = None) -> int | None:
         """Record a trigger once; returns its id, or None when it was seen before.
 
         Seen before means the same ``dedup`` key ever, or the same ``ckey`` (a teammate
         message's content key) within ``window`` seconds: the inbox file and the event
-        stream report the same message, and one message is one trigger.
+        stream report the same message, and one message is one trigger. ``covered`` records
+        one that needs no prompt (see the v7 migration).
         """
         at = now if now is not None else time.time()
         with self._tx():
@@ -664,8 +673,8 @@ class Ledger:
                 return None
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO triggers(at, kind, rule, dedup, team, teammate, session_id, event_type, "
-                "event_id, detail, ckey) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (at, kind, rule, dedup, team, teammate, session_id, event_type, event_id, detail, ckey))
+                "event_id, detail, ckey, covered) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (at, kind, rule, dedup, team, teammate, session_id, event_type, event_id, detail, ckey, covered))
             if not cur.rowcount:
                 return None
         metrics.trigger(kind)
@@ -680,9 +689,32 @@ class Ledger:
                               (ckey, since)).fetchone()
         return row[0] if row else None
 
+    def turn_report(self, session_id: str, team: str | None, teammate: str | None, since: float) -> int | None:
+        """The first teammate message (a trigger with a content key) from this session, or
+        signed by this teammate, recorded since ``since``: what its turn already reported."""
+        row = self.db.execute(
+            "SELECT id FROM triggers WHERE ckey IS NOT NULL AND covered IS NULL AND at >= ? AND "
+            "(session_id = ? OR (teammate = ? AND (team = ? OR ? IS NULL))) ORDER BY id LIMIT 1",
+            (since, session_id, teammate, team, team)).fetchone()
+        return row[0] if row else None
+
+    def cover_pending(self, ckey: str, covered: str, since: float) -> list[int]:
+        """Mark the pending triggers of a content key as needing no prompt; their ids."""
+        with self._tx():
+            ids = [r[0] for r in self.db.execute(
+                "SELECT id FROM triggers WHERE ckey=? AND at >= ? AND dispatch_id IS NULL AND covered IS NULL",
+                (ckey, since))]
+            self.db.executemany("UPDATE triggers SET covered=? WHERE id=?", [(covered, i) for i in ids])
+        return ids
+
+    def covered_triggers(self, limit: int = 50) -> list[tuple[int, str, str]]:
+        """(id, covered, detail) of the newest triggers that needed no prompt."""
+        return [(r[0], r[1], r[2]) for r in self.db.execute(
+            "SELECT id, covered, detail FROM triggers WHERE covered IS NOT NULL ORDER BY id DESC LIMIT ?", (limit,))]
+
     def pending_triggers(self) -> list[Trigger]:
         """Triggers not yet covered by any prompt, oldest first."""
-        cur = self.db.execute(_TRIGGER_COLUMNS + " WHERE dispatch_id IS NULL ORDER BY id")
+        cur = self.db.execute(_TRIGGER_COLUMNS + " WHERE dispatch_id IS NULL AND covered IS NULL ORDER BY id")
         return [Trigger(*row) for row in cur.fetchall()]
 
     def triggers_for(self, dispatch_id: int) -> list[Trigger]:
@@ -690,7 +722,8 @@ class Ledger:
         return [Trigger(*row) for row in cur.fetchall()]
 
     def count_pending_triggers(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM triggers WHERE dispatch_id IS NULL").fetchone()[0]
+        return self.db.execute(
+            "SELECT COUNT(*) FROM triggers WHERE dispatch_id IS NULL AND covered IS NULL").fetchone()[0]
 
     # -- dispatches -------------------------------------------------------------
 
@@ -1023,6 +1056,8 @@ class Ledger:
             n += self.db.execute(
                 "DELETE FROM triggers WHERE at < ? AND dispatch_id IN "
                 "(SELECT id FROM dispatches WHERE state NOT IN (?, ?))", (before, *OPEN_STATES)).rowcount
+            n += self.db.execute("DELETE FROM triggers WHERE at < ? AND covered IS NOT NULL AND dispatch_id IS NULL",
+                                 (before,)).rowcount
             n += self.db.execute(
                 "DELETE FROM dispatches WHERE created_at < ? AND state NOT IN (?, ?) "
                 "AND id NOT IN (SELECT dispatch_id FROM triggers WHERE dispatch_id IS NOT NULL)",

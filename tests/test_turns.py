@@ -45,12 +45,17 @@ def nothing_pending(bed: Bed) -> bool:
     return pending[0][0] == 0 and all(d["state"] in ("completed", "failed") for d in bed.dispatches())
 
 
-def test_six_turns_that_report_then_idle_cost_six_prompts(bed: Bed) -> None:
+def start(bed: Bed, marker: str, report: bool) -> None:
+    """The daemon at its default dispatch settings, the orchestrator and the teammate scripted."""
     bed.write_config(**DEFAULTS)
     bed.warm()
     script_orchestrator(bed.model, reply="noted")
-    script_turns(bed, "TURN-", report=True)
+    script_turns(bed, marker, report=report)
     bed.ready_daemon()
+
+
+def test_six_turns_that_report_then_idle_cost_six_prompts(bed: Bed) -> None:
+    start(bed, "TURN-", report=True)
     mate = bed.spawn("worker-1")
     for turn in range(1, 7):
         bed.server.prompt_async(mate, f"TURN-{turn}")
@@ -67,11 +72,7 @@ def test_six_turns_that_report_then_idle_cost_six_prompts(bed: Bed) -> None:
 
 
 def test_a_turn_without_a_report_is_one_prompt_that_says_so(bed: Bed) -> None:
-    bed.write_config(**DEFAULTS)
-    bed.warm()
-    script_orchestrator(bed.model, reply="noted")
-    script_turns(bed, "QUIET-TURN", report=False)
-    bed.ready_daemon()
+    start(bed, "QUIET-TURN", report=False)
     mate = bed.spawn("worker-1", "QUIET-TURN")
     wait_for(lambda: len(bed.dispatches()) == 1 and nothing_pending(bed), 60, "the prompt for the silent stop")
     [(_, covered, dispatch, detail)] = idle_triggers(bed)

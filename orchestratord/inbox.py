@@ -201,6 +201,9 @@ class InboxWatcher(Worker):
         #: messages (and oversized ones) logged by this process whose "reported" mark did not reach the ledger
         self.logged: set[int] = set()
         self.logged_oversized: set[int] = set()
+        #: each team's members as its config.json last said; None until the first look
+        self.rosters: dict[str, frozenset[str]] | None = None
+        self.missing: set[str] = set()  # teams named in the config, not there, already reported
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -342,12 +345,51 @@ class InboxWatcher(Worker):
 
     def _rescan(self) -> None:
         """The safety net: stat every inbox and read the ones whose signature moved."""
+        self._look_at_teams()
         for path in self.inbox_paths():
             sig = _signature(path)
             state = self.files.get(path)
             if sig is not None and (state is None or state.signature != sig):
                 with self.dirty_lock:
                     self.dirty.add(path)
+
+    def _look_at_teams(self) -> None:
+        """Report teams and members as their configs change (claude-teams replaces
+        ``config.json`` by rename, so this runs on any change in a team folder)."""
+        teams_dir = self.base / "teams"
+        try:
+            present = sorted(p.name for p in teams_dir.iterdir() if (p / "config.json").is_file())
+        except OSError:
+            present = []
+        first = self.rosters is None
+        rosters = dict(self.rosters or {})
+        for team in self.teams:
+            if team not in present and team not in self.missing:
+                self.missing.add(team)
+                self.log.warning(logs.kv("team-missing", team=team, path=str(teams_dir / team / "config.json"),
+                                         action="watching for it; picked up when it appears",
+                                         fix="create the team (claude-teams team_create) or correct teams.names"))
+        for team in [t for t in present if not self.teams or t in self.teams]:
+            members = _members(teams_dir / team / "config.json")
+            if members is None:
+                continue  # being written (team_create writes in place): the next look reads it
+            old = rosters.get(team)
+            rosters[team] = members
+            if old is None:
+                level = logging.INFO if first else logs.NOTICE
+                self.log.log(level, logs.kv("team-found" if not first or team in self.missing else "team-watching",
+                                            team=team, members=",".join(sorted(members)) or "-"))
+                self.missing.discard(team)
+                continue
+            for name in sorted(members - old):
+                self.log.log(logs.NOTICE, logs.kv("team-member-joined", team=team, member=name))
+            for name in sorted(old - members):
+                self.log.log(logs.NOTICE, logs.kv("team-member-left", team=team, member=name,
+                                                  note="its inbox stays on disk and is still read"))
+        for team in [t for t in rosters if t not in present]:
+            del rosters[team]
+            self.log.info(logs.kv("team-gone", team=team, note="its config.json is no longer there"))
+        self.rosters = rosters
 
     def _wanted(self, path: Path) -> tuple[str, str] | None:
         """(team, recipient) if ``path`` is an inbox we look after."""
@@ -494,6 +536,18 @@ class InboxWatcher(Worker):
             self.logged.discard(m["id"])
         if triggered:
             self.on_trigger()
+
+
+def _members(path: Path) -> frozenset[str] | None:
+    """The member names in a team's config.json; None when it cannot be read as one now."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    members = doc.get("members") if isinstance(doc, dict) else None
+    if not isinstance(members, list):
+        return None
+    return frozenset(m["name"] for m in members if isinstance(m, dict) and isinstance(m.get("name"), str))
 
 
 def _notify_fix(exc: OSError) -> str:

@@ -25,7 +25,8 @@ import requests
 
 from . import ledgerwatch, logs, metrics
 from .guard import Judge, seen_in_event
-from .ledger import EventRow, Ledger
+from .inbox import text_key
+from .ledger import PUSHED, EventRow, Ledger
 from .opencode import AuthError, OpencodeClient, OpencodeError
 from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
@@ -35,6 +36,7 @@ from .worker import Worker
 
 
 #: event rows are written when the stream pauses, or at this many rows, or this old
+_COVER_NOTES = {PUSHED: "claude-teams delivered it into the orchestrator's session itself"}
 #: how far back a teammate's turn may reach when its previous idle is not known
 TURN_LOOKBACK = 600.0
 BATCH_ROWS = 1000
@@ -80,7 +82,8 @@ class EventReader(Worker):
         self.store = store
         self.rules = RuleSet(rules)
         self._turn_start: dict[str, float] = {}  # session -> wall time of its last idle
-        self._our_aborts: set[str] = set()  # sessions whose turn the daemon aborted, until their idle
+        self._idle_clock: dict[str, float] = {}  # session -> the shared clock at its last idle
+        self._user_messages: dict[str, None] = {}  # user messages in the orchestrator's session (newest 200)
         # Types whose events have no effect here but to be counted.
         self._count_only = frozenset(t.encode() for t in HIGH_VOLUME
                                      if store != "all" and not self.rules.for_type(t))
@@ -339,12 +342,11 @@ class EventReader(Worker):
             if seen and self.judge.record(self.ledger, seen, own, self._session):
                 self.on_escalation()
         if event.type == "session.error" and _aborted(event) and self.shared.aborted_recently(event.session_id):
-            if event.session_id:
-                self._our_aborts.add(event.session_id)  # and the idle that ends that turn is no news either
             return  # the daemon aborted that turn itself (a restart, the guard): nothing to tell
-        if event.type == "session.idle" and event.session_id in self._our_aborts:
-            self._our_aborts.discard(event.session_id)
+        if event.type == "session.idle" and event.session_id and self._ends_our_abort(event.session_id, wall):
             return
+        if own is not None and event.session_id == own and event.type == "message.part.updated":
+            self._pushed(event, own, wall)
         matches = self.rules.match(event, own, self._session)
         if matches:
             self._flush()
@@ -357,10 +359,13 @@ class EventReader(Worker):
                 tid = self.ledger.add_trigger(m.kind, m.detail, rule=m.rule, dedup=m.dedup, team=m.team,
                                               teammate=m.teammate, session_id=event.session_id,
                                               event_type=event.type, event_id=event.id, ckey=m.ckey,
-                                              covered=covered, now=wall)
+                                              covered=covered, tkey=m.tkey, now=wall)
+                if tid is not None and covered is None and m.tkey is not None:
+                    covered = self.ledger.trigger_covered(tid)
                 if tid is not None and covered is not None:
                     self.log.info(logs.kv("trigger-covered", rule=m.rule, session=event.session_id,
-                                          teammate=m.teammate, by=covered, note="its turn already reported"))
+                                          teammate=m.teammate, by=covered, note=_COVER_NOTES.get(
+                                              covered, "its turn already reported")))
                 elif tid is not None:
                     added += 1
                     self.log.info(logs.kv("trigger", rule=m.rule, session=event.session_id, teammate=m.teammate,
@@ -372,6 +377,36 @@ class EventReader(Worker):
                     del self._turn_start[next(iter(self._turn_start))]
             if added:
                 self.on_trigger()
+
+    def _ends_our_abort(self, session_id: str, wall: float) -> bool:
+        """Whether this idle ends a turn the daemon aborted itself (the broker's restart of a
+        turn prompted before its rules): no news, and the turn that follows starts here."""
+        aborted = self.shared.aborted_at(session_id)
+        last = self._idle_clock.get(session_id)
+        now = self.shared.clock()  # the clock the abort was noted on
+        self._idle_clock[session_id] = now
+        if len(self._idle_clock) > 1000:
+            del self._idle_clock[next(iter(self._idle_clock))]
+        if aborted is None or (last is not None and aborted <= last):
+            return False
+        self._turn_start[session_id] = wall
+        return True
+
+    def _pushed(self, event: Event, own: str, wall: float) -> None:
+        """A user text in the orchestrator's session: if it is a teammate's message,
+        claude-teams pushed it there itself (the orchestrator session is the lead's).
+        Remember its text; the trigger of that message needs no prompt. (The daemon's own
+        prompts are remembered too, and match no message.)"""
+        part = event.properties.get("part")
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            return
+        if part.get("messageID") not in self._user_messages or not part["text"].strip():
+            return
+        assert self.ledger is not None
+        covered = self.ledger.record_push(text_key(part["text"]), own, wall - TURN_LOOKBACK, at=wall)
+        for tid in covered:
+            self.log.info(logs.kv("trigger-covered", trigger=tid, session=own, by=PUSHED,
+                                  note=_COVER_NOTES[PUSHED]))
 
     def _idle(self, m: Match, session_id: str, wall: float) -> tuple[Match, str | None]:
         """A teammate's idle: covered by what it reported in this turn, else worded as a stop.
@@ -419,6 +454,11 @@ class EventReader(Worker):
                     self.on_own_activity()
         elif etype == "message.updated" and sid:
             info = props.get("info")
+            if sid == self.shared.session_id and isinstance(info, dict) and info.get("role") == "user" and \
+                    isinstance(info.get("id"), str):
+                self._user_messages[info["id"]] = None
+                if len(self._user_messages) > 200:
+                    del self._user_messages[next(iter(self._user_messages))]
             desk = self.desk()
             if desk is not None and isinstance(info, dict) and info.get("role") in ("user", "assistant"):
                 desk.user_message(sid, info)

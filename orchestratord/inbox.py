@@ -33,7 +33,7 @@ from .ledger import Ledger, MessageRow, OversizedRow
 from .worker import Worker, crash_point
 
 __all__ = ["InboxError", "InboxWatcher", "TeamMessage", "content_key", "message_ckey", "message_type", "parse_inbox",
-           "without_reminder"]
+           "text_key", "without_reminder"]
 
 STRUCTURED_TYPES = ("shutdown_request", "shutdown_approved", "shutdown_rejected", "shutdown_response",
                     "idle_notification", "task_assignment", "task_completed", "plan_approval_request",
@@ -90,6 +90,12 @@ def content_key(team: str, recipient: str, text: str) -> str:
     """What the event stream and the file both know about a message: who it is for and what it says."""
     h = hashlib.sha256(f"{team}\0{recipient}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
     return h[:32]
+
+
+def text_key(text: str) -> str:
+    """A message's text alone, without the reminder: what a push into a session and the
+    inbox file (and the send_message call) agree on."""
+    return hashlib.sha256(without_reminder(text).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def message_type(text: str) -> str:
@@ -514,7 +520,8 @@ class InboxWatcher(Worker):
                 trigger_id = self.ledger.add_trigger(
                     "inbox", f'message from {msg.sender} to {msg.recipient}: "{msg.short()}"',
                     rule="teammate-message", dedup=f"inbox:{msg.identity}", team=msg.team, teammate=msg.sender,
-                    ckey=ckey, window=CKEY_WINDOW, now=self.wall())
+                    ckey=ckey, window=CKEY_WINDOW, tkey=text_key(msg.text) if msg.type == "message" else None,
+                    now=self.wall())
                 if trigger_id is None:
                     # Its own trigger from an earlier try (however long ago), else the stream's for the same words.
                     own = self.ledger.trigger_for_dedup(f"inbox:{msg.identity}")

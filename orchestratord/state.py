@@ -109,6 +109,11 @@ class Shared:
             self.aborted = {k: v for k, v in self.aborted.items() if now - v < ABORT_MEMORY}
             self.aborted[session_id] = now
 
+    def aborted_at(self, session_id: str) -> float | None:
+        """When (this clock) the daemon last aborted a turn of ``session_id``, if it did lately."""
+        with self.lock:
+            return self.aborted.get(session_id)
+
     def aborted_recently(self, session_id: str | None) -> bool:
         with self.lock:
             at = self.aborted.get(session_id) if session_id else None

@@ -12,7 +12,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
-from .inbox import content_key
+from .inbox import content_key, text_key
 from .sessions import SessionInfo
 from .stream import Event
 
@@ -72,6 +72,7 @@ class Match:
     team: str | None
     teammate: str | None
     ckey: str | None = None
+    tkey: str | None = None  # a message's text key (see inbox.text_key)
 
 
 def describe(rule: Rule, event: Event, session: SessionInfo | None = None) -> Match:
@@ -105,8 +106,11 @@ def describe(rule: Rule, event: Event, session: SessionInfo | None = None) -> Ma
         words += " (" + ", ".join(bits) + ")"
         dedup = f"{rule.name}:{part.get('id')}:{state.get('status')}"
         ckey = _message_ckey(tool, inp)
+        content = inp.get("content")
+        tkey = text_key(content) if ckey and isinstance(content, str) and (inp.get("type") or "message") in (
+            "message", "broadcast") else None
     else:
-        ckey = None
+        ckey = tkey = None
         dedup = f"{rule.name}:{event.id}" if event.id else f"{rule.name}:{event.type}:{event.session_id}:{id(event)}"
         if event.type == "session.error":
             err = props.get("error")
@@ -125,7 +129,7 @@ def describe(rule: Rule, event: Event, session: SessionInfo | None = None) -> Ma
     if title:
         where += f" ({title})"
     return Match(rule=rule.name, kind="event", dedup=dedup, detail=f"{words} in {where} [{event.type}]",
-                 team=team, teammate=teammate, ckey=ckey)
+                 team=team, teammate=teammate, ckey=ckey, tkey=tkey)
 
 
 def _message_ckey(tool: str, inp: Mapping[str, Any], lead: str = "team-lead") -> str | None:

@@ -153,6 +153,8 @@ class EventReader(Worker):
 
     def step(self) -> float:
         assert self.client is not None and self.ledger is not None
+        if self.shared.server_problem is not None:
+            return 1.0  # a server generation this daemon does not speak: the health watch said so once
         try:
             resp = self.client.open_stream(self.path, self.read_timeout)
         except AuthError as exc:

@@ -52,6 +52,8 @@ class Shared:
     lock: threading.Lock = field(default_factory=threading.Lock)
     state: DaemonState = DaemonState.STARTING
     server_healthy: bool | None = None
+    #: why the server, up, is not driven (a generation this daemon does not speak), else None
+    server_problem: str | None = None
     server_version: str | None = None
     # A server still coming up at the daemon's start is logged at notice, not as an outage,
     # for ``startup_grace`` seconds after ``started`` (monotonic) or until it is first up.

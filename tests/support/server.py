@@ -23,7 +23,11 @@ from typing import Any
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
-OPENCODE_BIN = ROOT / "tests" / "opencode" / "node_modules" / ".bin" / "opencode"
+PINNED_BIN = ROOT / "tests" / "opencode" / "node_modules" / ".bin" / "opencode"
+#: the oldest 1.x release the registry serves, for the compatibility smoke (tests/opencode-compat)
+COMPAT_BIN = ROOT / "tests" / "opencode-compat" / "node_modules" / ".bin" / "opencode"
+#: the binary every test runs unless it picks one; ORCHESTRATORD_TEST_OPENCODE runs the suite on another
+OPENCODE_BIN = Path(os.environ.get("ORCHESTRATORD_TEST_OPENCODE") or PINNED_BIN)
 TEAMS_SERVER = Path(__file__).resolve().parent / "teams_server.py"
 
 
@@ -78,9 +82,10 @@ def opencode_config(model_url: str, teams_dir: Path, permission: dict[str, Any] 
 class OpencodeServer:
     def __init__(self, root: Path, model_url: str, teams_dir: Path, password: str | None = None,
                  permission: dict[str, Any] | None = None, path_prefix: Path | None = None,
-                 teams_push: bool = True) -> None:
-        if not OPENCODE_BIN.exists():
-            raise RuntimeError(f"{OPENCODE_BIN} is missing: run `make opencode` (part of `make test`)")
+                 teams_push: bool = True, binary: Path | None = None) -> None:
+        self.binary = binary or OPENCODE_BIN
+        if not self.binary.exists():
+            raise RuntimeError(f"{self.binary} is missing: run `make opencode` (part of `make test`)")
         self.root = root
         self.home = root / "home"
         self.project = root / "project"
@@ -135,7 +140,7 @@ class OpencodeServer:
             return self
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(OPENCODE_BIN), "serve", "--hostname", "127.0.0.1", "--port", str(self.port)],
+            [str(self.binary), "serve", "--hostname", "127.0.0.1", "--port", str(self.port)],
             cwd=self.project, env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         log.close()

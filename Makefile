@@ -1,7 +1,8 @@
 # orchestratord: build, test and install.
 #
 #   make test       create .venv, install the package with its test extras,
-#                   install the pinned opencode server, run the test suite
+#                   install the pinned opencode server (and 1.18.3, for the
+#                   compatibility smoke), run the test suite
 #   make demo       the whole thing working, offline: a real opencode serve with a
 #                   scripted model and a sample team, and the daemon in front of it
 #   make install    the package and its runtime dependencies (EXTRAS=metrics adds the
@@ -22,6 +23,9 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 OPENCODE_DIR := tests/opencode
 OPENCODE_BIN := $(OPENCODE_DIR)/node_modules/.bin/opencode
+# The oldest release of the supported range the registry serves: the compatibility smoke runs on it too.
+COMPAT_DIR := tests/opencode-compat
+COMPAT_BIN := $(COMPAT_DIR)/node_modules/.bin/opencode
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench-results/bench.json
 FAULTS_OUT ?= bench-results/faults.jsonl
@@ -99,7 +103,12 @@ $(OPENCODE_DIR)/node_modules/.installed: $(OPENCODE_DIR)/package-lock.json | che
 	test -x $(OPENCODE_BIN) || { echo "error: npm ci did not install $(OPENCODE_BIN)" >&2; exit 1; }
 	touch $@
 
-opencode: $(OPENCODE_DIR)/node_modules/.installed
+$(COMPAT_DIR)/node_modules/.installed: $(COMPAT_DIR)/package-lock.json | check-tools
+	cd $(COMPAT_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	test -x $(COMPAT_BIN) || { echo "error: npm ci did not install $(COMPAT_BIN)" >&2; exit 1; }
+	touch $@
+
+opencode: $(OPENCODE_DIR)/node_modules/.installed $(COMPAT_DIR)/node_modules/.installed
 
 # promtool checks the shipped alert rules. It comes out of Debian's prometheus package,
 # unpacked into tests/.tools without installing it (no service is set up or started);

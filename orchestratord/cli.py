@@ -165,7 +165,7 @@ def status_data(cfg: Config, ledger: Ledger) -> dict[str, Any]:
         "pid": daemon.get("pid") if running else None,
         "config": {"path": daemon.get("config"), "digest": daemon.get("config_digest")} if running else None,
         "server": {"url": server.get("url", cfg.server.url), "healthy": server.get("healthy") if running else None,
-                   "version": server.get("version")},
+                   "version": server.get("version"), "problem": server.get("problem") if running else None},
         "stream": {"connected": bool(stream.get("connected")) and running,
                    "events_total": stream.get("events_total", 0), "last_event_at": stream.get("last_event_at")},
         "session": {"id": session.get("id") or ledger.get_meta(f"session:{cfg.server.url}"),
@@ -295,8 +295,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = [
         ("state", data["state"] + (f" (pid {data['pid']})" if data["pid"] else "")),
         *([("config", f"{data['config']['path']} (sha256 {data['config']['digest'] or '-'}…)")] if data["config"] else []),
-        ("server", f"{data['server']['url']} " + {True: "up", False: "down", None: "-"}[data["server"]["healthy"]]
-         + (f" {data['server']['version']}" if data["server"]["version"] else "")),
+        ("server", f"{data['server']['url']} " + ("unsupported" if data["server"].get("problem") else {
+            True: "up", False: "down", None: "-"}[data["server"]["healthy"]])
+         + (f" {data['server']['version']}" if data["server"]["version"] else "")
+         + (f": {data['server']['problem']}" if data["server"].get("problem") else "")),
         ("stream", ("connected" if data["stream"]["connected"] else "disconnected")
          + f", {data['stream']['events_total']} events, last {_when(data['stream']['last_event_at'])}"),
         ("session", f"{data['session']['id'] or '-'} " + ("busy" if data["session"]["busy"] else "idle")),

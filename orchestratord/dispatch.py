@@ -201,6 +201,9 @@ class Dispatcher(ServerWorker):
 
     def step(self) -> float:
         assert self.ledger is not None
+        if self.shared.server_problem is not None:
+            self._hold(Hold("server-unsupported", self.shared.server_problem))
+            return 5.0  # the health watch wakes us when a supported server answers
         if self.shared.server_healthy is False:
             self._hold(Hold("server-down", "the server does not answer GET /global/health; prompts go once it is back"))
             return 5.0  # the health watch wakes us when it comes back

@@ -10,6 +10,7 @@ most of the work and change nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -24,12 +25,13 @@ import requests
 
 from . import ledgerwatch, logs, metrics
 from .guard import Judge, seen_in_event
-from .ledger import EventRow, Ledger
+from .inbox import text_key
+from .ledger import PUSHED, EventRow, Ledger
 from .opencode import AuthError, OpencodeClient, OpencodeError, SessionStatus
 from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
 from .stream import HIGH_VOLUME, Event, FrameGuard, frame_data, from_sync, head_session, normalize
-from .triggers import Rule, RuleSet
+from .triggers import Match, Rule, RuleSet
 from .worker import Deps, Worker
 
 if TYPE_CHECKING:
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
 
 
 #: event rows are written when the stream pauses, or at this many rows, or this old
+_COVER_NOTES = {PUSHED: "claude-teams delivered it into the orchestrator's session itself"}
+#: how far back a teammate's turn may reach when its previous idle is not known
+TURN_LOOKBACK = 600.0
 BATCH_ROWS = 1000
 BATCH_SECONDS = 1.0
 
@@ -92,6 +97,9 @@ class EventReader(Worker):
         self.reconnect_max = reconnect_max
         self.store = store
         self.rules = RuleSet(rules)
+        self._turn_start: dict[str, float] = {}  # session -> wall time of its last idle
+        self._idle_clock: dict[str, float] = {}  # session -> the shared clock at its last idle
+        self._user_messages: dict[str, None] = {}  # user messages in the orchestrator's session (newest 200)
         # Types whose events have no effect here but to be counted.
         self._count_only = frozenset(t.encode() for t in HIGH_VOLUME
                                      if store != "all" and not self.rules.for_type(t))
@@ -161,6 +169,8 @@ class EventReader(Worker):
 
     def step(self) -> float:
         assert self.client is not None and self.ledger is not None
+        if self.shared.server_problem is not None:
+            return 1.0  # a server generation this daemon does not speak: the health watch said so once
         # Judged when the attempt begins: one begun while the server was still coming up can
         # time out after the server is up (it accepted the socket but never answered it).
         starting = self.shared.starting_up()
@@ -348,21 +358,86 @@ class EventReader(Worker):
                 self.on_escalation()
         if event.type == "session.error" and _aborted(event) and self.shared.aborted_recently(event.session_id):
             return  # the daemon aborted that turn itself (a restart, the guard): nothing to tell
+        if event.type == "session.idle" and event.session_id and self._ends_our_abort(event.session_id, wall):
+            return
+        if own is not None and event.session_id == own and event.type == "message.part.updated":
+            self._pushed(event, own, wall)
         matches = self.rules.match(event, own, self._session)
         if matches:
             self._flush()
             assert self.ledger is not None
             added = 0
             for m in matches:
+                covered = None
+                if event.type == "session.idle" and event.session_id and m.teammate:
+                    m, covered = self._idle(m, event.session_id, wall)
                 tid = self.ledger.add_trigger(m.kind, m.detail, rule=m.rule, dedup=m.dedup, team=m.team,
                                               teammate=m.teammate, session_id=event.session_id,
-                                              event_type=event.type, event_id=event.id, ckey=m.ckey, now=wall)
-                if tid is not None:
+                                              event_type=event.type, event_id=event.id, ckey=m.ckey,
+                                              covered=covered, tkey=m.tkey, now=wall)
+                if tid is not None and covered is None and m.tkey is not None:
+                    covered = self.ledger.trigger_covered(tid)
+                if tid is not None and covered is not None:
+                    self.log.info(logs.kv("trigger-covered", rule=m.rule, session=event.session_id,
+                                          teammate=m.teammate, by=covered, note=_COVER_NOTES.get(
+                                              covered, "its turn already reported")))
+                elif tid is not None:
                     added += 1
                     self.log.info(logs.kv("trigger", rule=m.rule, session=event.session_id, teammate=m.teammate,
                                           event=event.type))
+            if event.type == "session.idle" and event.session_id:
+                self._turn_start.pop(event.session_id, None)
+                self._turn_start[event.session_id] = wall
+                if len(self._turn_start) > 1000:  # the oldest sessions' turns are long over
+                    del self._turn_start[next(iter(self._turn_start))]
             if added:
                 self.on_trigger()
+
+    def _ends_our_abort(self, session_id: str, wall: float) -> bool:
+        """Whether this idle ends a turn the daemon aborted itself (the broker's restart of a
+        turn prompted before its rules): no news, and the turn that follows starts here."""
+        aborted = self.shared.aborted_at(session_id)
+        last = self._idle_clock.get(session_id)
+        now = self.shared.clock()  # the clock the abort was noted on
+        self._idle_clock[session_id] = now
+        if len(self._idle_clock) > 1000:
+            del self._idle_clock[next(iter(self._idle_clock))]
+        if aborted is None or (last is not None and aborted <= last):
+            return False
+        self._turn_start[session_id] = wall
+        return True
+
+    def _pushed(self, event: Event, own: str, wall: float) -> None:
+        """A user text in the orchestrator's session: if it is a teammate's message,
+        claude-teams pushed it there itself (the orchestrator session is the lead's).
+        Remember its text; the trigger of that message needs no prompt. (The daemon's own
+        prompts are remembered too, and match no message.)"""
+        part = event.properties.get("part")
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            return
+        if part.get("messageID") not in self._user_messages or not part["text"].strip():
+            return
+        assert self.ledger is not None
+        covered = self.ledger.record_push(text_key(part["text"]), own, wall - TURN_LOOKBACK, at=wall)
+        for tid in covered:
+            self.log.info(logs.kv("trigger-covered", trigger=tid, session=own, by=PUSHED,
+                                  note=_COVER_NOTES[PUSHED]))
+
+    def _idle(self, m: Match, session_id: str, wall: float) -> tuple[Match, str | None]:
+        """A teammate's idle: covered by what it reported in this turn, else worded as a stop.
+
+        One turn of a teammate costs one prompt: a message it sent in the turn (pending or
+        already in a prompt) is the news, and the idle that follows adds nothing. The turn
+        began at the session's last idle (or, not known since this process started, at most
+        ``TURN_LOOKBACK`` ago).
+        """
+        assert self.ledger is not None
+        since = self._turn_start.get(session_id, wall - TURN_LOOKBACK)
+        report = self.ledger.turn_report(session_id, m.team, m.teammate, since)
+        if report is not None:
+            return m, f"turn:{report}"
+        where = m.detail[m.detail.find(" in session "):] if " in session " in m.detail else ""
+        return dataclasses.replace(m, detail=f"{m.teammate} stopped without reporting{where}"), None
 
     def _observe(self, event: Event) -> None:
         """Keep the session view current from the events that describe it."""
@@ -394,6 +469,11 @@ class EventReader(Worker):
                     self.on_own_activity()
         elif etype == "message.updated" and sid:
             info = props.get("info")
+            if sid == self.shared.session_id and isinstance(info, dict) and info.get("role") == "user" and \
+                    isinstance(info.get("id"), str):
+                self._user_messages[info["id"]] = None
+                if len(self._user_messages) > 200:
+                    del self._user_messages[next(iter(self._user_messages))]
             desk = self.desk()
             if desk is not None and isinstance(info, dict) and info.get("role") in ("user", "assistant"):
                 desk.user_message(sid, info)

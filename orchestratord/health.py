@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import logs, metrics
 from .ledgerwatch import LedgerHealth
-from .opencode import AuthError, OpencodeClient, OpencodeError
+from .opencode import SUPPORTED_RANGE, AuthError, OpencodeClient, OpencodeError, unsupported
 from .state import Shared
 from .worker import Deps, ServerWorker
 
@@ -51,8 +51,26 @@ class HealthWatch(ServerWorker):
             healthy, error = False, str(exc)
         except OpencodeError as exc:
             healthy, error = False, str(exc)
+        if healthy and unsupported(version):
+            healthy, error = False, self._unsupported(version)
+        elif healthy and self.shared.server_problem is not None:
+            self.log.log(logs.NOTICE, logs.kv("server-supported", url=self.shared.server_url, version=version))
+            self.shared.set_server_problem(None)
         self._record(healthy, version, error)
         return self.interval
+
+    def _unsupported(self, version: str | None) -> str:
+        """One critical line per version; the server then counts as down, so nothing else
+        talks to it, and the probe goes on quietly until a supported one answers."""
+        problem = f"opencode serve {version} is not supported (supported: {SUPPORTED_RANGE})"
+        if problem != self.shared.server_problem:
+            self.log.critical(logs.kv(
+                "server-unsupported", url=self.shared.server_url, version=version, supported=SUPPORTED_RANGE,
+                action="nothing is sent to it; probing until a supported version answers",
+                fix="run a supported opencode-ai (npm install -g opencode-ai@1.18.33) behind server.url"))
+            self.shared.set_server_problem(problem, version)
+            self.down_unsaid = False
+        return problem
 
     def _record(self, healthy: bool, version: str | None, error: str | None) -> None:
         assert self.ledger is not None
@@ -64,7 +82,7 @@ class HealthWatch(ServerWorker):
             self.log.error(logs.kv("server-auth-failed", url=url, error=error))
         if healthy == self.healthy:
             self.last_error = error
-            if not healthy and self.down_unsaid and not self.shared.starting_up():
+            if not healthy and self.down_unsaid and not self.shared.starting_up() and self.shared.server_problem is None:
                 self.down_unsaid = False
                 self.log.warning(logs.kv("server-down", url=url, error=error,
                                          note=f"not up since the start ({self.shared.startup_grace:g}s ago)"))
@@ -80,8 +98,8 @@ class HealthWatch(ServerWorker):
             self.on_up()
         else:
             self.ledger.record_transition("server", "down", error)
-            if auth or not (previous is None or previous):
-                return  # an auth failure is logged above
+            if auth or self.shared.server_problem is not None or not (previous is None or previous):
+                return  # an auth failure, or a version not supported, is logged above
             if self.shared.starting_up():
                 self.down_unsaid = True
                 self.log.log(logs.NOTICE, logs.kv("server-starting", url=url, error=error,

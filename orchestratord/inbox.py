@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -32,11 +33,25 @@ from .ledger import Ledger, MessageRow, OversizedRow
 from .ledgerwatch import LedgerHealth
 from .worker import Deps, Worker, crash_point
 
-__all__ = ["InboxError", "InboxWatcher", "TeamMessage", "content_key", "message_ckey", "message_type", "parse_inbox"]
+__all__ = ["InboxError", "InboxWatcher", "TeamMessage", "content_key", "message_ckey", "message_type", "parse_inbox",
+           "text_key", "without_reminder"]
 
 STRUCTURED_TYPES = ("shutdown_request", "shutdown_approved", "shutdown_rejected", "shutdown_response",
                     "idle_notification", "task_assignment", "task_completed", "plan_approval_request",
                     "plan_approval_response", "broadcast")
+
+
+#: what claude-teams appends to a message's text before it stores it ("This message was sent from …")
+_REMINDER = re.compile(r"\s*<system_reminder>(?:(?!<system_reminder>).)*</system_reminder>\s*\Z", re.DOTALL)
+
+
+def without_reminder(text: str) -> str:
+    """The text as its sender wrote it: a trailing ``<system_reminder>`` block taken off.
+
+    The event stream sees the ``content`` of the send_message call, the inbox file the
+    stored text; only without the suffix do the two agree.
+    """
+    return _REMINDER.sub("", text) if text.endswith("</system_reminder>") else text
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,7 @@ class TeamMessage:
 
     def short(self, limit: int = 120) -> str:
         """One line for the log: the summary, or the start of the text."""
-        base = self.summary or self.text
+        base = self.summary or without_reminder(self.text)
         if self.type != "message":
             base = f"[{self.type}] {self.summary or _structured_gist(self.text)}"
         one = " ".join(base.split())
@@ -76,6 +91,12 @@ def content_key(team: str, recipient: str, text: str) -> str:
     """What the event stream and the file both know about a message: who it is for and what it says."""
     h = hashlib.sha256(f"{team}\0{recipient}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
     return h[:32]
+
+
+def text_key(text: str) -> str:
+    """A message's text alone, without the reminder: what a push into a session and the
+    inbox file (and the send_message call) agree on."""
+    return hashlib.sha256(without_reminder(text).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def message_type(text: str) -> str:
@@ -136,7 +157,7 @@ CKEY_WINDOW = 600.0
 def message_ckey(m: TeamMessage) -> str:
     """The content key the event stream can compute too (see triggers.describe)."""
     if m.type == "message":
-        return content_key(m.team, m.recipient, m.text)
+        return content_key(m.team, m.recipient, without_reminder(m.text))
     return content_key(m.team, m.recipient, f"{m.type}:{_structured_gist(m.text)}")
 
 
@@ -202,6 +223,9 @@ class InboxWatcher(Worker):
         #: messages (and oversized ones) logged by this process whose "reported" mark did not reach the ledger
         self.logged: set[int] = set()
         self.logged_oversized: set[int] = set()
+        #: each team's members as its config.json last said; None until the first look
+        self.rosters: dict[str, frozenset[str]] | None = None
+        self.missing: set[str] = set()  # teams named in the config, not there, already reported
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -343,12 +367,51 @@ class InboxWatcher(Worker):
 
     def _rescan(self) -> None:
         """The safety net: stat every inbox and read the ones whose signature moved."""
+        self._look_at_teams()
         for path in self.inbox_paths():
             sig = _signature(path)
             state = self.files.get(path)
             if sig is not None and (state is None or state.signature != sig):
                 with self.dirty_lock:
                     self.dirty.add(path)
+
+    def _look_at_teams(self) -> None:
+        """Report teams and members as their configs change (claude-teams replaces
+        ``config.json`` by rename, so this runs on any change in a team folder)."""
+        teams_dir = self.base / "teams"
+        try:
+            present = sorted(p.name for p in teams_dir.iterdir() if (p / "config.json").is_file())
+        except OSError:
+            present = []
+        first = self.rosters is None
+        rosters = dict(self.rosters or {})
+        for team in self.teams:
+            if team not in present and team not in self.missing:
+                self.missing.add(team)
+                self.log.warning(logs.kv("team-missing", team=team, path=str(teams_dir / team / "config.json"),
+                                         action="watching for it; picked up when it appears",
+                                         fix="create the team (claude-teams team_create) or correct teams.names"))
+        for team in [t for t in present if not self.teams or t in self.teams]:
+            members = _members(teams_dir / team / "config.json")
+            if members is None:
+                continue  # being written (team_create writes in place): the next look reads it
+            old = rosters.get(team)
+            rosters[team] = members
+            if old is None:
+                level = logging.INFO if first else logs.NOTICE
+                self.log.log(level, logs.kv("team-found" if not first or team in self.missing else "team-watching",
+                                            team=team, members=",".join(sorted(members)) or "-"))
+                self.missing.discard(team)
+                continue
+            for name in sorted(members - old):
+                self.log.log(logs.NOTICE, logs.kv("team-member-joined", team=team, member=name))
+            for name in sorted(old - members):
+                self.log.log(logs.NOTICE, logs.kv("team-member-left", team=team, member=name,
+                                                  note="its inbox stays on disk and is still read"))
+        for team in [t for t in rosters if t not in present]:
+            del rosters[team]
+            self.log.info(logs.kv("team-gone", team=team, note="its config.json is no longer there"))
+        self.rosters = rosters
 
     def _wanted(self, path: Path) -> tuple[str, str] | None:
         """(team, recipient) if ``path`` is an inbox we look after."""
@@ -473,7 +536,8 @@ class InboxWatcher(Worker):
                 trigger_id = self.ledger.add_trigger(
                     "inbox", f'message from {msg.sender} to {msg.recipient}: "{msg.short()}"',
                     rule="teammate-message", dedup=f"inbox:{msg.identity}", team=msg.team, teammate=msg.sender,
-                    ckey=ckey, window=CKEY_WINDOW, now=self.wall())
+                    ckey=ckey, window=CKEY_WINDOW, tkey=text_key(msg.text) if msg.type == "message" else None,
+                    now=self.wall())
                 if trigger_id is None:
                     # Its own trigger from an earlier try (however long ago), else the stream's for the same words.
                     own = self.ledger.trigger_for_dedup(f"inbox:{msg.identity}")
@@ -495,6 +559,18 @@ class InboxWatcher(Worker):
             self.logged.discard(m["id"])
         if triggered:
             self.on_trigger()
+
+
+def _members(path: Path) -> frozenset[str] | None:
+    """The member names in a team's config.json; None when it cannot be read as one now."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    members = doc.get("members") if isinstance(doc, dict) else None
+    if not isinstance(members, list):
+        return None
+    return frozenset(m["name"] for m in members if isinstance(m, dict) and isinstance(m.get("name"), str))
 
 
 def _notify_fix(exc: OSError) -> str:

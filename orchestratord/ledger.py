@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypeVar
 from . import ledgerwatch, logs, metrics
 from .crashpoints import crash_point
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 log = logs.get("ledger")
 
@@ -209,7 +209,28 @@ CREATE TABLE IF NOT EXISTS oversized_messages (
 CREATE INDEX IF NOT EXISTS oversized_unreported ON oversized_messages(reported_at) WHERE reported_at IS NULL;
 """
 
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6)
+# v7: a trigger that needs no prompt of its own says why in ``covered``: ``turn:<id>`` (a
+# teammate's idle after it reported in that turn, trigger <id>) or ``claude-teams`` (the
+# message was pushed into the orchestrator's session by claude-teams itself).
+# ``tkey`` is a teammate message's text key (its text without claude-teams' reminder), and
+# ``pushes`` the text keys of the user messages claude-teams posted into the orchestrator's
+# session itself: a message already there needs no prompt.
+_SCHEMA_V7 = """
+ALTER TABLE triggers ADD COLUMN covered TEXT;
+ALTER TABLE triggers ADD COLUMN tkey TEXT;
+CREATE INDEX IF NOT EXISTS triggers_tkey ON triggers(tkey) WHERE tkey IS NOT NULL;
+CREATE TABLE IF NOT EXISTS pushes (
+    tkey TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    session_id TEXT NOT NULL
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6,
+                               _SCHEMA_V7)
+
+#: ``triggers.covered`` of a message claude-teams delivered into the orchestrator's session itself
+PUSHED = "claude-teams"
 
 # Dispatch states: recorded before the POST, sent after it, then one of the final three.
 PENDING, SENT, COMPLETED, FAILED, TIMEOUT = "pending", "sent", "completed", "failed", "timeout"
@@ -656,22 +677,28 @@ class Ledger:
     def add_trigger(self, kind: str, detail: str, *, rule: str | None = None, dedup: str | None = None,
                     team: str | None = None, teammate: str | None = None, session_id: str | None = None,
                     event_type: str | None = None, event_id: str | None = None, ckey: str | None = None,
-                    window: float = 600.0, now: float | None = None) -> int | None:
+                    window: float = 600.0, covered: str | None = None, tkey: str | None = None,
+                    now: float | None = None) -> int | None:
         """Record a trigger once; returns its id, or None when it was seen before.
 
         Seen before means the same ``dedup`` key ever, or the same ``ckey`` (a teammate
         message's content key) within ``window`` seconds: the inbox file and the event
-        stream report the same message, and one message is one trigger.
+        stream report the same message, and one message is one trigger. ``covered`` records
+        one that needs no prompt (see the v7 migration); a message whose text key claude-teams
+        already pushed into the orchestrator's session (within ``window``) is covered by that.
         """
         at = now if now is not None else time.time()
         with self._tx():
+            if tkey is not None and covered is None and self.db.execute(
+                    "SELECT 1 FROM pushes WHERE tkey=? AND at >= ?", (tkey, at - window)).fetchone():
+                covered = PUSHED
             if ckey is not None and self.db.execute(
                     "SELECT 1 FROM triggers WHERE ckey=? AND at >= ? LIMIT 1", (ckey, at - window)).fetchone():
                 return None
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO triggers(at, kind, rule, dedup, team, teammate, session_id, event_type, "
-                "event_id, detail, ckey) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (at, kind, rule, dedup, team, teammate, session_id, event_type, event_id, detail, ckey))
+                "event_id, detail, ckey, covered, tkey) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (at, kind, rule, dedup, team, teammate, session_id, event_type, event_id, detail, ckey, covered, tkey))
             if not cur.rowcount:
                 return None
         metrics.trigger(kind)
@@ -686,9 +713,33 @@ class Ledger:
                               (ckey, since)).fetchone()
         return row[0] if row else None
 
+    def turn_report(self, session_id: str, team: str | None, teammate: str | None, since: float) -> int | None:
+        """The first teammate message (a trigger with a content key) from this session, or
+        signed by this teammate, recorded since ``since``: what its turn already reported."""
+        row = self.db.execute(
+            "SELECT id FROM triggers WHERE ckey IS NOT NULL AND at >= ? AND "
+            "(session_id = ? OR (teammate = ? AND (team = ? OR ? IS NULL))) ORDER BY id LIMIT 1",
+            (since, session_id, teammate, team, team)).fetchone()
+        return row[0] if row else None
+
+    def record_push(self, tkey: str, session_id: str, since: float, at: float) -> list[int]:
+        """A message claude-teams pushed into the orchestrator's session: remember its text key
+        and mark the pending triggers of that text (since ``since``) delivered; their ids."""
+        with self._tx():
+            self.db.execute("INSERT OR IGNORE INTO pushes(tkey, at, session_id) VALUES(?, ?, ?)", (tkey, at, session_id))
+            ids = [r[0] for r in self.db.execute(
+                "SELECT id FROM triggers WHERE tkey=? AND at >= ? AND dispatch_id IS NULL AND covered IS NULL",
+                (tkey, since))]
+            self.db.executemany("UPDATE triggers SET covered=? WHERE id=?", [(PUSHED, i) for i in ids])
+        return ids
+
+    def trigger_covered(self, trigger_id: int) -> str | None:
+        row = self.db.execute("SELECT covered FROM triggers WHERE id=?", (trigger_id,)).fetchone()
+        return row[0] if row else None
+
     def pending_triggers(self) -> list[Trigger]:
         """Triggers not yet covered by any prompt, oldest first."""
-        cur = self._rows(_TRIGGER_COLUMNS + " WHERE dispatch_id IS NULL ORDER BY id")
+        cur = self._rows(_TRIGGER_COLUMNS + " WHERE dispatch_id IS NULL AND covered IS NULL ORDER BY id")
         return [_built(Trigger, row) for row in cur.fetchall()]
 
     def triggers_for(self, dispatch_id: int) -> list[Trigger]:
@@ -696,7 +747,8 @@ class Ledger:
         return [_built(Trigger, row) for row in cur.fetchall()]
 
     def count_pending_triggers(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM triggers WHERE dispatch_id IS NULL").fetchone()[0]
+        return self.db.execute(
+            "SELECT COUNT(*) FROM triggers WHERE dispatch_id IS NULL AND covered IS NULL").fetchone()[0]
 
     # -- dispatches -------------------------------------------------------------
 
@@ -1033,6 +1085,9 @@ class Ledger:
             n += self.db.execute(
                 "DELETE FROM triggers WHERE at < ? AND dispatch_id IN "
                 "(SELECT id FROM dispatches WHERE state NOT IN (?, ?))", (before, *OPEN_STATES)).rowcount
+            n += self.db.execute("DELETE FROM triggers WHERE at < ? AND covered IS NOT NULL AND dispatch_id IS NULL",
+                                 (before,)).rowcount
+            n += self.db.execute("DELETE FROM pushes WHERE at < ?", (before,)).rowcount
             n += self.db.execute(
                 "DELETE FROM dispatches WHERE created_at < ? AND state NOT IN (?, ?) "
                 "AND id NOT IN (SELECT dispatch_id FROM triggers WHERE dispatch_id IS NOT NULL)",

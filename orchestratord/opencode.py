@@ -153,6 +153,19 @@ def last_finished(raw: list[Any]) -> bool:
     return bool(found) and found[0].finished
 
 
+#: the opencode serve generations whose API this daemon speaks (2.x moved it under /api/…
+#: and changed the event envelope; /global/health still answers there, with a version)
+SUPPORTED_MAJORS = (1,)
+SUPPORTED_RANGE = "1.x (tested: 1.18.3 to 1.18.33)"
+
+
+def unsupported(version: str | None) -> bool:
+    """Whether ``version`` names a generation this daemon cannot drive. An absent or
+    unreadable version is given the benefit of the doubt: the routes themselves will tell."""
+    head = (version or "").strip().lstrip("v").split(".", 1)[0]
+    return head.isdigit() and int(head) not in SUPPORTED_MAJORS
+
+
 def read_password(password_file: str | None, environ: dict[str, str] | None = None) -> str | None:
     """The server password from ``password_file`` or systemd's ``$CREDENTIALS_DIRECTORY``.
 

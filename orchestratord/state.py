@@ -87,6 +87,8 @@ class Shared:
         self._state = DaemonState.STARTING
         self._server_healthy: bool | None = None
         self._server_version: str | None = None
+        #: why the server, up, is not driven (a generation this daemon does not speak), else None
+        self._server_problem: str | None = None
         # A server still coming up at the daemon's start is logged at notice, not as an outage,
         # for ``startup_grace`` seconds after ``started`` (monotonic) or until it is first up.
         self._started = started
@@ -120,6 +122,7 @@ class Shared:
     server_url = _Reading[str]()
     server_healthy = _Reading[bool | None]()
     server_version = _Reading[str | None]()
+    server_problem = _Reading[str | None]()
     startup_grace = _Reading[float]()
     stream_connected = _Reading[bool]()
     events_total = _Reading[int]()
@@ -172,6 +175,7 @@ class Shared:
             self._server_url = url
             self._server_healthy = None
             self._server_version = None
+            self._server_problem = None
             self._session_id = None
 
     def set_startup_grace(self, seconds: float) -> None:
@@ -187,6 +191,13 @@ class Shared:
             else:
                 self._outages += 1
             self._server_healthy = healthy
+
+    def set_server_problem(self, problem: str | None, version: str | None = None) -> None:
+        """The server answers but is not driven (``problem`` says why), or is again (None)."""
+        with self._changing():
+            self._server_problem = problem
+            if version is not None:
+                self._server_version = version
 
     def set_stream_connected(self, connected: bool) -> None:
         """Connected, or closed on purpose (a stop): a loss is :meth:`stream_lost`."""
@@ -247,6 +258,11 @@ class Shared:
             now = self.clock()
             self._aborted = {k: v for k, v in self._aborted.items() if now - v < ABORT_MEMORY}
             self._aborted[session_id] = now
+
+    def aborted_at(self, session_id: str) -> float | None:
+        """When (this clock) the daemon last aborted a turn of ``session_id``, if it did lately."""
+        with self._lock:
+            return self._aborted.get(session_id)
 
     def aborted_recently(self, session_id: str | None) -> bool:
         with self._lock:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.support.daemon import Daemon, holds, ledger_rows, wait_for, write_config
+from tests.support.daemon import Daemon, holds, ledger_rows, status_json, wait_for, write_config
 from tests.support.fakeserver import FakeOpencode
 
 pytestmark = pytest.mark.faults
@@ -179,5 +179,32 @@ def test_heartbeats_keep_a_quiet_stream_open_past_the_request_timeout(tmp_path: 
     try:
         d.wait_log("stream-connected")
         holds(lambda: not d.grep("stream-disconnected"), 5, "the stream stays connected")
+    finally:
+        d.close()
+
+
+def test_a_server_of_an_unsupported_generation_is_named_once_and_not_driven(tmp_path: Path, fake: FakeOpencode) -> None:
+    """opencode 2.x answers /global/health (with its version) and 405 on POST /session: one
+    critical line naming the supported range, no restarts, probing on, status says so."""
+    fake.version, fake.session_post_status = "2.0.11", 405
+    d = start(tmp_path, fake)
+    try:
+        [line] = d.wait_log("server-unsupported")
+        assert "version=2.0.11" in line and "1.x" in line and ("CRITICAL" in line or "<2>" in line), line
+        probes = len([r for r in fake.requests if r == ("GET", "/global/health")])
+        wait_for(lambda: len([r for r in fake.requests if r == ("GET", "/global/health")]) > probes + 4, 10,
+                 "the health probe going on")
+        assert len(d.grep("server-unsupported")) == 1
+        assert not d.grep("worker-restart|worker-error|server-down|stream-connect-failed"), d.log()
+        assert ("POST", "/session") not in fake.requests and d.proc is not None and d.proc.poll() is None
+        status = status_json(d.config)
+        assert status["server"]["version"] == "2.0.11" and "not supported" in status["server"]["problem"]
+        assert "unsupported 2.0.11" in d.cli("status")
+        # A supported server behind the same URL is picked up without a restart.
+        fake.version, fake.session_post_status = "1.18.33", 200
+        d.wait_log("server-supported")
+        wait_for(lambda: ("POST", "/session") in fake.requests or ("GET", "/session") in fake.requests, 15,
+                 "the dispatcher talking to the supported server")
+        wait_for(lambda: status_json(d.config)["server"]["problem"] is None, 15, "the status row without the problem")
     finally:
         d.close()

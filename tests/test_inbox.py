@@ -12,12 +12,15 @@ from typing import Any
 import pytest
 
 from orchestratord.inbox import (InboxError, InboxWatcher, TeamMessage, content_key, message_ckey, message_type,
-                                 parse_inbox)
+                                 parse_inbox, without_reminder)
 from orchestratord.inboxfile import InboxFile
 from orchestratord.ledger import Ledger
 from orchestratord.triggers import _message_ckey
 from tests.support.logcapture import caplog  # noqa: F401 - the fixture
-from tests.support.team import make_team
+from tests.support.daemon import wait_for
+from tests.support.team import append_message, make_team, read_config, write_config
+
+REMINDER = "\n\n<system_reminder>This message was sent from {0}. Use your send_message tool to respond.</system_reminder>"
 
 TEAM = "my-team"
 
@@ -329,5 +332,100 @@ def test_a_missing_teams_directory_is_named_once_and_watched_when_it_appears(
         w.run_once()
         assert w.watching == base / "teams"
         assert [r for r in caplog.records if r.getMessage().startswith("inbox-watching") and r.levelname == "INFO"]
+    finally:
+        w.teardown()
+
+
+def test_the_content_key_ignores_the_reminder_and_matches_each_kind_of_call() -> None:
+    """What claude-teams stores (the reminder appended, structured texts) keys as the call that sent it."""
+    send = "claude-teams_send_message"
+    stored = "parser done" + REMINDER.format("worker-1")
+    plain = TeamMessage(TEAM, "team-lead", "worker-1", "t", stored, None, "message", False)
+    assert message_ckey(plain) == _message_ckey(send, {"team_name": TEAM, "type": "message",
+                                                        "recipient": "team-lead", "content": "parser done"})
+    assert plain.short() == "parser done"
+    assert message_ckey(plain) == _message_ckey(send, {"team_name": TEAM, "type": "broadcast",
+                                                        "content": "parser done", "sender": "worker-1"})
+    approved = json.dumps({"type": "shutdown_approved", "requestId": "shutdown-1@worker-1", "from": "worker-1",
+                           "timestamp": "t", "paneId": "", "backendType": "opencode", "sessionId": "ses_1"})
+    msg = TeamMessage(TEAM, "team-lead", "worker-1", "t", approved, None, "shutdown_approved", False)
+    assert message_ckey(msg) == _message_ckey(send, {"team_name": TEAM, "type": "shutdown_response",
+                                                      "request_id": "shutdown-1@worker-1", "approve": True})
+    refused = TeamMessage(TEAM, "team-lead", "worker-1", "t", "still busy", "shutdown_rejected", "message", False)
+    assert message_ckey(refused) == _message_ckey(send, {"team_name": TEAM, "type": "shutdown_response",
+                                                         "request_id": "r", "approve": False,
+                                                         "content": "still busy"})
+    assert without_reminder("a <system_reminder>x</system_reminder> b") == "a <system_reminder>x</system_reminder> b"
+
+
+def _watching(tmp: Path, teams: tuple[str, ...] = (), watch_members: bool = False) -> tuple[InboxWatcher, Clock]:
+    """A watcher on inotify whose own clock never reaches the next rescan: what it sees, it saw by the watch."""
+    clock = Clock()
+    w = InboxWatcher(ledger_path=str(tmp / "ledger.db"), base_dir=str(tmp), teams=teams, lead="team-lead",
+                     watch_members=watch_members, poll_interval=3600.0, report_existing=False,
+                     on_trigger=lambda: None, notify=True, clock=clock, wall=clock)
+    w.setup()
+    w.run_once()  # the first look
+    return w, clock
+
+
+def _until_logged(w: InboxWatcher, caplog: pytest.LogCaptureFixture, prefix: str) -> list[str]:
+    def seen() -> list[str] | None:
+        w.run_once()
+        return [m for m in caplog.messages if m.startswith(prefix)] or None
+    return wait_for(seen, 10, prefix)
+
+
+def test_a_member_added_by_renaming_config_json_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_team(tmp_path, TEAM, members=["worker-1", "worker-2"])
+    w, _ = _watching(tmp_path, watch_members=True)
+    try:
+        assert any(m.startswith("team-watching team=my-team") for m in caplog.messages)
+        config = read_config(tmp_path, TEAM)
+        config["members"].append({**config["members"][1], "name": "worker-3", "agentId": f"worker-3@{TEAM}"})
+        config["members"] = [m for m in config["members"] if m["name"] != "worker-2"]
+        write_config(tmp_path, TEAM, config)  # a temporary file renamed over it: a new inode
+        [joined] = _until_logged(w, caplog, "team-member-joined")
+        assert "member=worker-3" in joined
+        [left] = _until_logged(w, caplog, "team-member-left")
+        assert "member=worker-2" in left
+        # The removed member's inbox stays, and what lands in it is still read.
+        append_message(tmp_path, TEAM, "worker-2", "team-lead", "are you there?")
+        wait_for(lambda: w.run_once() is not None and [m["text"] for m in w.ledger.messages()  # type: ignore[union-attr]
+                                                       if m["recipient"] == "worker-2"] == ["are you there?"],
+                 10, "the removed member's new message")
+    finally:
+        w.teardown()
+
+
+def test_a_team_made_after_start_is_reported_and_read_when_names_is_empty(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "teams").mkdir()
+    w, _ = _watching(tmp_path)
+    try:
+        root = tmp_path / "teams" / "late-team"
+        root.mkdir()
+        (root / "config.json").write_text(json.dumps({"name": "late-team", "members": [{"name": "team-lead"}]}))
+        [found] = _until_logged(w, caplog, "team-found")
+        assert "team=late-team" in found
+        append_message(tmp_path, "late-team", "team-lead", "worker-1", "first news")  # makes inboxes/ too
+        [news] = _until_logged(w, caplog, "teammate-message")
+        assert "team=late-team" in news and [t.team for t in w.ledger.pending_triggers()] == ["late-team"]  # type: ignore[union-attr]
+    finally:
+        w.teardown()
+
+
+def test_a_named_team_that_is_not_there_is_reported_once_then_picked_up(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "teams").mkdir()
+    w, clock = _watching(tmp_path, teams=("later",))
+    try:
+        for _ in range(3):
+            clock.now += 3600
+            w.run_once()
+        assert len([m for m in caplog.messages if m.startswith("team-missing")]) == 1
+        make_team(tmp_path, "later", members=["worker-1"])
+        [found] = _until_logged(w, caplog, "team-found")
+        assert "team=later" in found and "worker-1" in found
     finally:
         w.teardown()

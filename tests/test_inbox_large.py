@@ -16,14 +16,16 @@ from tests.support.daemon import holds, ledger_rows, wait_for
 from tests.support.team import append_message, history, inbox_path, locked, read_inbox, rewrite_in_place
 
 SIZE = 20 * 1024 * 1024
+#: one line of json.dumps, as claude-teams writes it: about 320 bytes a message
+COUNT = SIZE // 315
 
 
 def test_a_20_mb_lead_inbox_hears_each_new_message_once(bed: Bed) -> None:
     path = inbox_path(bed.teams_dir, TEAM, "team-lead")
     with locked(bed.teams_dir, TEAM):
-        rewrite_in_place(path, history(SIZE // 340))
+        rewrite_in_place(path, history(COUNT))
     assert path.stat().st_size >= SIZE
-    old = SIZE // 340
+    old = COUNT
     bed.write_config(extra=NO_IDLE, debounce=0.3)
     # Rewriting 20 MB in pure Python (this test, the test server's read_inbox) keeps both cores
     # busy: a health probe given a second could take the server for down.

@@ -184,3 +184,25 @@ def test_state_and_readonly_view(tmp_path: Path) -> None:
         ro.set_meta("x", "y")
     with pytest.raises(LedgerError, match="does not exist"):
         Ledger(str(tmp_path / "missing.db"), readonly=True)
+
+
+def test_a_turns_report_and_a_push_cover_triggers_without_a_prompt(tmp_path: Path) -> None:
+    led = Ledger(str(tmp_path / "l.db"))
+    report = led.add_trigger("event", "w1 reports", dedup="e1", team="t", teammate="w1", session_id="ses_w1",
+                             ckey="k1", tkey="text-1", now=100.0)
+    assert led.turn_report("ses_w1", "t", "w1", since=90.0) == report
+    assert led.turn_report("ses_other", "t", "w1", since=90.0) == report  # signed by it, from the inbox
+    assert led.turn_report("ses_w2", "t", "w2", since=90.0) is None
+    assert led.turn_report("ses_w1", "t", "w1", since=101.0) is None  # an earlier turn's report
+    idle = led.add_trigger("event", "idle", dedup="e2", covered=f"turn:{report}", now=101.0)
+    assert [t.id for t in led.pending_triggers()] == [report] and led.count_pending_triggers() == 1
+    # Pushed after its trigger: the pending trigger is covered; before: the new one is born covered.
+    assert led.record_push("text-1", "ses_orch", since=0.0, at=102.0) == [report]
+    assert led.pending_triggers() == []
+    later = led.add_trigger("inbox", "w1 again", dedup="i3", ckey="k3", tkey="text-3", now=103.0)
+    assert led.record_push("text-4", "ses_orch", since=0.0, at=104.0) == []
+    early = led.add_trigger("inbox", "w1 pushed", dedup="i4", ckey="k4", tkey="text-4", now=105.0)
+    assert [led.trigger_covered(i) for i in (report, idle, later, early)] == [
+        "claude-teams", f"turn:{report}", None, "claude-teams"]
+    assert [t.id for t in led.pending_triggers()] == [later]
+    led.close()

@@ -35,6 +35,8 @@ class JsonHandler(BaseHTTPRequestHandler):
 class FakeOpencode:
     def __init__(self) -> None:
         self.health_status = 200
+        self.version = "1.18.33"  # what /global/health reports
+        self.session_post_status = 200  # 405 as opencode 2.x answers POST /session (its API is under /api)
         self.require_auth: str | None = None  # "Basic ..." header value when set
         self.stream_mode = "frames"  # "frames" | "silent" | "no-headers"
         self.heartbeat_every: float | None = None
@@ -59,7 +61,7 @@ class FakeOpencode:
                     return
                 if self.path == "/global/health":
                     if fake.health_status == 200:
-                        self._json(200, {"healthy": True, "version": "0.0.0-fake"})
+                        self._json(200, {"healthy": True, "version": fake.version})
                     else:
                         self._json(fake.health_status, {"error": "boom"})
                 elif self.path.startswith("/global/event") or self.path.startswith("/event"):
@@ -80,7 +82,9 @@ class FakeOpencode:
                     fake.requests.append(("POST", self.path))
                 if not self._authorized():
                     return
-                if self.path == "/session":
+                if self.path == "/session" and fake.session_post_status != 200:
+                    self._json(fake.session_post_status, {"error": "method not allowed"})
+                elif self.path == "/session":
                     self._json(200, {"id": "ses_fake000000000000000000000", "title": "orchestrator"})
                 elif self.path == "/sync/history":
                     self._json(200, [])

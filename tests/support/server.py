@@ -23,7 +23,11 @@ from typing import Any
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
-OPENCODE_BIN = ROOT / "tests" / "opencode" / "node_modules" / ".bin" / "opencode"
+PINNED_BIN = ROOT / "tests" / "opencode" / "node_modules" / ".bin" / "opencode"
+#: the oldest 1.x release the registry serves, for the compatibility smoke (tests/opencode-compat)
+COMPAT_BIN = ROOT / "tests" / "opencode-compat" / "node_modules" / ".bin" / "opencode"
+#: the binary every test runs unless it picks one; ORCHESTRATORD_TEST_OPENCODE runs the suite on another
+OPENCODE_BIN = Path(os.environ.get("ORCHESTRATORD_TEST_OPENCODE") or PINNED_BIN)
 TEAMS_SERVER = Path(__file__).resolve().parent / "teams_server.py"
 
 
@@ -43,7 +47,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def opencode_config(model_url: str, teams_dir: Path, permission: dict[str, Any] | None = None) -> dict[str, Any]:
+def opencode_config(model_url: str, teams_dir: Path, permission: dict[str, Any] | None = None,
+                    server_url: str | None = None) -> dict[str, Any]:
+    """The project's opencode.json; with ``server_url`` the claude-teams server gets
+    ``OPENCODE_SERVER_URL`` (spawned teammates get sessions, messages are pushed)."""
+    teams_env = {"CLAUDE_TEAMS_BASE_DIR": str(teams_dir)}
+    if server_url:
+        teams_env["OPENCODE_SERVER_URL"] = server_url
     cfg: dict[str, Any] = {
         "$schema": "https://opencode.ai/config.json",
         "autoupdate": False,
@@ -60,7 +70,7 @@ def opencode_config(model_url: str, teams_dir: Path, permission: dict[str, Any] 
         "mcp": {"claude-teams": {
             "type": "local",
             "command": [sys.executable, str(TEAMS_SERVER)],
-            "environment": {"CLAUDE_TEAMS_BASE_DIR": str(teams_dir)},
+            "environment": teams_env,
             "enabled": True,
         }},
     }
@@ -71,9 +81,11 @@ def opencode_config(model_url: str, teams_dir: Path, permission: dict[str, Any] 
 
 class OpencodeServer:
     def __init__(self, root: Path, model_url: str, teams_dir: Path, password: str | None = None,
-                 permission: dict[str, Any] | None = None, path_prefix: Path | None = None) -> None:
-        if not OPENCODE_BIN.exists():
-            raise RuntimeError(f"{OPENCODE_BIN} is missing: run `make opencode` (part of `make test`)")
+                 permission: dict[str, Any] | None = None, path_prefix: Path | None = None,
+                 teams_push: bool = True, binary: Path | None = None) -> None:
+        self.binary = binary or OPENCODE_BIN
+        if not self.binary.exists():
+            raise RuntimeError(f"{self.binary} is missing: run `make opencode` (part of `make test`)")
         self.root = root
         self.home = root / "home"
         self.project = root / "project"
@@ -88,7 +100,8 @@ class OpencodeServer:
         self._last_prompt: dict[str, str] = {}  # session -> messageID of its last prompt_async
         for d in (self.home, self.project):
             d.mkdir(parents=True, exist_ok=True)
-        (self.project / "opencode.json").write_text(json.dumps(opencode_config(model_url, teams_dir, permission), indent=2))
+        (self.project / "opencode.json").write_text(json.dumps(opencode_config(
+            model_url, teams_dir, permission, server_url=self.url if teams_push else None), indent=2))
         self.http = requests.Session()
         if password:
             self.http.auth = (self.username, password)
@@ -127,7 +140,7 @@ class OpencodeServer:
             return self
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(OPENCODE_BIN), "serve", "--hostname", "127.0.0.1", "--port", str(self.port)],
+            [str(self.binary), "serve", "--hostname", "127.0.0.1", "--port", str(self.port)],
             cwd=self.project, env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         log.close()

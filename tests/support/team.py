@@ -1,9 +1,12 @@
-"""A claude-teams team on disk, laid out and written the way claude-teams does it.
+"""A claude-teams team on disk, laid out and written the way the public server does it.
 
 ``teams/<team>/config.json``, ``teams/<team>/inboxes/<agent>.json`` and the ``.lock``
 file writers hold an exclusive flock on while they rewrite an inbox in place (truncate
-and write the same inode, not an atomic rename). The test MCP server uses these same
-functions, so tests and the "real" tools agree on the format.
+and write the same inode, not an atomic rename). Inboxes are one line of ``json.dumps``;
+a new inbox is first created as ``[]`` without the lock; the lock is taken non-blocking
+and retried every 50 ms, on a lock file opened with truncation and never deleted; member
+changes replace ``config.json`` by rename, without the lock. The test MCP server uses
+these same functions, so tests and the "real" tools agree on the format.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,14 +34,23 @@ def inbox_path(base: Path | str, team: str, agent: str) -> Path:
     return team_dir(base, team) / "inboxes" / f"{agent}.json"
 
 
+LOCK_RETRY = 0.05
+
+
 @contextlib.contextmanager
 def locked(base: Path | str, team: str) -> Iterator[None]:
-    """Hold the team's inbox lock exclusively, as a writer does."""
+    """Hold the team's inbox lock exclusively, as a writer does: the file is opened with
+    truncation, the flock tried without blocking and tried again every 50 ms."""
     lock = team_dir(base, team) / "inboxes" / ".lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(LOCK_RETRY)
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -76,12 +89,21 @@ def read_inbox(base: Path | str, team: str, agent: str) -> list[dict[str, Any]]:
 
 
 def rewrite_in_place(path: Path, messages: Any) -> None:
-    """Truncate and write the same file (same inode), as claude-teams does."""
+    """Truncate and write the same file (same inode) as one line, as claude-teams does."""
     with open(path, "a+", encoding="utf-8") as fh:
         fh.seek(0)
         fh.truncate()
-        fh.write(json.dumps(messages, indent=2))
+        fh.write(json.dumps(messages))
         fh.flush()
+
+
+def ensure_inbox(base: Path | str, team: str, agent: str) -> Path:
+    """Create an inbox as ``[]`` if it is not there, without the lock (as the public server does)."""
+    path = inbox_path(base, team, agent)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("[]")
+    return path
 
 
 def append_message(base: Path | str, team: str, recipient: str, sender: str, text: str,
@@ -91,6 +113,7 @@ def append_message(base: Path | str, team: str, recipient: str, sender: str, tex
     if summary:
         message["summary"] = summary
     message.update(extra)
+    ensure_inbox(base, team, recipient)
     path = inbox_path(base, team, recipient)
     with locked(base, team):
         current = json.loads(path.read_text()) if path.exists() and path.stat().st_size else []
@@ -101,6 +124,11 @@ def append_message(base: Path | str, team: str, recipient: str, sender: str, tex
 
 REMINDER = ("\n\n<system_reminder>This message was sent from {sender}. Use your send_message tool to "
             "respond.</system_reminder>")
+
+
+def with_reminder(text: str, sender: str) -> str:
+    """A message or broadcast text as the public server stores it: the reminder appended."""
+    return text + REMINDER.format(sender=sender)
 
 
 def history(count: int, first: int = 0, read: bool = True) -> list[dict[str, Any]]:
@@ -139,5 +167,9 @@ def read_config(base: Path | str, team: str) -> dict[str, Any]:
 
 
 def write_config(base: Path | str, team: str, config: dict[str, Any]) -> None:
-    with locked(base, team):
-        rewrite_in_place(team_dir(base, team) / "config.json", config)  # type: ignore[arg-type]
+    """A member change: a temporary file in the team folder renamed over ``config.json``
+    (a new inode, no lock), so a watcher of the file itself loses it; watch the folder."""
+    root = team_dir(base, team)
+    tmp = root / f".config-{os.getpid()}-{time.monotonic_ns()}.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, root / "config.json")

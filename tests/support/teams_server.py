@@ -1,19 +1,30 @@
-"""A claude-teams MCP server for the tests (stdio), on the real on-disk format.
+"""A claude-teams MCP server for the tests (stdio), behaving as the public one does.
 
 opencode starts it as a ``local`` MCP server named ``claude-teams``, so the model sees
 ``claude-teams_read_inbox``, ``claude-teams_send_message`` and the rest, exactly as in
-production. Tool names, argument names and result shapes follow the real server (see
-/work/shared/reference/README.md and the recorded session): ``team_create``,
-``team_delete``, ``spawn_teammate`` (config and inbox only: no process is started),
+production. Tool names, argument names, result shapes and the on-disk format follow the
+public server (see "How the public claude-teams server really behaves" in
+/work/shared/reference/README.md): ``team_create``, ``team_delete``, ``spawn_teammate``,
 ``send_message`` (``message``, ``broadcast``, ``shutdown_request``, ``shutdown_response``,
 ``plan_approval_response``), ``read_inbox``, ``read_config``, ``task_create``,
 ``task_update``, ``task_list``, ``task_get``, ``force_kill_teammate``,
 ``process_shutdown_approved``, ``check_teammate``.
 
+What it does as the public one does, and the tests rely on:
+- ``spawn_teammate`` (backend ``opencode``, the default) creates the teammate's session
+  with ``POST /session``, title ``<name>@<team>`` and a ruleset that allows everything,
+  then sends the first prompt with ``prompt_async`` (agent ``build``). No tmux pane.
+- ``message`` and ``broadcast`` texts get the ``<system_reminder>`` suffix; ``sender`` is
+  taken on trust; ``idle_notification`` is never written.
+- inboxes and ``config.json`` are written as tests/support/team.py describes.
+- with ``OPENCODE_SERVER_URL`` set (and only then), ``team_create`` called by opencode
+  takes the one busy session as the lead's, in memory; a message to the lead is then
+  pushed to that session with ``prompt_async``, and messages to opencode teammates to
+  theirs. Failed pushes are silent.
+
 The base directory comes from ``CLAUDE_TEAMS_BASE_DIR`` (default ``~/.claude``). The
-caller's name (the ``from`` of what it sends) is the ``sender`` argument, as on the real
-server, defaulting to ``CLAUDE_TEAMS_AGENT_NAME`` or ``team-lead``: one server here serves
-every session of the opencode under test.
+caller's name is the ``sender`` argument, defaulting to ``CLAUDE_TEAMS_AGENT_NAME`` or
+``team-lead``: one server here serves every session of the opencode under test.
 
 Run by path (no import of the ``tests`` package): ``python tests/support/teams_server.py``.
 """
@@ -25,18 +36,24 @@ import os
 import shutil
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mcp.server.fastmcp import FastMCP  # noqa: E402
+from mcp.server.fastmcp import Context, FastMCP  # noqa: E402
 from mcp.server.fastmcp.exceptions import ToolError  # noqa: E402
 
 import team as store  # noqa: E402  (tests/support/team.py, by path)
 
 BASE = Path(os.environ.get("CLAUDE_TEAMS_BASE_DIR") or os.path.expanduser("~/.claude"))
 ME = os.environ.get("CLAUDE_TEAMS_AGENT_NAME", "team-lead")
+OPENCODE_URL = os.environ.get("OPENCODE_SERVER_URL") or None
+ALLOW_ALL = [{"permission": "*", "pattern": "*", "action": "allow"}]
+#: the lead's opencode session, learnt by team_create; in memory only, as in the public server
+LEAD: dict[str, str | None] = {"session": None}
 
 server = FastMCP("claude-teams", instructions="Agent teams: team config, inboxes, tasks (test server).")
 
@@ -70,6 +87,38 @@ def _require_member(team_name: str, name: str) -> dict[str, Any]:
     return member
 
 
+def _api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One call to the opencode API, without auth (a protected server answers 401)."""
+    assert OPENCODE_URL is not None
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{OPENCODE_URL.rstrip('/')}{path}", data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=15) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def _prompt(session_id: str, text: str, agent: str | None = None) -> None:
+    body: dict[str, Any] = {"parts": [{"type": "text", "text": text}]}
+    if agent:
+        body["agent"] = agent
+    _api("POST", f"/session/{session_id}/prompt_async", body)
+
+
+def _push(session_id: str | None, text: str) -> None:
+    """Post ``text`` to a session as a prompt; a failure is swallowed, as the public server does."""
+    if not (OPENCODE_URL and session_id):
+        return
+    try:
+        _prompt(session_id, text)
+    except (OSError, ValueError):
+        pass
+
+
+def _with_reminder(text: str, sender: str) -> str:
+    return store.with_reminder(text, sender)
+
+
 def _structured(doc: dict[str, Any]) -> str:
     return json.dumps(doc, separators=(",", ":"))
 
@@ -89,18 +138,42 @@ def _remove_member(team_name: str, agent_name: str) -> None:
 
 
 @server.tool()
-def team_create(team_name: str, description: str = "") -> str:
-    """Create a new agent team (config, inboxes, task directory); the caller is its lead."""
-    if (store.team_dir(BASE, team_name) / "config.json").exists():
-        raise ToolError(f"Team {team_name!r} already exists")
-    store.make_team(BASE, team_name, members=[], lead=ME)
-    if description:
-        config = _config(team_name)
-        config["description"] = description
-        store.write_config(BASE, team_name, config)
+def team_create(team_name: str, ctx: Context, description: str = "") -> str:
+    """Create a new agent team (its config and task directory); the caller is its lead.
+
+    The config is written in place and no inboxes folder is made (it comes with the first
+    message). On an existing name the config is replaced. Called from opencode with
+    OPENCODE_SERVER_URL set, the one busy session is taken as the lead's.
+    """
+    root = store.team_dir(BASE, team_name)
+    root.mkdir(parents=True, exist_ok=True)
+    now = int(time.time() * 1000)
+    config = {"name": team_name, "description": description, "createdAt": now, "leadAgentId": f"{ME}@{team_name}",
+              "leadSessionId": "", "members": [{"agentId": f"{ME}@{team_name}", "name": ME, "agentType": "team-lead",
+                                                "model": "unknown", "joinedAt": now, "tmuxPaneId": "",
+                                                "cwd": os.getcwd(), "subscriptions": []}]}
+    store.rewrite_in_place(root / "config.json", config)  # type: ignore[arg-type]
     store.tasks_dir(BASE, team_name).mkdir(parents=True, exist_ok=True)
-    return _out({"team_name": team_name, "team_file_path": str(store.team_dir(BASE, team_name) / "config.json"),
+    if OPENCODE_URL and _client_name(ctx) == "opencode":
+        LEAD["session"] = _busy_session()
+    return _out({"team_name": team_name, "team_file_path": str(root / "config.json"),
                  "lead_agent_id": f"{ME}@{team_name}"})
+
+
+def _client_name(ctx: Context) -> str:
+    params = getattr(ctx.session, "client_params", None)
+    info = getattr(params, "clientInfo", None)
+    return str(getattr(info, "name", "") or "")
+
+
+def _busy_session() -> str | None:
+    """The one busy session on the server (the lead, mid tool call), or None."""
+    try:
+        status = _api("GET", "/session/status")
+    except (OSError, ValueError):
+        return None
+    busy = [sid for sid, st in (status or {}).items() if isinstance(st, dict) and st.get("type") == "busy"]
+    return busy[0] if len(busy) == 1 else None
 
 
 @server.tool()
@@ -115,26 +188,47 @@ def team_delete(team_name: str) -> str:
     return _out({"success": True, "message": f"Team {team_name!r} deleted", "team_name": team_name})
 
 
+FIRST_PROMPT = ("You are {name}, a member of team {team}. Your lead is {lead}. Read your inbox with "
+                "read_inbox(team_name=\"{team}\", agent_name=\"{name}\") and report to your lead with "
+                "send_message(type=\"message\", recipient=\"{lead}\", sender=\"{name}\").\n\n{prompt}")
+
+
 @server.tool()
-def spawn_teammate(team_name: str, name: str, prompt: str, model: str = "balanced", backend: str = "",
+def spawn_teammate(team_name: str, name: str, prompt: str, model: str = "balanced", backend: str = "opencode",
                    subagent_type: str = "general-purpose", plan_mode_required: bool = False) -> str:
-    """Add a teammate to the team and put its prompt in its inbox (the test server starts no process)."""
+    """Add a teammate: its opencode session (allow-all), its config entry, its inbox and first prompt."""
     if name == "team-lead":
         raise ToolError("Agent name 'team-lead' is reserved")
     config = _config(team_name)
     if any(m.get("name") == name for m in config.get("members", [])):
         raise ToolError(f"Member {name!r} already exists in team {team_name!r}")
+    backend = backend or "opencode"
+    session_id = None
+    if backend == "opencode":
+        if not OPENCODE_URL:
+            raise ToolError("Cannot spawn opencode teammate: OPENCODE_SERVER_URL is not set")
+        try:
+            session_id = str(_api("POST", "/session", {"title": f"{name}@{team_name}", "permission": ALLOW_ALL})["id"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ToolError(f"Cannot create the opencode session: {exc}") from None
     now = int(time.time() * 1000)
-    config.setdefault("members", []).append({
+    member: dict[str, Any] = {
         "agentId": f"{name}@{team_name}", "name": name, "agentType": subagent_type, "model": model,
         "prompt": prompt, "color": "blue", "planModeRequired": plan_mode_required, "joinedAt": now,
-        "tmuxPaneId": "", "cwd": os.getcwd(), "subscriptions": [], "backendType": backend or "opencode",
-        "isActive": False})
+        "tmuxPaneId": "", "cwd": os.getcwd(), "subscriptions": [], "backendType": backend, "isActive": False}
+    if session_id:
+        member["opencodeSessionId"] = session_id
+    config.setdefault("members", []).append(member)
     store.write_config(BASE, team_name, config)
-    inbox = store.inbox_path(BASE, team_name, name)
-    if not inbox.exists():
-        inbox.write_text("[]")
-    store.append_message(BASE, team_name, name, _lead(team_name), prompt)
+    lead = _lead(team_name)
+    store.append_message(BASE, team_name, name, lead, prompt)
+    if session_id:
+        try:
+            _prompt(session_id, FIRST_PROMPT.format(name=name, team=team_name, lead=lead, prompt=prompt),
+                    agent="build")
+        except (OSError, ValueError) as exc:
+            _remove_member(team_name, name)
+            raise ToolError(f"Cannot send the first prompt: {exc}") from None
     return _out({"agent_id": f"{name}@{team_name}", "name": name, "team_name": team_name})
 
 
@@ -182,8 +276,10 @@ def read_inbox(team_name: str, agent_name: str, unread_only: bool = True, mark_a
     _config(team_name)
     if mark_as_read:
         messages = store.mark_read(BASE, team_name, agent_name, unread_only)
-    else:
-        messages = [m for m in store.read_inbox(BASE, team_name, agent_name) if not (unread_only and m.get("read"))]
+    else:  # without the lock, as the public server reads
+        path = store.inbox_path(BASE, team_name, agent_name)
+        current = json.loads(path.read_text()) if path.exists() else []
+        messages = [m for m in current if not (unread_only and m.get("read"))]
     return _out(messages)
 
 
@@ -199,34 +295,45 @@ def send_message(team_name: str, type: str, recipient: str = "", content: str = 
     """
     me = sender or ME
     config = _config(team_name)
+    lead = _lead(team_name)
     if type == "message":
         if not content:
             raise ToolError("Message content must not be empty")
-        _require_member(team_name, recipient)
-        store.append_message(BASE, team_name, recipient, me, content, summary or None)
+        member = _require_member(team_name, recipient)
+        text = _with_reminder(content, me)
+        store.append_message(BASE, team_name, recipient, me, text, summary or None,
+                             **({"color": member["color"]} if member.get("color") else {}))
+        _push(member.get("opencodeSessionId"), text)
+        if recipient == lead:
+            _push(LEAD["session"], text)
         return _out({"success": True, "message": f"Message sent to {recipient}",
                      "routing": {"sender": me, "target": recipient, "summary": summary, "content": content}})
     if type == "broadcast":
-        targets = [m["name"] for m in config.get("members", []) if m.get("name") != me]
-        for name in targets:
-            store.append_message(BASE, team_name, name, me, content, summary or None)
+        targets = [m for m in config.get("members", []) if m.get("name") != me]
+        text = _with_reminder(content, me)
+        for m in targets:
+            store.append_message(BASE, team_name, m["name"], me, text, summary or None,
+                                 **({"color": m["color"]} if m.get("color") else {}))
+            _push(m.get("opencodeSessionId"), text)
         return _out({"success": True, "message": f"Broadcast sent to {len(targets)} teammate(s)"})
     if type == "shutdown_request":
-        _require_member(team_name, recipient)
-        if recipient == _lead(team_name):
+        member = _require_member(team_name, recipient)
+        if recipient == lead:
             raise ToolError("Cannot send shutdown request to team-lead")
         now = store.now_iso()
         rid = request_id or f"shutdown-{int(time.time() * 1000)}@{recipient}"
         doc = {"type": "shutdown_request", "requestId": rid, "from": me, "reason": content, "timestamp": now}
         store.append_message(BASE, team_name, recipient, me, _structured(doc))
+        _push(member.get("opencodeSessionId"), _structured(doc))
         return _out({"success": True, "message": f"Shutdown request sent to {recipient}", "request_id": rid,
                      "target": recipient})
     if type == "shutdown_response":
-        lead = recipient or _lead(team_name)
+        lead = recipient or lead
         if approve:
             member = _member(team_name, me) or {}
             doc = {"type": "shutdown_approved", "requestId": request_id, "from": me, "timestamp": store.now_iso(),
-                   "paneId": member.get("tmuxPaneId", ""), "backendType": member.get("backendType", "opencode")}
+                   "paneId": member.get("tmuxPaneId", ""), "backendType": member.get("backendType", "opencode"),
+                   "sessionId": member.get("opencodeSessionId")}
             store.append_message(BASE, team_name, lead, me, _structured(doc))
             return _out({"success": True, "message": f"Shutdown approved for request {request_id}"})
         store.append_message(BASE, team_name, lead, me, content or "Shutdown rejected", "shutdown_rejected")
@@ -234,9 +341,8 @@ def send_message(team_name: str, type: str, recipient: str = "", content: str = 
     if type == "plan_approval_response":
         _require_member(team_name, recipient)
         if approve:
-            store.append_message(BASE, team_name, recipient, me,
-                                 _structured({"type": "plan_approval_response", "requestId": request_id,
-                                              "approved": True}), "plan_approved")
+            store.append_message(BASE, team_name, recipient, me, _structured({"type": "plan_approval",
+                                                                               "approved": True}), "plan_approved")
         else:
             store.append_message(BASE, team_name, recipient, me, content or "Plan rejected", "plan_rejected")
         return _out({"success": True,

@@ -207,6 +207,11 @@ class Dispatcher(ServerWorker):
         if self.shared.server_healthy is False:
             self._hold(Hold("server-down", "the server does not answer GET /global/health; prompts go once it is back"))
             return 5.0  # the health watch wakes us when it comes back
+        if self.shared.server_healthy is None:
+            # Not probed yet: a server of a generation this daemon does not speak must be
+            # named by the health watch before anything is sent to it.
+            self._hold(Hold("server-unknown", "the first health probe has not answered yet"))
+            return 5.0  # the health watch wakes us when it is up
         try:
             if self.session_id is None:
                 self._hold(Hold("no-session", "the orchestrator session is being found or created"))

@@ -164,6 +164,7 @@ def make(tmp_path: Path, clocks: Clocks) -> Any:
 
     def new(**kw: Any) -> tuple[Dispatcher, FakeServer, str]:
         shared = Shared(server_url="http://x", clock=lambda: clocks.mono)
+        shared.server_seen(True, "1.18.33")  # the health watch has probed it
         d = Dispatcher(shared=shared, make_client=lambda: cast(OpencodeClient, server), ledger_path=path,
                        settings=settings(**kw),
                        server_url="http://x", clock=lambda: clocks.mono, wall=lambda: clocks.wall)

@@ -14,6 +14,8 @@ import threading
 import pytest
 import requests
 
+from orchestratord.inbox import without_reminder
+
 from tests.support.bed import (NO_IDLE, TEAM, Bed, is_orchestrator, orchestrator_prompts, request_text,
                                script_orchestrator, script_teammate, send_message_args)
 from tests.support.daemon import holds, ledger_rows, status_json, wait_for
@@ -97,7 +99,7 @@ def test_teammate_message_gives_exactly_one_prompt_with_its_outcome(bed: Bed) ->
 
     # The message is on disk where the lead reads it, and nothing else is pending.
     inbox = json.loads((bed.teams_dir / "teams" / TEAM / "inboxes" / "team-lead.json").read_text())
-    assert [m["text"] for m in inbox] == ["parser done"]
+    assert [without_reminder(m["text"]) for m in inbox] == ["parser done"]
     assert st["dispatch"]["pending_triggers"] == 0
 
 

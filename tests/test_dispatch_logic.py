@@ -119,6 +119,7 @@ def rig(tmp_path: Path) -> Rig:
     clock = Clock()
     server = FakeServer()
     shared = Shared(server_url="http://x", clock=clock)
+    shared.server_seen(True, "1.18.33")  # the health watch has probed it
     shared.set_stream_connected(True)
     path = str(tmp_path / "ledger.db")
 

@@ -8,7 +8,6 @@ a worker thread through its error path. Seeds come from the recorded streams.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +24,7 @@ from orchestratord.policy import COMMAND, MESSAGE, PATH, TOOL, Context, build_ru
 from orchestratord.stream import FrameGuard, normalize
 from orchestratord.triggers import match_all
 from tests.support import faults
+from tests.support.reference import reference_dir
 
 pytestmark = pytest.mark.faults
 
@@ -47,13 +47,8 @@ def _row(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def _seed_frames() -> list[bytes]:
-    candidates = [os.environ.get("ORCHESTRATORD_REFERENCE", ""),
-                  str(Path(__file__).resolve().parents[2] / "shared" / "reference"), "/work/shared/reference"]
-    for c in candidates:
-        path = Path(c) / "opencode-1.18.33" / "event-stream-prompt-cycle.sse"
-        if c and path.exists():
-            return [f + b"\n\n" for f in path.read_bytes().split(b"\n\n") if f.strip()][:40]
-    return [b'data: {"payload":{"type":"session.idle","properties":{"sessionID":"ses_1"}}}\n\n']
+    path = reference_dir() / "event-stream-prompt-cycle.sse"
+    return [f + b"\n\n" for f in path.read_bytes().split(b"\n\n") if f.strip()][:40]
 
 
 SEEDS = _seed_frames()

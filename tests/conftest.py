@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +29,30 @@ from tests.support.server import OpencodeServer
 
 # Process groups of module-scoped servers: alive between tests on purpose.
 _SHARED_GROUPS: set[int] = set()
+
+
+# One seed for every random choice of the run (the rng fixture, Hypothesis, the random
+# module); ORCHESTRATORD_SEED=N repeats a run's choices. It is printed at the start and with
+# every failure.
+SEED = int(os.environ.get("ORCHESTRATORD_SEED") or random.SystemRandom().randrange(1, 2**31))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Seed the random module and Hypothesis (unless --hypothesis-seed was given) with SEED."""
+    random.seed(SEED)
+    if hasattr(config.option, "hypothesis_seed") and config.option.hypothesis_seed is None:
+        config.option.hypothesis_seed = str(SEED)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"random choices seeded: ORCHESTRATORD_SEED={SEED}"
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """The test's random generator: from SEED and the test's ID, so one test replays alone too."""
+    return random.Random(f"{SEED}:{request.node.nodeid}")
 
 
 # Under CI=true a skip is a failure unless ORCHESTRATORD_ALLOW_SKIP names the test: a
@@ -66,6 +91,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
             rep.outcome = "failed"
             rep.longrepr = (f"skipped under CI=true: {reason}\n"
                             f"install what it needs, or allow it: ORCHESTRATORD_ALLOW_SKIP={item.nodeid}")
+    if rep.failed:
+        rep.sections.append(("seed", f"ORCHESTRATORD_SEED={SEED} repeats this run's random choices"))
     setattr(item, f"rep_{rep.when}", rep)
 
 

@@ -14,7 +14,6 @@ was covered by two finished prompts, and the ledger passes ``PRAGMA integrity_ch
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import signal
 import time
@@ -104,7 +103,7 @@ SYMPTOMS = {
 
 
 @pytest.mark.parametrize("kind", sorted(SYMPTOMS))
-def test_each_proxy_fault_alone(bed: Bed, proxy: FaultProxy, kind: str) -> None:
+def test_each_proxy_fault_alone(bed: Bed, proxy: FaultProxy, kind: str, rng: random.Random) -> None:
     configure(bed, proxy.url)
     d = start(bed)
     flow = Flow(bed, TEAM)
@@ -116,7 +115,7 @@ def test_each_proxy_fault_alone(bed: Bed, proxy: FaultProxy, kind: str) -> None:
         # Counted before the fault: the health probe may see it before the writes below end.
         connects = len(d.grep(r"\bstream-connected "))
         downs = len(d.grep(r"\bserver-down "))
-        opts = {"code": random.choice([500, 502, 503])} if kind == "status" else {}
+        opts = {"code": rng.choice([500, 502, 503])} if kind == "status" else {}
         if kind == "latency":
             opts = {"seconds": 0.3}
         proxy.set(kind, **opts)
@@ -142,11 +141,10 @@ def test_each_proxy_fault_alone(bed: Bed, proxy: FaultProxy, kind: str) -> None:
     conclude(bed, flow, f"proxy: {kind}", rounds, d, proxy.url, worst)
 
 
-def test_random_fault_sequence(bed: Bed, proxy: FaultProxy) -> None:
+def test_random_fault_sequence(bed: Bed, proxy: FaultProxy, rng: random.Random) -> None:
     configure(bed, proxy.url)
     d = start(bed)
     flow = Flow(bed, TEAM, every=0.4).start()
-    rng = random.Random(int(os.environ.get("ORCHESTRATORD_FAULTS_SEED", "0")) or None)
     seconds = faults.runs(20, 300)
     applied: list[str] = []
     deadline = time.monotonic() + seconds
@@ -200,12 +198,11 @@ def test_server_killed_and_restarted(bed: Bed) -> None:
 
 # -- the daemon killed at random moments -------------------------------------------------------
 
-def test_daemon_sigkilled_at_random_moments(bed: Bed) -> None:
+def test_daemon_sigkilled_at_random_moments(bed: Bed, rng: random.Random) -> None:
     configure(bed, bed.server.url)
     first = start(bed)
     assert first.stop() == 0
     flow = Flow(bed, TEAM, every=0.15).start()
-    rng = random.Random(int(os.environ.get("ORCHESTRATORD_FAULTS_SEED", "0")) or None)
     kills = faults.runs(6, 100)
     try:
         for _ in range(kills):

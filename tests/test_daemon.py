@@ -159,7 +159,7 @@ def test_server_restart_is_logged_and_the_daemon_keeps_working(bed: Bed) -> None
     d.notify.wait("READY=1")
     d.wait_log("stream-connected")
     sid = bed.session_id()
-    events_before = ledger_rows(bed.ledger, "SELECT COUNT(*) FROM events")[0][0]
+    last_event = ledger_rows(bed.ledger, "SELECT COALESCE(MAX(id), 0) FROM events")[0][0]
 
     bed.server.kill()
     d.wait_log("server-down", timeout=20)
@@ -172,7 +172,9 @@ def test_server_restart_is_logged_and_the_daemon_keeps_working(bed: Bed) -> None
     d.wait_log("prompt-done", timeout=60)
     assert bed.session_id() == sid
     assert [r["state"] for r in bed.dispatches()] == ["completed"]
-    assert ledger_rows(bed.ledger, "SELECT COUNT(*) FROM events")[0][0] >= events_before
+    # The new stream's events are recorded: those of the session made after the restart.
+    after = ledger_rows(bed.ledger, "SELECT COUNT(*) FROM events WHERE id > ? AND session_id = ?", (last_event, worker))
+    assert after[0][0] > 0, "no event of the new teammate session recorded after the restart"
     transitions = [r[0] for r in ledger_rows(bed.ledger, "SELECT state FROM transitions WHERE component = 'server' ORDER BY id")]
     assert transitions[-3:] == ["up", "down", "up"]
 

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.support import faults
-from tests.support.bed import bed, team  # noqa: F401  (fixtures)
+from tests.support.bed import bed, proxy, team  # noqa: F401  (fixtures)
 from tests.support.llm import ScriptedModel
 from tests.support.server import OpencodeServer
 

@@ -21,8 +21,6 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Iterator
-
 import pytest
 
 from tests.support import faults
@@ -38,15 +36,6 @@ FAST = NO_IDLE + """
 [stalls]
 enabled = false
 """
-
-
-@pytest.fixture
-def proxy(bed: Bed) -> Iterator[FaultProxy]:
-    p = FaultProxy(bed.server.port).start()
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def configure(bed: Bed, server_url: str, extra: str = "") -> Path:

@@ -72,24 +72,29 @@ def test_fifty_messages_in_bursts_each_reported_once(bed: Bed) -> None:
     assert covered == 50
 
 
+def start_crashing(bed: Bed, point: str) -> tuple[Daemon, Daemon]:
+    """A clean first start and stop, then a daemon that crashes at ``point``, its inbox read once."""
+    bed.write_config(extra=NO_IDLE, debounce=0.2)
+    script_orchestrator(bed.model, reply="handled")
+    # Start clean first, so the messages written next are new (not the first-start baseline).
+    first = bed.daemon()
+    first.notify.wait("READY=1")
+    wait_initialized(bed)
+    bed.session_id()
+    assert first.stop() == 0
+    crashing = bed.daemon(env={"ORCHESTRATORD_TEST_CRASH": point})
+    crashing.notify.wait("READY=1")
+    crashing.wait_log(r"inbox-read .*team-lead\.json")  # so that the writes that follow are the new part of a read
+    return first, crashing
+
+
 CRASH_POINTS = ["before-post", "after-post", "after-record", "mid-batch", "inbox-mid-read"]
 
 
 @pytest.mark.parametrize("run", [1, 2])
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_crash_and_restart_loses_nothing_and_repeats_nothing(bed: Bed, point: str, run: int) -> None:
-    bed.write_config(extra=NO_IDLE, debounce=0.2)
-    script_orchestrator(bed.model, reply="handled")
-    # Start clean first, so the messages below are new (not the first-start baseline).
-    first = bed.daemon()
-    first.notify.wait("READY=1")
-    wait_initialized(bed)
-    bed.session_id()
-    assert first.stop() == 0
-
-    crashing = bed.daemon(env={"ORCHESTRATORD_TEST_CRASH": point})
-    crashing.notify.wait("READY=1")
-    crashing.wait_log(r"inbox-read .*team-lead\.json")  # so that the writes below are the new part of a read
+    first, crashing = start_crashing(bed, point)
     for i, who in enumerate(WORKERS):
         write(bed, who, f"crash test {point} {i}")
     assert crashing.wait_exit(60) == 137, f"the crash point {point} was not reached"
@@ -123,17 +128,7 @@ def test_a_crash_between_the_report_line_and_its_commit_reports_and_escalates_on
     ledger reports the message once, the model is told about it once and the escalation
     is recorded (and logged) once. The log line itself is written before the commit, so it
     appears twice in all: once by the killed daemon, once after the restart."""
-    bed.write_config(extra=NO_IDLE, debounce=0.2)
-    script_orchestrator(bed.model, reply="handled")
-    first = bed.daemon()
-    first.notify.wait("READY=1")
-    wait_initialized(bed)
-    bed.session_id()
-    assert first.stop() == 0
-
-    crashing = bed.daemon(env={"ORCHESTRATORD_TEST_CRASH": point})
-    crashing.notify.wait("READY=1")
-    crashing.wait_log(r"inbox-read .*team-lead\.json")
+    _, crashing = start_crashing(bed, point)
     write(bed, "worker-1", ROGUE)
     assert crashing.wait_exit(60) == 137, f"the crash point {point} was not reached"
     assert len(reported(crashing)) == 1, "the line came before the crash"

@@ -17,7 +17,8 @@ import requests
 from tests.support.bed import (NO_IDLE, TEAM, Bed, is_orchestrator, orchestrator_prompts, request_text,
                                script_orchestrator, script_teammate, send_message_args)
 from tests.support.daemon import holds, ledger_rows, status_json, wait_for
-from tests.support.llm import Reply
+from tests.support.llm import Reply, last_user_text
+from tests.support.team import append_message
 
 # -- start, session, stop ------------------------------------------------------------
 
@@ -211,6 +212,33 @@ def test_sighup_keeps_the_old_config_on_error_and_applies_a_valid_one(bed: Bed) 
     bed.server.prompt_async(worker, "POST-RELOAD: report")
     d.wait_log("prompt-done", timeout=60)
     assert bed.dispatches()[0]["prompt"].startswith("RELOADED my-team: ")
+
+
+def test_a_rejected_reload_keeps_the_old_config_in_effect(bed: Bed) -> None:
+    """Not only the log line: the old prompt drives the next trigger, and status keeps its digest."""
+    bed.write_config(extra=NO_IDLE)
+    good = bed.config.read_text().replace("[dispatch]\n", '[dispatch]\nprompt = "OLD-PROMPT {teams}: {triggers}"\n')
+    bed.config.write_text(good)
+    kept = bed.tmp / "kept.toml"  # the good file, for `status` while the one in place is broken
+    kept.write_text(good)
+    bed.model.add_rule(lambda r: "-PROMPT my-team" in request_text(r), Reply.text("ack"))
+    d = bed.ready_daemon()
+    digest = status_json(kept)["config"]["digest"]
+    assert digest
+
+    # A new prompt, and one bad value: the whole file is refused.
+    bed.config.write_text(good.replace("OLD-PROMPT", "NEW-PROMPT").replace("debounce_seconds =", "debounce_seconds = -1 #"))
+    d.signal(signal.SIGHUP)
+    d.wait_log("config-reload-failed")
+    assert status_json(kept)["config"]["digest"] == digest, "status shows another config than the one in effect"
+
+    append_message(bed.teams_dir, TEAM, "team-lead", "worker-1", "AFTER-REJECTED-RELOAD: status")
+    d.wait_log("prompt-done", timeout=60)
+    [row] = bed.dispatches()
+    assert row["prompt"].startswith("OLD-PROMPT my-team: "), row["prompt"]
+    prompts = [text for r in bed.model.requests if "-PROMPT my-team" in (text := last_user_text(r))]
+    assert prompts and all(p.startswith("OLD-PROMPT my-team: ") for p in prompts), prompts
+    assert status_json(kept)["config"]["digest"] == digest
 
 
 def test_a_hung_worker_stops_the_watchdog(bed: Bed) -> None:

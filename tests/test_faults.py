@@ -27,7 +27,7 @@ from tests.support import faults
 from tests.support.bed import NO_IDLE, TEAM, Bed, script_orchestrator
 from tests.support.daemon import Daemon, holds, ledger_rows, status_json, wait_for, write_config
 from tests.support.faultproxy import FaultProxy
-from tests.support.flow import Flow, tally, wait_settled
+from tests.support.flow import Flow, committed, tally, wait_settled
 
 pytestmark = pytest.mark.faults
 
@@ -57,10 +57,11 @@ def integrity(bed: Bed) -> str:
 
 
 def conclude(bed: Bed, flow: Flow, case: str, runs: int, d: Daemon | None, proxy: FaultProxy,
-             worst: float | None = None, notes: str = "", killed: bool = False) -> None:
+             worst: float | None = None, notes: str = "", killed: bool = False,
+             committed_before: dict[Daemon, set[str]] | None = None) -> None:
     """The end of every case: wait for the flow to settle, count, record the row, assert."""
     wait_settled(bed, flow, 180)
-    t = tally(bed, flow, bed.daemons, proxy.url, killed=killed, proxy=proxy)
+    t = tally(bed, flow, bed.daemons, proxy.url, killed=killed, proxy=proxy, committed_before=committed_before)
     if t.log_repeats:
         notes += f"; log lines repeated after a kill between the line and its commit: {t.log_repeats}"
     ok = integrity(bed)
@@ -196,9 +197,12 @@ def test_daemon_sigkilled_at_random_moments(bed: Bed, proxy: FaultProxy, rng: ra
     assert first.stop() == 0
     flow = Flow(bed, TEAM, every=0.15).start()
     kills = faults.runs(6, 100)
+    before: dict[Daemon, set[str]] = {}
     try:
         for _ in range(kills):
+            reported = committed(bed)  # what this daemon must not report again
             d = bed.daemon()
+            before[d] = reported
             d.notify.wait("READY=1", timeout=30)
             # The random moment: somewhere in startup, catch-up, a prompt or a quiet spell.
             holds(lambda: alive(d), rng.uniform(0.05, 5.0), "the daemon runs until it is killed")
@@ -206,10 +210,12 @@ def test_daemon_sigkilled_at_random_moments(bed: Bed, proxy: FaultProxy, rng: ra
             assert integrity(bed) == "ok", "the ledger after a SIGKILL"
     finally:
         flow.stop()
+    reported = committed(bed)
     last_daemon = bed.daemon()
+    before[last_daemon] = reported
     last_daemon.notify.wait("READY=1", timeout=30)
     conclude(bed, flow, "daemon SIGKILL at random moments", kills, last_daemon, proxy, notes="integrity_check after each: ok",
-             killed=True)
+             killed=True, committed_before=before)
 
 
 # -- reload storms ----------------------------------------------------------------------------

@@ -110,6 +110,12 @@ def wait_settled(bed: "Bed", flow: Flow, timeout: float = 120.0) -> None:
     wait_for(done, timeout, f"all {len(markers)} messages reported and every prompt finished")
 
 
+def committed(bed: "Bed") -> set[str]:
+    """The flow's messages the ledger holds as reported, now."""
+    rows = ledger_rows(bed.ledger, "SELECT text FROM messages WHERE reported_at IS NOT NULL")
+    return {m for (text,) in rows for m in _markers(text)}
+
+
 def finished_on_server(messages: list[dict[str, Any]]) -> set[str]:
     """IDs of the user messages (prompts) that a finished assistant reply answers."""
     out = set()
@@ -121,7 +127,8 @@ def finished_on_server(messages: list[dict[str, Any]]) -> set[str]:
 
 
 def tally(bed: "Bed", flow: Flow, daemons: Iterable[Daemon], server_url: str | None = None,
-          killed: bool = False, proxy: "FaultProxy | None" = None) -> Tally:
+          killed: bool = False, proxy: "FaultProxy | None" = None,
+          committed_before: "dict[Daemon, set[str]] | None" = None) -> Tally:
     """Count what became of the flow's messages (call after ``wait_settled``).
 
     ``server_url`` is the daemon's ``server.url`` (the fault proxy's, when there is one).
@@ -129,6 +136,8 @@ def tally(bed: "Bed", flow: Flow, daemons: Iterable[Daemon], server_url: str | N
     killed in between writes it again after its restart: with ``killed``, such repeats
     are counted apart (``log_repeats``) instead of as duplicates; the ledger must still
     hold each message and trigger once, and each message is delivered once.
+    ``committed_before`` maps a daemon to the messages already reported in the ledger when
+    it started (``committed(bed)``): it must log none of them again.
     """
     daemons = list(daemons)
     written = set(flow.written)
@@ -143,6 +152,14 @@ def tally(bed: "Bed", flow: Flow, daemons: Iterable[Daemon], server_url: str | N
     for m in sorted(written):
         if logged[m] == 0 or (logged[m] > 1 and not killed):
             problems.append(f"{m} reported in the log {logged[m]} times")
+    # A repeat after a kill is excused only if the report was not yet committed: a daemon
+    # that logs a message the ledger already held as reported when it started reports twice.
+    for d in daemons:
+        before = (committed_before or {}).get(d, set())
+        for line in d.grep(r"teammate-message "):
+            for m in set(_markers(line)) & before:
+                problems.append(f"{m} reported again by a daemon started after its report was committed")
+                duplicated += 1
     triggers = ledger_rows(bed.ledger, "SELECT detail, dispatch_id FROM triggers WHERE rule = 'teammate-message'")
     trigger_count = Counter(m for detail, _ in triggers for m in _markers(detail))
     duplicated += sum(c - 1 for c in trigger_count.values() if c > 1)

@@ -112,7 +112,7 @@ opencode: $(OPENCODE_DIR)/node_modules/.installed $(COMPAT_DIR)/node_modules/.in
 
 # promtool checks the shipped alert rules. It comes out of Debian's prometheus package,
 # unpacked into tests/.tools without installing it (no service is set up or started);
-# where apt-get cannot fetch it, the alert tests skip and say why.
+# where apt-get cannot fetch it, the alert tests skip and say why (under CI=true they fail).
 PROMTOOL := tests/.tools/promtool
 
 $(PROMTOOL):
@@ -121,7 +121,7 @@ $(PROMTOOL):
 	  cd tests/.tools/deb && { apt-get download prometheus >/dev/null 2>&1 \
 	    || { apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } \
 	  && dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool ../promtool \
-	  || echo "note: could not fetch promtool (Debian package prometheus); the alert rule tests will skip" >&2; \
+	  || echo "note: could not fetch promtool (Debian package prometheus); the alert rule tests will skip (and fail under CI=true)" >&2; \
 	else echo "note: no apt-get here; the alert rule tests will skip" >&2; fi
 	@rm -rf tests/.tools/deb
 
@@ -138,7 +138,7 @@ $(LIBFAKETIME):
 	  cd tests/.tools/deb && { apt-get download libfaketime >/dev/null 2>&1 \
 	    || { apt-get update -qq >/dev/null 2>&1 && apt-get download libfaketime >/dev/null 2>&1; }; } \
 	  && dpkg-deb -x libfaketime_*.deb root && cp root/usr/lib/*/faketime/libfaketime.so.1 ../libfaketime.so.1 \
-	  || echo "note: could not fetch libfaketime (Debian package libfaketime); the clock-jump test will skip" >&2; \
+	  || echo "note: could not fetch libfaketime (Debian package libfaketime); the clock-jump test will skip (and fail under CI=true)" >&2; \
 	else echo "note: no apt-get here; the clock-jump test will skip" >&2; fi
 	@rm -rf tests/.tools/deb
 

@@ -28,8 +28,8 @@ from .policy import COMMAND, MESSAGE, PATH, TOOL, Context, Finding, Rule, build_
 from .sessions import SessionInfo
 from .stream import Event
 from .triggers import _message_ckey
-from .worker import Deps, ServerWorker
 from .jsonvalues import as_dict
+from .worker import Deps, ServerWorker, crash_point
 
 if TYPE_CHECKING:
     from .config import Config
@@ -238,6 +238,7 @@ class Judge:
                                team=seen.team or (info.teammate.team if info.teammate else None))
             for f in found:
                 [spec] = escalation_specs([(seen, f)], own_session, now=now, actions_of=self.actions)
+                crash_point("before-escalation")  # test hook: judged, the escalation not yet recorded
                 eid, new = ledger.add_escalation(**spec)
                 if new:
                     level = logging.CRITICAL if f.severity in URGENT else logging.WARNING

@@ -551,6 +551,7 @@ class InboxWatcher(Worker):
                 self.log.log(logs.NOTICE, logs.kv("teammate-message", team=msg.team, **{"from": msg.sender},
                                                   to=msg.recipient, type=None if msg.type == "message" else msg.type,
                                                   summary=msg.short()))
+                crash_point("after-message-line")  # test hook: logged, not yet marked reported
             # Judged before it is marked reported: a crash in between judges it again,
             # and the escalation's key makes that a no-op.
             if self.judge is not None and self.judge(self.ledger, msg):

@@ -5,8 +5,9 @@ so ``time.time()`` follows the offset the test writes into ``FAKETIME_TIMESTAMP_
 while ``time.monotonic()`` keeps counting real seconds. The opencode server, the model
 and the team keep the real clock, as a server on another machine would. While the
 offset swings between two hours behind and three hours ahead, teammate messages are
-still reported once each and promptly, prompts are still sent, the hourly cap neither
-opens nor shuts, the health probe keeps its interval, and no stall or timeout fires.
+still reported once each, prompts are still sent, the hourly cap neither opens nor shuts,
+the health probe goes on after every jump, and no stall or timeout fires. How promptly,
+and the probe's gaps, are figures in the fault table, not assertions.
 
 libfaketime comes from ``make libfaketime`` (part of ``make test``), like promtool.
 """
@@ -133,6 +134,12 @@ def probe_times(d: Daemon) -> list[float]:
     return [float(m.group(1)) for line in d.grep(r"test-health-probe") if (m := re.search(r"mono=([\d.]+)", line))]
 
 
+def probes_after_jump(d: Daemon) -> None:
+    """The health probe goes on after a jump: no pause after a step forward (two more probes)."""
+    before = len(probe_times(d))
+    wait_for(lambda: len(probe_times(d)) >= before + 2, 30, "health probes after the clock jump")
+
+
 def test_wall_clock_jumps_break_no_interval_limit_or_report(bed: Bed) -> None:
     env, offset = faketime_env(bed.tmp)
     jumps = faults.runs(2, 10)
@@ -168,6 +175,7 @@ def test_wall_clock_jumps_break_no_interval_limit_or_report(bed: Bed) -> None:
             # of real time; no turn or start timeout may fire.
             bed.model.wait_for_request(is_orchestrator, timeout=30)
         set_offset(offset, jump)
+        probes_after_jump(d)
         if i == 0:
             holds(lambda: not d.grep(SPURIOUS), 2.0, "no timeout while the held turn spans the jump")
             hold.set()
@@ -191,36 +199,38 @@ def test_wall_clock_jumps_break_no_interval_limit_or_report(bed: Bed) -> None:
     d.wait_log("prompt-cap-reached", timeout=15)
     for jump in ("-2h", "+3h", "-2h"):
         set_offset(offset, jump)
+        probes_after_jump(d)
         holds(lambda: len(bed.dispatches()) == cap, 1.5, f"no prompt over the cap after a jump to {jump}")
     pending = ledger_rows(bed.ledger, "SELECT COUNT(*) FROM triggers WHERE dispatch_id IS NULL")[0][0]
     assert pending == 1, "the trigger over the cap waits in the ledger"
-    elapsed = time.monotonic() - started
 
     # Every message reported once, promptly; no prompt sent twice; no spurious finding.
     for body in written:
         assert sum(len(x.grep(rf"teammate-message .*{re.escape(body)}")) for x in bed.daemons) == 1, body
     reported = ledger_rows(bed.ledger, "SELECT COUNT(*) FROM messages WHERE reported_at IS NOT NULL")[0][0]
     assert reported == len(written)
-    assert max(report_delays) < 5.0, report_delays
     rows = bed.dispatches()
-    ids = [r["message_id"] for r in rows]
-    assert len(set(ids)) == len(ids) == cap
-    assert all(r["state"] == "completed" for r in rows)
-    assert len(orchestrator_prompts(bed.model)) == cap, "each prompt reached the model once"
+    assert len(rows) == cap and all(r["state"] == "completed" for r in rows)
+    asked = len(orchestrator_prompts(bed.model))
+    assert asked == cap, "each prompt reached the model once"
+    # Delivered: each message but the one over the cap is carried by a prompt that completed.
+    for body in written[:-1]:
+        [(state,)] = ledger_rows(bed.ledger, "SELECT d.state FROM triggers t JOIN dispatches d ON d.id = t.dispatch_id "
+                                             "WHERE t.detail LIKE ?", (f"%{body}%",))
+        assert state == "completed", body
     spurious = [line for x in bed.daemons for line in x.grep(SPURIOUS)]
     assert not spurious, spurious
     assert not ledger_rows(bed.ledger, "SELECT kind FROM stalls")
 
-    # The health probe kept its interval: no storm after a jump back, no pause after one forward.
+    # The health probe went on after every jump (probes_after_jump); its gaps and the report
+    # delays are figures for the table, not asserted: durations belong to make bench.
     probes = [t for x in bed.daemons for t in probe_times(x) if t >= started]
-    gaps = [b - a for a, b in zip(probes, probes[1:])]
-    restart_gap = max(gaps)  # the probes of the stopped daemon, then of the new one
-    gaps.remove(restart_gap)
-    assert len(probes) <= elapsed / HEALTH_INTERVAL + 2, f"{len(probes)} probes in {elapsed:.1f}s"
-    assert min(gaps) >= HEALTH_INTERVAL * 0.8 and max(gaps) < HEALTH_INTERVAL + 1.5, (min(gaps), max(gaps))
+    gaps = sorted(b - a for a, b in zip(probes, probes[1:]))[:-1]  # less the restart's gap
+    figures = (f"probe gaps {min(gaps):.2f}-{max(gaps):.2f} s at a {HEALTH_INTERVAL} s interval; "
+               f"slowest report {max(report_delays):.2f} s")
 
     crashes += 0 if d.proc is not None and d.proc.poll() is None else 1
     faults.record(faults.CaseResult(case="clock jumps", runs=jumps + 3, written=len(written), reported=reported,
-                                    sent=len(rows), duplicated=len(ids) - len(set(ids)), lost=len(written) - reported,
-                                    crashes=crashes))
+                                    sent=len(rows), duplicated=max(0, asked - cap), lost=len(written) - reported,
+                                    crashes=crashes, notes=figures))
     assert d.stop() == 0

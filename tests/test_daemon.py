@@ -19,7 +19,8 @@ from orchestratord.inbox import without_reminder
 from tests.support.bed import (NO_IDLE, TEAM, Bed, is_orchestrator, orchestrator_prompts, request_text,
                                script_orchestrator, script_teammate, send_message_args)
 from tests.support.daemon import holds, ledger_rows, status_json, wait_for
-from tests.support.llm import Reply
+from tests.support.llm import Reply, last_user_text
+from tests.support.team import append_message
 
 # -- start, session, stop ------------------------------------------------------------
 
@@ -161,7 +162,7 @@ def test_server_restart_is_logged_and_the_daemon_keeps_working(bed: Bed) -> None
     d.notify.wait("READY=1")
     d.wait_log("stream-connected")
     sid = bed.session_id()
-    events_before = ledger_rows(bed.ledger, "SELECT COUNT(*) FROM events")[0][0]
+    last_event = ledger_rows(bed.ledger, "SELECT COALESCE(MAX(id), 0) FROM events")[0][0]
 
     bed.server.kill()
     d.wait_log("server-down", timeout=20)
@@ -174,7 +175,9 @@ def test_server_restart_is_logged_and_the_daemon_keeps_working(bed: Bed) -> None
     d.wait_log("prompt-done", timeout=60)
     assert bed.session_id() == sid
     assert [r["state"] for r in bed.dispatches()] == ["completed"]
-    assert ledger_rows(bed.ledger, "SELECT COUNT(*) FROM events")[0][0] >= events_before
+    # The new stream's events are recorded: those of the session made after the restart.
+    after = ledger_rows(bed.ledger, "SELECT COUNT(*) FROM events WHERE id > ? AND session_id = ?", (last_event, worker))
+    assert after[0][0] > 0, "no event of the new teammate session recorded after the restart"
     transitions = [r[0] for r in ledger_rows(bed.ledger, "SELECT state FROM transitions WHERE component = 'server' ORDER BY id")]
     assert transitions[-3:] == ["up", "down", "up"]
 
@@ -211,6 +214,33 @@ def test_sighup_keeps_the_old_config_on_error_and_applies_a_valid_one(bed: Bed) 
     bed.server.prompt_async(worker, "POST-RELOAD: report")
     d.wait_log("prompt-done", timeout=60)
     assert bed.dispatches()[0]["prompt"].startswith("RELOADED my-team: ")
+
+
+def test_a_rejected_reload_keeps_the_old_config_in_effect(bed: Bed) -> None:
+    """Not only the log line: the old prompt drives the next trigger, and status keeps its digest."""
+    bed.write_config(extra=NO_IDLE)
+    good = bed.config.read_text().replace("[dispatch]\n", '[dispatch]\nprompt = "OLD-PROMPT {teams}: {triggers}"\n')
+    bed.config.write_text(good)
+    kept = bed.tmp / "kept.toml"  # the good file, for `status` while the one in place is broken
+    kept.write_text(good)
+    bed.model.add_rule(lambda r: "-PROMPT my-team" in request_text(r), Reply.text("ack"))
+    d = bed.ready_daemon()
+    digest = status_json(kept)["config"]["digest"]
+    assert digest
+
+    # A new prompt, and one bad value: the whole file is refused.
+    bed.config.write_text(good.replace("OLD-PROMPT", "NEW-PROMPT").replace("debounce_seconds =", "debounce_seconds = -1 #"))
+    d.signal(signal.SIGHUP)
+    d.wait_log("config-reload-failed")
+    assert status_json(kept)["config"]["digest"] == digest, "status shows another config than the one in effect"
+
+    append_message(bed.teams_dir, TEAM, "team-lead", "worker-1", "AFTER-REJECTED-RELOAD: status")
+    d.wait_log("prompt-done", timeout=60)
+    [row] = bed.dispatches()
+    assert row["prompt"].startswith("OLD-PROMPT my-team: "), row["prompt"]
+    prompts = [text for r in bed.model.requests if "-PROMPT my-team" in (text := last_user_text(r))]
+    assert prompts and all(p.startswith("OLD-PROMPT my-team: ") for p in prompts), prompts
+    assert status_json(kept)["config"]["digest"] == digest
 
 
 def test_a_hung_worker_stops_the_watchdog(bed: Bed) -> None:

@@ -3,9 +3,12 @@
 Teammates write a steady flow of messages (``tests/support/flow.py``) while the case
 breaks something: a fault proxy between the daemon and the server (every fault alone,
 then a random sequence), the server killed and restarted, the daemon killed at random
-moments, a storm of reloads. Each case ends with the same count: every message written
-was reported exactly once, every prompt the ledger calls sent is on the server, nothing
-was covered by two finished prompts, and the ledger passes ``PRAGMA integrity_check``.
+moments, a storm of reloads. Every case runs through the fault proxy, which counts the
+prompt POSTs. Each ends with the same count (``tally``): every message written was
+reported exactly once and delivered, covered by exactly one prompt that completed on the
+server; no prompt was POSTed twice beyond the re-sends the daemon announced; every
+prompt the ledger calls sent is on the server; and the ledger passes
+``PRAGMA integrity_check``.
 
 ``make test`` runs the quick form; ``make faults`` the long one and prints the table
 (``tests/support/faults.py``).
@@ -14,20 +17,17 @@ was covered by two finished prompts, and the ledger passes ``PRAGMA integrity_ch
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import signal
 import time
 from pathlib import Path
-from typing import Iterator
-
 import pytest
 
 from tests.support import faults
 from tests.support.bed import NO_IDLE, TEAM, Bed, script_orchestrator
 from tests.support.daemon import Daemon, holds, ledger_rows, status_json, wait_for, write_config
 from tests.support.faultproxy import FaultProxy
-from tests.support.flow import Flow, tally, wait_settled
+from tests.support.flow import Flow, committed, tally, wait_settled
 
 pytestmark = pytest.mark.faults
 
@@ -36,15 +36,6 @@ FAST = NO_IDLE + """
 [stalls]
 enabled = false
 """
-
-
-@pytest.fixture
-def proxy(bed: Bed) -> Iterator[FaultProxy]:
-    p = FaultProxy(bed.server.port).start()
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def configure(bed: Bed, server_url: str, extra: str = "") -> Path:
@@ -65,11 +56,12 @@ def integrity(bed: Bed) -> str:
     return ledger_rows(bed.ledger, "PRAGMA integrity_check")[0][0]
 
 
-def conclude(bed: Bed, flow: Flow, case: str, runs: int, d: Daemon | None, server_url: str | None = None,
-             worst: float | None = None, notes: str = "", killed: bool = False) -> None:
+def conclude(bed: Bed, flow: Flow, case: str, runs: int, d: Daemon | None, proxy: FaultProxy,
+             worst: float | None = None, notes: str = "", killed: bool = False,
+             committed_before: dict[Daemon, set[str]] | None = None) -> None:
     """The end of every case: wait for the flow to settle, count, record the row, assert."""
     wait_settled(bed, flow, 180)
-    t = tally(bed, flow, bed.daemons, server_url, killed=killed)
+    t = tally(bed, flow, bed.daemons, proxy.url, killed=killed, proxy=proxy, committed_before=committed_before)
     if t.log_repeats:
         notes += f"; log lines repeated after a kill between the line and its commit: {t.log_repeats}"
     ok = integrity(bed)
@@ -104,7 +96,7 @@ SYMPTOMS = {
 
 
 @pytest.mark.parametrize("kind", sorted(SYMPTOMS))
-def test_each_proxy_fault_alone(bed: Bed, proxy: FaultProxy, kind: str) -> None:
+def test_each_proxy_fault_alone(bed: Bed, proxy: FaultProxy, kind: str, rng: random.Random) -> None:
     configure(bed, proxy.url)
     d = start(bed)
     flow = Flow(bed, TEAM)
@@ -116,7 +108,7 @@ def test_each_proxy_fault_alone(bed: Bed, proxy: FaultProxy, kind: str) -> None:
         # Counted before the fault: the health probe may see it before the writes below end.
         connects = len(d.grep(r"\bstream-connected "))
         downs = len(d.grep(r"\bserver-down "))
-        opts = {"code": random.choice([500, 502, 503])} if kind == "status" else {}
+        opts = {"code": rng.choice([500, 502, 503])} if kind == "status" else {}
         if kind == "latency":
             opts = {"seconds": 0.3}
         proxy.set(kind, **opts)
@@ -139,14 +131,13 @@ def test_each_proxy_fault_alone(bed: Bed, proxy: FaultProxy, kind: str) -> None:
         wait_for(lambda: status_json(bed.config)["server"]["healthy"] is True
                  and status_json(bed.config)["stream"]["connected"], 30, "status: server up, stream connected")
     flow.write()
-    conclude(bed, flow, f"proxy: {kind}", rounds, d, proxy.url, worst)
+    conclude(bed, flow, f"proxy: {kind}", rounds, d, proxy, worst)
 
 
-def test_random_fault_sequence(bed: Bed, proxy: FaultProxy) -> None:
+def test_random_fault_sequence(bed: Bed, proxy: FaultProxy, rng: random.Random) -> None:
     configure(bed, proxy.url)
     d = start(bed)
     flow = Flow(bed, TEAM, every=0.4).start()
-    rng = random.Random(int(os.environ.get("ORCHESTRATORD_FAULTS_SEED", "0")) or None)
     seconds = faults.runs(20, 300)
     applied: list[str] = []
     deadline = time.monotonic() + seconds
@@ -166,14 +157,14 @@ def test_random_fault_sequence(bed: Bed, proxy: FaultProxy) -> None:
         flow.stop()
     cleared = time.monotonic()
     wait_for(lambda: recovered(d), 60, f"recovery after {len(applied)} faults")
-    conclude(bed, flow, "proxy: random sequence", len(applied), d, proxy.url, time.monotonic() - cleared,
+    conclude(bed, flow, "proxy: random sequence", len(applied), d, proxy, time.monotonic() - cleared,
              f"{seconds} s of faults")
 
 
 # -- the server killed and restarted ---------------------------------------------------------
 
-def test_server_killed_and_restarted(bed: Bed) -> None:
-    configure(bed, bed.server.url)
+def test_server_killed_and_restarted(bed: Bed, proxy: FaultProxy) -> None:
+    configure(bed, proxy.url)
     d = start(bed)
     flow = Flow(bed, TEAM, every=0.3).start()
     restarts = faults.runs(3, 20)
@@ -194,22 +185,24 @@ def test_server_killed_and_restarted(bed: Bed) -> None:
             assert alive(d)
     finally:
         flow.stop()
-    conclude(bed, flow, "server SIGKILL and restart", restarts, d, worst=worst,
+    conclude(bed, flow, "server SIGKILL and restart", restarts, d, proxy, worst=worst,
              notes="recovery: from the server healthy again to the stream connected")
 
 
 # -- the daemon killed at random moments -------------------------------------------------------
 
-def test_daemon_sigkilled_at_random_moments(bed: Bed) -> None:
-    configure(bed, bed.server.url)
+def test_daemon_sigkilled_at_random_moments(bed: Bed, proxy: FaultProxy, rng: random.Random) -> None:
+    configure(bed, proxy.url)
     first = start(bed)
     assert first.stop() == 0
     flow = Flow(bed, TEAM, every=0.15).start()
-    rng = random.Random(int(os.environ.get("ORCHESTRATORD_FAULTS_SEED", "0")) or None)
     kills = faults.runs(6, 100)
+    before: dict[Daemon, set[str]] = {}
     try:
         for _ in range(kills):
+            reported = committed(bed)  # what this daemon must not report again
             d = bed.daemon()
+            before[d] = reported
             d.notify.wait("READY=1", timeout=30)
             # The random moment: somewhere in startup, catch-up, a prompt or a quiet spell.
             holds(lambda: alive(d), rng.uniform(0.05, 5.0), "the daemon runs until it is killed")
@@ -217,16 +210,18 @@ def test_daemon_sigkilled_at_random_moments(bed: Bed) -> None:
             assert integrity(bed) == "ok", "the ledger after a SIGKILL"
     finally:
         flow.stop()
+    reported = committed(bed)
     last_daemon = bed.daemon()
+    before[last_daemon] = reported
     last_daemon.notify.wait("READY=1", timeout=30)
-    conclude(bed, flow, "daemon SIGKILL at random moments", kills, last_daemon, notes="integrity_check after each: ok",
-             killed=True)
+    conclude(bed, flow, "daemon SIGKILL at random moments", kills, last_daemon, proxy, notes="integrity_check after each: ok",
+             killed=True, committed_before=before)
 
 
 # -- reload storms ----------------------------------------------------------------------------
 
-def test_reload_storm_ends_on_the_last_valid_config(bed: Bed) -> None:
-    configure(bed, bed.server.url)
+def test_reload_storm_ends_on_the_last_valid_config(bed: Bed, proxy: FaultProxy) -> None:
+    configure(bed, proxy.url)
     d = start(bed)
     good = bed.config.read_text()
     signals, burst = 200, 50  # the last 50 come faster than reloads finish: they coalesce
@@ -258,5 +253,5 @@ def test_reload_storm_ends_on_the_last_valid_config(bed: Bed) -> None:
     # And it still does its job.
     flow = Flow(bed, TEAM)
     flow.write()
-    conclude(bed, flow, "reload storm (valid and broken alternating)", signals, d,
+    conclude(bed, flow, "reload storm (valid and broken alternating)", signals, d, proxy,
              notes=f"{len(d.grep(r'config-reloaded '))} applied, {len(d.grep(r'config-reload-failed '))} refused")

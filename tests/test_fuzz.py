@@ -1,19 +1,21 @@
 """Bad input, fuzzed: frames, events, inbox files, configs and commands never raise past their parser.
 
-Every parser here has one documented way to say no (a skipped frame, ``None``, an
+Every parser here has one documented way to say no (a counted refusal, ``None``, an
 ``InboxError``, a ``ConfigError``, an empty list of findings); anything else would take
-a worker thread through its error path. Seeds come from the recorded streams.
+a worker thread through its error path. And what must come out is stated: the daemon's
+own event reader (the frame guard, ``frame_data``, ``normalize``) reads a stream split
+anywhere as the same events; a corrupt frame costs only itself and is counted; a valid
+inbox reads as its messages. Seeds come from the recordings in ``tests/data``.
 """
 
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import sseclient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,9 +24,10 @@ from orchestratord.guard import Judge, seen_in_event, seen_in_permission
 from orchestratord.inbox import InboxError, parse_inbox
 from orchestratord.inboxfile import InboxFile, parse_inbox_bytes
 from orchestratord.policy import COMMAND, MESSAGE, PATH, TOOL, Context, build_rules, evaluate
-from orchestratord.stream import FrameGuard, normalize
+from orchestratord.stream import Event, FrameGuard, frame_data, normalize
 from orchestratord.triggers import match_all
 from tests.support import faults
+from tests.support.reference import reference_dir, teams_examples_dir
 
 pytestmark = pytest.mark.faults
 
@@ -47,13 +50,8 @@ def _row(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def _seed_frames() -> list[bytes]:
-    candidates = [os.environ.get("ORCHESTRATORD_REFERENCE", ""),
-                  str(Path(__file__).resolve().parents[2] / "shared" / "reference"), "/work/shared/reference"]
-    for c in candidates:
-        path = Path(c) / "opencode-1.18.33" / "event-stream-prompt-cycle.sse"
-        if c and path.exists():
-            return [f + b"\n\n" for f in path.read_bytes().split(b"\n\n") if f.strip()][:40]
-    return [b'data: {"payload":{"type":"session.idle","properties":{"sessionID":"ses_1"}}}\n\n']
+    path = reference_dir() / "event-stream-prompt-cycle.sse"
+    return [f + b"\n\n" for f in path.read_bytes().split(b"\n\n") if f.strip()][:40]
 
 
 SEEDS = _seed_frames()
@@ -64,41 +62,131 @@ json_values = st.recursive(
     max_leaves=25)
 
 
-def read_all(chunks: list[bytes], max_bytes: int = 4096) -> list[Any]:
-    """What the event reader does with bytes, up to the trigger rules and the guard."""
+@dataclass
+class Read:
+    """What the daemon's event reader made of some bytes: its events and its counted errors."""
+
+    events: list[Event]
+    oversized: int = 0
+    undecodable: int = 0
+    not_json: int = 0
+    not_an_event: int = 0
+
+    @property
+    def errors(self) -> int:
+        return self.oversized + self.undecodable + self.not_json + self.not_an_event
+
+    def summary(self) -> list[tuple[str | None, str]]:
+        return [(e.type, e.data) for e in self.events]
+
+
+def read_all(chunks: list[bytes], max_bytes: int = 4096) -> Read:
+    """The daemon's own reading of the stream (``EventReader._consume``): the frame guard,
+    ``frame_data``, JSON, ``normalize``, each refusal counted; then the trigger rules and
+    the guard on every event."""
     guard = FrameGuard(max_bytes)
-    out = []
-    for frame in sseclient.SSEClient(guard.frames(chunks)).events():
+    out = Read([])
+    for frame in guard.frames(chunks):
+        data = frame_data(frame)
+        if data is None:
+            continue  # no data field: a comment or a keep-alive, nothing to read
         try:
-            obj = json.loads(frame.data)
+            obj = json.loads(data)
         except ValueError:
+            out.not_json += 1
             continue
-        event = normalize(obj, frame.data)
+        event = normalize(obj, data)
         if event is None:
+            out.not_an_event += 1
             continue
         match_all(DEFAULT_TRIGGERS, event, "ses_own", lambda sid: None)
         for seen in seen_in_event(event, "ses_own"):
             JUDGE.findings(seen)
-        out.append(event)
+        out.events.append(event)
+    out.oversized, out.undecodable = guard.oversized, guard.undecodable
     return out
 
 
-@FUZZ
-@given(frames=st.lists(st.sampled_from(SEEDS), min_size=1, max_size=12),
-       noise=st.lists(st.binary(max_size=64), max_size=6),
-       cuts=st.lists(st.integers(min_value=1, max_value=4096), max_size=20),
-       newline=st.sampled_from([b"\n", b"\r\n", b"\r"]))
-def test_any_split_and_corruption_of_real_frames(frames: list[bytes], noise: list[bytes], cuts: list[int],
-                                                 newline: bytes) -> None:
-    blob = b"".join(frames[:len(frames) // 2]) + b"".join(noise) + b"".join(frames[len(frames) // 2:])
-    blob = blob.replace(b"\n", newline)
+def split_at(blob: bytes, cuts: list[int]) -> list[bytes]:
+    """``blob`` in chunks cut at ``cuts`` (positions past its end are ignored)."""
     chunks, at = [], 0
     for c in sorted(set(cuts)):
-        if c < len(blob):
+        if at < c < len(blob):
             chunks.append(blob[at:c])
             at = c
     chunks.append(blob[at:])
-    read_all(chunks)
+    return chunks
+
+
+WHOLE = read_all([b"".join(SEEDS)], max_bytes=1 << 20)
+
+
+def expected(picks: list[int]) -> list[tuple[str | None, str]]:
+    return [(WHOLE.events[i].type, WHOLE.events[i].data) for i in picks]
+
+
+def test_the_seed_frames_are_all_events() -> None:
+    """The recorded frames the properties start from: every one an event, none refused."""
+    assert len(WHOLE.events) == len(SEEDS) and WHOLE.errors == 0
+
+
+@FUZZ
+@given(picks=st.lists(st.integers(0, len(SEEDS) - 1), min_size=1, max_size=12),
+       cuts=st.lists(st.integers(min_value=1, max_value=8192), max_size=30),
+       newline=st.sampled_from([b"\n", b"\r\n", b"\r"]))
+def test_a_stream_split_anywhere_reads_as_the_same_events(picks: list[int], cuts: list[int], newline: bytes) -> None:
+    blob = b"".join(SEEDS[i] for i in picks).replace(b"\n", newline)
+    whole = read_all([blob], max_bytes=1 << 20)
+    split = read_all(split_at(blob, cuts), max_bytes=1 << 20)
+    assert split.summary() == whole.summary() == expected(picks)
+    assert split.errors == whole.errors == 0
+
+
+def _corrupt(frame: bytes, how: str, where: int) -> bytes:
+    """One frame made unreadable in one way; still a whole frame (ends with a blank line)."""
+    data = frame[len(b"data: "):-2]
+    if how == "truncated":  # a proper prefix of a JSON object is never JSON
+        return b"data: " + data[:where % len(data)] + b"\n\n"
+    if how == "utf-8":
+        at = where % len(data)
+        return b"data: " + data[:at] + b"\xff" + data[at:] + b"\n\n"
+    if how == "not-an-event":
+        return b"data: " + json.dumps([json.loads(data)]).encode() + b"\n\n"
+    return b"data: " + data + b" " * 5000 + b"\n\n"  # oversized
+
+
+CORRUPTIONS = {"truncated": "not_json", "utf-8": "undecodable", "not-an-event": "not_an_event", "oversized": "oversized"}
+
+
+@FUZZ
+@given(before=st.lists(st.integers(0, len(SEEDS) - 1), max_size=6),
+       after=st.lists(st.integers(0, len(SEEDS) - 1), max_size=6),
+       bad=st.integers(0, len(SEEDS) - 1), how=st.sampled_from(sorted(CORRUPTIONS)), where=st.integers(0, 1 << 16),
+       cuts=st.lists(st.integers(min_value=1, max_value=8192), max_size=20))
+def test_a_corrupt_frame_costs_itself_only_and_is_counted(before: list[int], after: list[int], bad: int, how: str,
+                                                          where: int, cuts: list[int]) -> None:
+    """The frames before it are read, the corrupt frame is counted as its kind of error
+    (never skipped unseen), and reading goes on with the frames after it."""
+    blob = b"".join(SEEDS[i] for i in before) + _corrupt(SEEDS[bad], how, where) + b"".join(SEEDS[i] for i in after)
+    got = read_all(split_at(blob, cuts), max_bytes=1 << 20 if how != "oversized" else 4096)
+    assert got.summary() == expected(before + after)
+    assert got.errors == 1 and getattr(got, CORRUPTIONS[how]) == 1, got
+
+
+@FUZZ
+@given(picks=st.lists(st.integers(0, len(SEEDS) - 1), min_size=1, max_size=12),
+       noise=st.lists(st.binary(max_size=64), max_size=6),
+       cuts=st.lists(st.integers(min_value=1, max_value=4096), max_size=20),
+       newline=st.sampled_from([b"\n", b"\r\n", b"\r"]))
+def test_noise_between_real_frames_leaves_the_frames_around_it(picks: list[int], noise: list[bytes],
+                                                               cuts: list[int], newline: bytes) -> None:
+    """Arbitrary bytes, ended by a blank line: the real frames before and after still read."""
+    half = len(picks) // 2
+    blob = (b"".join(SEEDS[i] for i in picks[:half]) + b"".join(noise) + b"\n\n"
+            + b"".join(SEEDS[i] for i in picks[half:])).replace(b"\n", newline)
+    got = read_all(split_at(blob, cuts), max_bytes=1 << 20).summary()
+    assert got[:half] == expected(picks[:half])
+    assert got[len(got) - (len(picks) - half):] == expected(picks[half:])
 
 
 @FUZZ
@@ -132,6 +220,37 @@ def test_inbox_files_of_any_content(data: bytes) -> None:
 def test_inbox_entries_with_missing_or_odd_fields(entries: list[dict[str, Any]]) -> None:
     messages, skipped = parse_inbox(json.dumps(entries).encode(), "t", "team-lead")
     assert len(messages) + len(skipped) == len(entries)
+
+
+message_fields = st.fixed_dictionaries(
+    {"from": st.text(min_size=1, max_size=20), "text": st.text(max_size=200),
+     "timestamp": st.text(min_size=1, max_size=30)},
+    optional={"summary": st.text(max_size=30), "read": st.booleans(), "color": st.sampled_from(["blue", "green"])})
+RECORDED_INBOXES = sorted(teams_examples_dir().glob("inbox-*.json"))
+
+
+def _recorded_messages() -> list[dict[str, Any]]:
+    return [m for path in RECORDED_INBOXES for m in json.loads(path.read_text())]
+
+
+@FUZZ
+@given(messages=st.lists(message_fields, max_size=12) | st.just(_recorded_messages()),
+       indent=st.sampled_from([None, 0, 2, 4]), ensure_ascii=st.booleans())
+def test_a_valid_inbox_parses_to_its_messages(messages: list[dict[str, Any]], indent: int | None,
+                                              ensure_ascii: bool) -> None:
+    """Any well-formed inbox, in any layout, reads as its messages in order, none skipped."""
+    data = json.dumps(messages, indent=indent, ensure_ascii=ensure_ascii).encode()
+    entries = parse_inbox_bytes(data, "t", "team-lead", 1 << 20)
+    assert [e.problem for e in entries] == [None] * len(messages)
+    got = [(e.fields or {}).get(k) for e in entries for k in ("from", "text", "timestamp")]
+    assert got == [m[k] for m in messages for k in ("from", "text", "timestamp")]
+    assert [e.position for e in entries] == list(range(len(messages)))
+    parsed, skipped = parse_inbox(data, "t", "team-lead", 1 << 20)
+    assert not skipped and [(m.sender, m.text) for m in parsed] == [(m["from"], m["text"]) for m in messages]
+
+
+def test_the_recorded_inboxes_are_read_whole() -> None:
+    assert RECORDED_INBOXES and len(_recorded_messages()) >= 3
 
 
 def _inbox_message(i: int, size: int = 0) -> dict[str, Any]:

@@ -166,7 +166,8 @@ def test_in_a_session_not_brokered_a_destructive_request_is_rejected_and_a_harml
         assert "rule=recursive-delete" in line and f"session={rogue}" in line
         part = wait_for(lambda: (p := tool_part(server, rogue, "bash")) and p["state"]["status"] == "error" and p,
                         30, "the bash call to fail")
-        assert "orchestratord" in json.dumps(part["state"]) or part["state"]["status"] == "error"
+        # The model is told why: the daemon's refusal is the feedback of the rejection.
+        assert "Refused by orchestratord: safety rule recursive-delete" in part["state"].get("error", ""), part["state"]
         assert not (tmp_path / "rm-ran.log").exists(), "the rm command must never run"
         assert not [p for p in pending(server) if p.get("sessionID") == rogue]
         [esc] = [e for e in escalations(ledger) if e["session_id"] == rogue]

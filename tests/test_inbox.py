@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from orchestratord.inbox import (InboxError, InboxWatcher, TeamMessage, content_
 from orchestratord.inboxfile import InboxFile
 from orchestratord.ledger import Ledger
 from orchestratord.triggers import _message_ckey
+from tests.support.daemon import holds, wait_for
 from tests.support.logcapture import caplog  # noqa: F401 - the fixture
 from tests.support.daemon import wait_for
 from tests.support.team import append_message, make_team, read_config, write_config
@@ -245,12 +245,9 @@ def test_idle_watcher_does_not_read_again_after_its_own_reads(tmp_path: Path) ->
     w._read = lambda path: (reads.append(path), real_read(path))[1]  # type: ignore[method-assign]
     w.start()
     try:
-        deadline = time.monotonic() + 10
-        while not reads and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert reads, "the first rescan never read the lead's inbox"
-        time.sleep(1.0)  # idle: nothing writes
-        assert len(reads) <= 2, f"{len(reads)} reads of an unchanged inbox in a second"
+        wait_for(lambda: reads, 10, "the first rescan to read the lead's inbox")
+        # Idle: nothing writes, so the reads stop at the first rescan (and one more at most).
+        holds(lambda: len(reads) <= 2, 1.0, "no more than two reads of an unchanged inbox")
     finally:
         w.stop()
         w.join(5)

@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.bed import NO_IDLE, TEAM, Bed, orchestrator_prompts, script_orchestrator
 from tests.support.daemon import Daemon, holds, ledger_rows, wait_for
+from tests.support.llm import last_user_text
 from tests.support.team import append_message
 
 WORKERS = ("worker-1", "worker-2", "worker-3")
@@ -71,24 +72,29 @@ def test_fifty_messages_in_bursts_each_reported_once(bed: Bed) -> None:
     assert covered == 50
 
 
+def start_crashing(bed: Bed, point: str) -> tuple[Daemon, Daemon]:
+    """A clean first start and stop, then a daemon that crashes at ``point``, its inbox read once."""
+    bed.write_config(extra=NO_IDLE, debounce=0.2)
+    script_orchestrator(bed.model, reply="handled")
+    # Start clean first, so the messages written next are new (not the first-start baseline).
+    first = bed.daemon()
+    first.notify.wait("READY=1")
+    wait_initialized(bed)
+    bed.session_id()
+    assert first.stop() == 0
+    crashing = bed.daemon(env={"ORCHESTRATORD_TEST_CRASH": point})
+    crashing.notify.wait("READY=1")
+    crashing.wait_log(r"inbox-read .*team-lead\.json")  # so that the writes that follow are the new part of a read
+    return first, crashing
+
+
 CRASH_POINTS = ["before-post", "after-post", "after-record", "mid-batch", "inbox-mid-read"]
 
 
 @pytest.mark.parametrize("run", [1, 2])
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_crash_and_restart_loses_nothing_and_repeats_nothing(bed: Bed, point: str, run: int) -> None:
-    bed.write_config(extra=NO_IDLE, debounce=0.2)
-    script_orchestrator(bed.model, reply="handled")
-    # Start clean first, so the messages below are new (not the first-start baseline).
-    first = bed.daemon()
-    first.notify.wait("READY=1")
-    wait_initialized(bed)
-    bed.session_id()
-    assert first.stop() == 0
-
-    crashing = bed.daemon(env={"ORCHESTRATORD_TEST_CRASH": point})
-    crashing.notify.wait("READY=1")
-    crashing.wait_log(r"inbox-read .*team-lead\.json")  # so that the writes below are the new part of a read
+    first, crashing = start_crashing(bed, point)
     for i, who in enumerate(WORKERS):
         write(bed, who, f"crash test {point} {i}")
     assert crashing.wait_exit(60) == 137, f"the crash point {point} was not reached"
@@ -110,6 +116,36 @@ def test_crash_and_restart_loses_nothing_and_repeats_nothing(bed: Bed, point: st
         assert again.grep("prompt-recovered .*landed=yes")
     if point == "before-post":
         assert again.grep("prompt-recovered .*landed=no")
+
+
+ROGUE = "ROGUE: I will now run rm -rf / to clean up"
+
+
+@pytest.mark.parametrize("point", ["after-message-line", "before-escalation"])
+def test_a_crash_between_the_report_line_and_its_commit_reports_and_escalates_once(bed: Bed, point: str) -> None:
+    """Killed after the ``teammate-message`` line and before ``mark_reported``, or after the
+    message was judged and before its escalation was recorded: after the restart, the
+    ledger reports the message once, the model is told about it once and the escalation
+    is recorded (and logged) once. The log line itself is written before the commit, so it
+    appears twice in all: once by the killed daemon, once after the restart."""
+    _, crashing = start_crashing(bed, point)
+    write(bed, "worker-1", ROGUE)
+    assert crashing.wait_exit(60) == 137, f"the crash point {point} was not reached"
+    assert len(reported(crashing)) == 1, "the line came before the crash"
+    assert not ledger_rows(bed.ledger, "SELECT id FROM messages WHERE reported_at IS NOT NULL")
+    assert not crashing.grep(r"\bescalation id="), "the crash came before the escalation was recorded"
+
+    again = bed.daemon()
+    again.notify.wait("READY=1")
+    wait_for(lambda: [r for r in messages(bed) if r[2] is not None], 60, "the message reported after the restart")
+    wait_for(lambda: all_dispatched(bed), 90, "the prompts finished")
+    assert len(reported(again)) == 1, "reported again after the restart: the ledger had not marked it"
+    assert len(messages(bed)) == 1
+    lines = [line for d in (crashing, again) for line in d.grep(r"\bescalation id=")]
+    assert len(lines) == 1 and "rule=recursive-delete" in lines[0], lines
+    told = [r for r in orchestrator_prompts(bed.model) if "rm -rf /" in last_user_text(r)]
+    assert len(told) == 1, f"the orchestrator was told about the message {len(told)} times"
+    assert all(r["state"] == "completed" for r in bed.dispatches())
 
 
 def test_messages_written_while_stopped_are_reported_on_start(bed: Bed) -> None:

@@ -282,15 +282,13 @@ def test_stop_is_clean(machine: Machine) -> None:
     sd.check("systemctl", "log-level", "debug")  # so PID 1 logs each notification it gets
     earlier = len(sd.messages("-u", UNIT, "_PID=1"))
     try:
-        started = time.monotonic()
         sd.check("systemctl", "stop", UNIT)
-        took = time.monotonic() - started
     finally:
         sd.check("systemctl", "log-level", "info")
     assert sd.show(UNIT, "ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
-    assert took < 10, f"stop took {took:.1f}s"
     pid1 = sd.messages("-u", UNIT, "_PID=1")[earlier:]
     assert any("STOPPING=1" in m for m in pid1), "systemd got STOPPING=1"
     assert any("Main process exited, code=exited, status=0/SUCCESS" in m for m in pid1)
+    # Stopped by its own exit, not by systemd's stop timeout (how long it took is no assertion).
     assert not [m for m in pid1 if "SIGKILL" in m or "timed out" in m or "Killing process" in m]
     assert any(m.startswith("stopped") for m in machine.unit_messages())

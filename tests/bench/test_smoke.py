@@ -14,10 +14,7 @@ from tests.bench.replay import ReplayServer
 
 @pytest.fixture(scope="module")
 def stream() -> corpus.Corpus:
-    try:
-        return corpus.load()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    return corpus.load()
 
 
 def test_corpus_turns_are_distinct_and_mostly_deltas(stream: corpus.Corpus) -> None:

@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pytest
 
@@ -18,6 +18,9 @@ from tests.support.daemon import Daemon, ledger_rows, wait_for, write_config
 from tests.support.llm import Reply, ScriptedModel, last_user_text
 from tests.support.server import OpencodeServer
 from tests.support.team import make_team
+
+if TYPE_CHECKING:
+    from tests.support.faultproxy import FaultProxy
 
 TEAM = "my-team"
 ORCH_MARK = "orchestrator of the agent team"
@@ -129,6 +132,18 @@ def bed(tmp_path: Path, opencode: OpencodeServer, model: ScriptedModel, team: Pa
         yield b
     finally:
         b.close()
+
+
+@pytest.fixture
+def proxy(bed: Bed) -> Iterator["FaultProxy"]:
+    """A fault proxy in front of the bed's server (passing everything until told otherwise)."""
+    from tests.support.faultproxy import FaultProxy
+
+    p = FaultProxy(bed.server.port).start()
+    try:
+        yield p
+    finally:
+        p.stop()
 
 
 def script_teammate(model: ScriptedModel, marker: str, calls: list[dict[str, Any]], text: str = "sent") -> None:

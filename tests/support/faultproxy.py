@@ -16,18 +16,31 @@ and its prompts all pass through it. ``set()`` switches the fault:
 Switching to ``hang``, ``truncate``, ``status`` or ``refuse`` drops the open connections, so that
 pooled keep-alive connections meet the fault too. ``clear()`` goes back to ``pass``, closing connections that were left hanging (a server
 that recovers drops what it had stuck) and listening again after ``refuse``.
+
+The proxy reads the HTTP requests it relays, enough to see each ``POST
+/session/:id/prompt_async``: ``posts`` counts the ones that reached the server per
+``messageID``, ``answered`` those the server answered 2xx. opencode merges a second POST
+of an ID it already has, so only here is a duplicate POST seen. ``on_prompt_answered`` is
+called with the ID and the status before that answer goes on to the daemon (a test can
+kill the server there: after the 204, before the prompt is stored).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 KINDS = ("pass", "latency", "hang", "cut", "slice", "truncate", "status", "refuse")
 REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+PROMPT_POST = re.compile(rb"POST /session/[^/ ?]+/prompt_async[ ?]")
+CONTENT_LENGTH = re.compile(rb"^content-length:\s*(\d+)\s*$", re.I | re.M)
+CHUNKED = re.compile(rb"^transfer-encoding:.*chunked", re.I | re.M)
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,9 @@ class _Conn:
         self.upstream: socket.socket | None = None
         self.cut_next = False
         self.closed = threading.Event()
+        self.requests = b""  # what the client sent that is not yet a whole request
+        self.readable = True  # false once a request is not one the proxy can follow
+        self.awaiting: str | None = None  # the messageID of a prompt POST whose answer is due
 
     def close(self) -> None:
         if self.closed.is_set():
@@ -69,6 +85,9 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.conns: set[_Conn] = set()
         self.accepted = 0
+        self.posts: Counter[str] = Counter()
+        self.answered: Counter[str] = Counter()
+        self.on_prompt_answered: Callable[[str, int], None] | None = None
         self.listener: socket.socket | None = None
         self.port = 0
         self._stopped = threading.Event()
@@ -207,6 +226,8 @@ class FaultProxy:
                 break
             if not chunk:
                 break
+            if conn.awaiting is not None:
+                self._prompt_answer(conn, chunk)
             current = self.fault
             if current.kind == "latency":
                 time.sleep(current.seconds)  # the fault itself: the server is slow
@@ -239,7 +260,59 @@ class FaultProxy:
                 chunk = conn.client.recv(65536)
                 if not chunk:
                     break
+                if conn.readable:
+                    self._read_requests(conn, chunk)
                 conn.upstream.sendall(chunk)
             except OSError:
                 break
         conn.close()
+
+    # -- reading HTTP: the prompt POSTs ------------------------------------------------------
+
+    def _read_requests(self, conn: _Conn, data: bytes) -> None:
+        """Take whole requests off what the client sent; note each prompt POST before it goes on."""
+        conn.requests += data
+        while True:
+            end = conn.requests.find(b"\r\n\r\n")
+            if end < 0:
+                if len(conn.requests) > 1 << 20:
+                    conn.readable, conn.requests = False, b""
+                return
+            head = conn.requests[:end]
+            if CHUNKED.search(head):
+                conn.readable, conn.requests = False, b""  # the daemon sends none; not followed
+                return
+            m = CONTENT_LENGTH.search(head)
+            total = end + 4 + (int(m.group(1)) if m else 0)
+            if len(conn.requests) < total:
+                return
+            body, conn.requests = conn.requests[end + 4:total], conn.requests[total:]
+            if PROMPT_POST.match(head):
+                try:
+                    message_id = str(json.loads(body).get("messageID"))
+                except (ValueError, AttributeError):
+                    message_id = "?"
+                with self.lock:
+                    self.posts[message_id] += 1
+                conn.awaiting = message_id
+
+    def _prompt_answer(self, conn: _Conn, chunk: bytes) -> None:
+        """The first bytes from the server after a prompt POST: its status line."""
+        message_id, conn.awaiting = conn.awaiting, None
+        m = re.match(rb"HTTP/1\.[01] (\d{3})", chunk)
+        if m is None or message_id is None:
+            return
+        code = int(m.group(1))
+        if 200 <= code < 300:
+            with self.lock:
+                self.answered[message_id] += 1
+        hook = self.on_prompt_answered
+        if hook is not None:
+            hook(message_id, code)
+
+    def duplicate_posts(self, resent: Counter[str] | None = None) -> dict[str, int]:
+        """Message IDs the server answered 2xx more often than once (plus the re-sends the
+        daemon announced for that ID, ``resent``): the number of extra POSTs of each."""
+        resent = resent or Counter()
+        with self.lock:
+            return {mid: n - 1 - resent[mid] for mid, n in self.answered.items() if n - 1 - resent[mid] > 0}

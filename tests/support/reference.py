@@ -1,23 +1,22 @@
-"""Where the recorded opencode 1.18.33 streams are, wherever the repository is cloned."""
+"""Where the recorded opencode 1.18.33 streams are: tests/data, kept in the repository.
+
+They are facts recorded from the real server (data, not code), so a fresh clone runs
+every test that reads them and the fuzzers start from real frames.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 VERSION_DIR = "opencode-1.18.33"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def reference_dir() -> Path:
-    """$ORCHESTRATORD_REFERENCE, a ``shared/reference`` beside the clone, or /work/shared/reference.
+    """The directory of the recorded opencode streams."""
+    return DATA / VERSION_DIR
 
-    Returns the first that holds the recordings, else the sibling path (which callers
-    find missing and skip or explain).
-    """
-    candidates = [os.environ.get("ORCHESTRATORD_REFERENCE", ""),
-                  str(Path(__file__).resolve().parents[3] / "shared" / "reference"),
-                  "/work/shared/reference"]
-    for c in candidates:
-        if c and (Path(c) / VERSION_DIR).is_dir():
-            return Path(c) / VERSION_DIR
-    return Path(candidates[1]) / VERSION_DIR
+
+def teams_examples_dir() -> Path:
+    """The directory of the recorded claude-teams files (a team config, inboxes)."""
+    return DATA / "claude-teams"

@@ -81,7 +81,7 @@ def _skip_reason(rep: pytest.TestReport) -> str:
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     """Keep each phase's report on the item, so fixtures can tell a failed test at teardown;
     under CI=true, turn a skip that no allowance names into a failure that says why."""
-    outcome = yield
+    outcome: Any = yield
     rep = outcome.get_result()
     if CI and rep.skipped and not hasattr(rep, "wasxfail"):
         reason = _skip_reason(rep)

@@ -20,6 +20,7 @@ import hashlib
 import random
 import signal
 import time
+from typing import Any
 from pathlib import Path
 import pytest
 
@@ -108,7 +109,7 @@ def test_each_proxy_fault_alone(bed: Bed, proxy: FaultProxy, kind: str, rng: ran
         # Counted before the fault: the health probe may see it before the writes below end.
         connects = len(d.grep(r"\bstream-connected "))
         downs = len(d.grep(r"\bserver-down "))
-        opts = {"code": rng.choice([500, 502, 503])} if kind == "status" else {}
+        opts: dict[str, Any] = {"code": rng.choice([500, 502, 503])} if kind == "status" else {}
         if kind == "latency":
             opts = {"seconds": 0.3}
         proxy.set(kind, **opts)
@@ -144,7 +145,7 @@ def test_random_fault_sequence(bed: Bed, proxy: FaultProxy, rng: random.Random) 
     try:
         while time.monotonic() < deadline:
             kind = rng.choice(sorted(SYMPTOMS))
-            opts: dict[str, object] = {"code": rng.choice([500, 502, 503])} if kind == "status" else {}
+            opts: dict[str, Any] = {"code": rng.choice([500, 502, 503])} if kind == "status" else {}
             if kind == "cut":
                 opts = {"now": rng.random() < 0.5}
             proxy.set(kind, **opts)

@@ -227,7 +227,7 @@ def test_the_orchestrator_session_cannot_run_bash(bed: Bed) -> None:
     assert refused is not None and "unavailable tool 'bash'" in json.dumps(refused["state"]), refused
     assert not marker.exists()
     rules = bed.server.session(sid).get("permission")
-    assert {"permission": "bash", "pattern": "*", "action": "deny"} in rules
+    assert rules is not None and {"permission": "bash", "pattern": "*", "action": "deny"} in rules
 
     # Widening it in the config restates the session's rules on the next start.
     d.stop()
@@ -236,7 +236,7 @@ def test_the_orchestrator_session_cannot_run_bash(bed: Bed) -> None:
     d2 = bed.daemon()
     d2.wait_log("session-permission-updated")
     rules = bed.server.session(sid).get("permission")
-    assert rules[-1] == {"permission": "bash", "pattern": "git status*", "action": "allow"}
+    assert rules is not None and rules[-1] == {"permission": "bash", "pattern": "git status*", "action": "allow"}
 
 
 # -- hooks that misbehave -----------------------------------------------------------------------

@@ -242,7 +242,11 @@ def test_idle_watcher_does_not_read_again_after_its_own_reads(tmp_path: Path) ->
                      on_trigger=lambda: None)
     reads: list[Path] = []
     real_read = w._read
-    w._read = lambda path: (reads.append(path), real_read(path))[1]  # type: ignore[method-assign]
+    def counted_read(path: Path) -> None:
+        reads.append(path)
+        real_read(path)
+
+    w._read = counted_read  # type: ignore[method-assign]
     w.start()
     try:
         wait_for(lambda: reads, 10, "the first rescan to read the lead's inbox")

@@ -8,10 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from orchestratord.ledger import (COMPLETED, FAILED, MIGRATIONS, PENDING, SCHEMA_VERSION, SENT, EventRow, Ledger,
-                                  LedgerError)
+from orchestratord.ledger import (COMPLETED, FAILED, MIGRATIONS, PENDING, SCHEMA_VERSION, SENT, Dispatch, EventRow,
+                                  Ledger, LedgerError)
 from tests.support.logcapture import caplog  # noqa: F401 - the fixture
 
+
+
+def added(trigger_id: int | None) -> int:
+    """A trigger that must be new."""
+    assert trigger_id is not None
+    return trigger_id
+
+
+def got(led: Ledger, dispatch_id: int) -> Dispatch:
+    found = led.get_dispatch(dispatch_id)
+    assert found is not None
+    return found
 
 def test_schema_version_and_wal(tmp_path: Path) -> None:
     led = Ledger(str(tmp_path / "sub" / "l.db"))
@@ -80,31 +92,31 @@ def test_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_trigger_dedup_and_dispatch_ties_triggers(tmp_path: Path) -> None:
     led = Ledger(str(tmp_path / "l.db"))
-    a = led.add_trigger("event", "x", dedup="k1")
+    a = added(led.add_trigger("event", "x", dedup="k1"))
     assert a is not None
     assert led.add_trigger("event", "x again", dedup="k1") is None
-    b = led.add_trigger("event", "y")
+    b = added(led.add_trigger("event", "y"))
     assert [t.id for t in led.pending_triggers()] == [a, b]
     d = led.create_dispatch("msg_1", "ses_1", "prompt", [a, b])
     assert led.pending_triggers() == [] and [t.id for t in led.triggers_for(d)] == [a, b]
     assert [x.state for x in led.open_dispatches()] == [PENDING]
     led.mark_sent(d)
-    assert led.get_dispatch(d).state == SENT
+    assert got(led, d).state == SENT
     led.finish_dispatch(d, COMPLETED, reply_text="ok", tool_calls=[{"tool": "t", "status": "completed"}])
     assert led.open_dispatches() == []
-    got = led.get_dispatch(d)
-    assert got.reply_text == "ok" and got.tool_calls == [{"tool": "t", "status": "completed"}]
+    done = got(led, d)
+    assert done.reply_text == "ok" and done.tool_calls == [{"tool": "t", "status": "completed"}]
     assert led.dispatch_totals()["sent_total"] == 1 and led.dispatch_totals()["last_outcome"] == COMPLETED
 
 
 def test_a_failed_prompt_releases_its_triggers_in_the_same_commit(tmp_path: Path) -> None:
     led = Ledger(str(tmp_path / "l.db"))
-    t = led.add_trigger("event", "x")
+    t = added(led.add_trigger("event", "x"))
     d = led.create_dispatch("msg_2", "ses_1", "p", [t])
     led.finish_dispatch(d, FAILED, error="never sent", release=True)
     assert [x.id for x in led.pending_triggers()] == [t]
-    assert led.get_dispatch(d).state == FAILED
-    t2 = led.add_trigger("event", "y")
+    assert got(led, d).state == FAILED
+    t2 = added(led.add_trigger("event", "y"))
     d2 = led.create_dispatch("msg_3", "ses_1", "p", [t2])
     led.finish_dispatch(d2, FAILED, error="rejected")  # settled: the model saw it
     assert [x.id for x in led.triggers_for(d2)] == [t2] and [x.id for x in led.pending_triggers()] == [t]
@@ -113,13 +125,13 @@ def test_a_failed_prompt_releases_its_triggers_in_the_same_commit(tmp_path: Path
 def test_a_failed_settle_leaves_the_prompt_open_and_its_triggers_with_it(tmp_path: Path) -> None:
     """The triggers' update fails inside the transaction: the prompt's close is rolled back too."""
     led = Ledger(str(tmp_path / "l.db"))
-    t = led.add_trigger("event", "x")
+    t = added(led.add_trigger("event", "x"))
     d = led.create_dispatch("msg_2", "ses_1", "p", [t])
     led.db.execute("CREATE TRIGGER no_release BEFORE UPDATE OF dispatch_id ON triggers "
                    "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     with pytest.raises(sqlite3.IntegrityError):
         led.finish_dispatch(d, FAILED, error="never sent", release=True)
-    assert led.get_dispatch(d).state == PENDING and [x.id for x in led.triggers_for(d)] == [t]
+    assert got(led, d).state == PENDING and [x.id for x in led.triggers_for(d)] == [t]
 
 
 def test_two_threads_two_connections(tmp_path: Path) -> None:
@@ -147,12 +159,12 @@ def test_two_threads_two_connections(tmp_path: Path) -> None:
 def test_prune_keeps_open_work(tmp_path: Path) -> None:
     led = Ledger(str(tmp_path / "l.db"))
     led.add_events([EventRow(1.0, "old", "t", None, None, "{}"), EventRow(1000.0, "new", "t", None, None, "{}")])
-    old_done = led.add_trigger("event", "old done", now=1.0)
+    old_done = added(led.add_trigger("event", "old done", now=1.0))
     d1 = led.create_dispatch("msg_a", "s", "p", [old_done], now=1.0)
     led.finish_dispatch(d1, COMPLETED)
-    old_open = led.add_trigger("event", "old open", now=1.0)
+    old_open = added(led.add_trigger("event", "old open", now=1.0))
     d2 = led.create_dispatch("msg_b", "s", "p", [old_open], now=1.0)
-    old_pending = led.add_trigger("event", "never sent", now=1.0)
+    old_pending = added(led.add_trigger("event", "never sent", now=1.0))
     led.prune(before=500.0)
     assert [e["event_id"] for e in led.events()] == ["new"]
     assert led.get_dispatch(d1) is None and led.get_dispatch(d2) is not None
@@ -188,20 +200,20 @@ def test_state_and_readonly_view(tmp_path: Path) -> None:
 
 def test_a_turns_report_and_a_push_cover_triggers_without_a_prompt(tmp_path: Path) -> None:
     led = Ledger(str(tmp_path / "l.db"))
-    report = led.add_trigger("event", "w1 reports", dedup="e1", team="t", teammate="w1", session_id="ses_w1",
-                             ckey="k1", tkey="text-1", now=100.0)
+    report = added(led.add_trigger("event", "w1 reports", dedup="e1", team="t", teammate="w1", session_id="ses_w1",
+                                   ckey="k1", tkey="text-1", now=100.0))
     assert led.turn_report("ses_w1", "t", "w1", since=90.0) == report
     assert led.turn_report("ses_other", "t", "w1", since=90.0) == report  # signed by it, from the inbox
     assert led.turn_report("ses_w2", "t", "w2", since=90.0) is None
     assert led.turn_report("ses_w1", "t", "w1", since=101.0) is None  # an earlier turn's report
-    idle = led.add_trigger("event", "idle", dedup="e2", covered=f"turn:{report}", now=101.0)
+    idle = added(led.add_trigger("event", "idle", dedup="e2", covered=f"turn:{report}", now=101.0))
     assert [t.id for t in led.pending_triggers()] == [report] and led.count_pending_triggers() == 1
     # Pushed after its trigger: the pending trigger is covered; before: the new one is born covered.
     assert led.record_push("text-1", "ses_orch", since=0.0, at=102.0) == [report]
     assert led.pending_triggers() == []
-    later = led.add_trigger("inbox", "w1 again", dedup="i3", ckey="k3", tkey="text-3", now=103.0)
+    later = added(led.add_trigger("inbox", "w1 again", dedup="i3", ckey="k3", tkey="text-3", now=103.0))
     assert led.record_push("text-4", "ses_orch", since=0.0, at=104.0) == []
-    early = led.add_trigger("inbox", "w1 pushed", dedup="i4", ckey="k4", tkey="text-4", now=105.0)
+    early = added(led.add_trigger("inbox", "w1 pushed", dedup="i4", ckey="k4", tkey="text-4", now=105.0))
     assert [led.trigger_covered(i) for i in (report, idle, later, early)] == [
         "claude-teams", f"turn:{report}", None, "claude-teams"]
     assert [t.id for t in led.pending_triggers()] == [later]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import Counter
+
 import pytest
 
 from tests.support.bed import NO_IDLE, TEAM, Bed, orchestrator_prompts, script_orchestrator
@@ -119,4 +121,4 @@ def test_server_killed_between_its_204_and_storing_the_prompt(bed: Bed, proxy: F
         # Stored, its turn never ran: re-sent under a new ID, which says what it supersedes.
         assert row["message_id"] != killed[0] and killed[0] in prompts[0]
     resends = 1 if "prompt-lost-in-outage" in line else 0
-    assert proxy.duplicate_posts({killed[0]: resends}) == {}, "a prompt POSTed twice"
+    assert proxy.duplicate_posts(Counter({killed[0]: resends})) == {}, "a prompt POSTed twice"

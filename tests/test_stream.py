@@ -113,7 +113,7 @@ def test_invalid_utf8_in_a_last_frame_ended_by_a_lone_cr_is_skipped() -> None:
 
 _LINES = st.lists(st.one_of(
     st.builds(lambda f, v: f"{f}:{v}", st.sampled_from(["data", "event", "id", "retry", "", "other"]),
-              st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=12)),
+              st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\r\n"), max_size=12)),
     st.sampled_from(["data", ": comment", " ", "\t", "data:", "data: "]),
 ), max_size=6)
 

@@ -72,7 +72,7 @@ def test_tools_and_the_files_they_write(teams_dir: Path) -> None:
     assert EXPECTED_TOOLS <= tools
     errors = [i for i, (err, _) in enumerate(out) if err]
     assert errors == [5, 6, 16], out
-    texts = [json.loads(text) if not err else text for err, text in out]
+    texts: list[Any] = [json.loads(text) if not err else text for err, text in out]
 
     assert [(m["text"], m["read"]) for m in texts[0]] == [("one", False), ("two", False)]
     assert [(m["text"], m["read"], m.get("summary")) for m in texts[1]] == [("one", True, "s1"), ("two", True, None)]

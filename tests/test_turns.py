@@ -23,7 +23,7 @@ def user_texts(messages: list[dict[str, Any]]) -> list[str]:
     return ["".join(p.get("text", "") for p in m["parts"] if p.get("type") == "text")
             for m in messages if m["info"].get("role") == "user"]
 
-DEFAULTS = {"debounce": DispatchConfig.debounce_seconds, "min_interval": DispatchConfig.min_interval_seconds}
+DEFAULTS: dict[str, Any] = {"debounce": DispatchConfig.debounce_seconds, "min_interval": DispatchConfig.min_interval_seconds}
 CLOSING_DELAY = 2.0  # a real model's pace between the tool's result and its closing text
 
 

@@ -80,7 +80,7 @@ PLIST_PATHS := sed -e 's|/usr/local/bin/orchestratord|$(BINDIR)/orchestratord|g'
 CONFIG_PATHS := $(if $(filter yes,$(LAUNCHD)),sed -e 's|/var/lib/opencode-orchestrator|$(STATEDIR)|g',cat)
 INSTALL_SPEC := .$(if $(strip $(EXTRAS)),[$(EXTRAS)])
 
-.PHONY: all venv opencode promtool libfaketime test bench faults demo docs install uninstall check-tools clean
+.PHONY: all venv opencode promtool libfaketime lint test bench faults demo docs install uninstall check-tools clean
 
 all: test
 
@@ -144,7 +144,13 @@ $(LIBFAKETIME):
 
 libfaketime: $(LIBFAKETIME)
 
-test: venv opencode promtool libfaketime
+# Types (mypy, the strictness in pyproject.toml) and lint (ruff) of the package and the
+# tests, with zero findings: make test runs them first.
+lint: venv
+	$(VPY) -m mypy orchestratord tests
+	$(VENV)/bin/ruff check orchestratord tests
+
+test: venv opencode promtool libfaketime lint
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: venv opencode

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from . import logs, metrics
 from .guard import FROM_PERMISSION, URGENT, Judge, Seen, escalation_specs, seen_in_permission
+from .jsonvalues import as_dict
 from .ledger import P_HELD, P_OPEN, PermissionRequest
 from .ledgerwatch import LedgerHealth
 from .opencode import NotFound, OpencodeClient, OpencodeError, SessionStatus, Unreachable, new_message_id
@@ -42,7 +43,6 @@ from .policy import Context, Finding
 from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
 from .worker import Deps, ServerWorker
-from .jsonvalues import as_dict
 
 if TYPE_CHECKING:
     from .config import Config
@@ -694,7 +694,7 @@ class Broker(ServerWorker):
             rule=v.rule, escalation_id=None, decided_by="policy", decided_at=self.wall(), reply=reply,
             message=message, state=state, replied_at=None, seconds=None)
         row, results = self.ledger.decide_permission(row, specs)
-        for (eid, new), spec in zip(results, specs):
+        for (eid, new), spec in zip(results, specs, strict=True):
             if new:
                 self._escalated = True
                 if v.decision != HOLD:

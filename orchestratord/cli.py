@@ -309,7 +309,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     esc = data["escalations"]
     rows.append(("escalations", f"{esc['total']}" + (
-        f", last {_when(esc['last']['at'])} {esc['last']['rule']} by {esc['last']['teammate'] or esc['last']['session_id'] or '-'}"
+        f", last {_when(esc['last']['at'])} {esc['last']['rule']} by "
+        f"{esc['last']['teammate'] or esc['last']['session_id'] or '-'}"
         if esc["last"] else "")))
     perm = data["permissions"]
     rows.append(("permissions", f"{perm['held']} held for a person" + (" (orchestratord permissions)" if perm["held"]
@@ -461,7 +462,7 @@ def cmd_permissions(args: argparse.Namespace) -> int:
         else:
             print(f"{r.id}  {age:>6}  {who:<16} {r.rule or '-':<16} {command[:80]}")
     if not args.all:
-        print(f"answer with: orchestratord allow ID   or   orchestratord deny ID [--message TEXT]")
+        print("answer with: orchestratord allow ID   or   orchestratord deny ID [--message TEXT]")
     return EXIT_OK
 
 

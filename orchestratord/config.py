@@ -792,16 +792,16 @@ def summarize(cfg: Config) -> str:
         f"apart, at most {cfg.dispatch.max_per_hour}/hour, sweep "
         + (f"every {cfg.dispatch.sweep_interval_seconds:g}s" if cfg.dispatch.sweep_interval_seconds else "off"),
         f"triggers  {rules}",
-        f"safety    " + ("off" if not cfg.safety.enabled else
+        "safety    " + ("off" if not cfg.safety.enabled else
                          f"{len(cfg.safety.rules)} rule change(s), {len(cfg.safety.hooks)} hook(s), "
                          f"{len(cfg.safety.allow)} allowed pattern(s)"),
-        f"broker    " + ("off" if not (cfg.safety.enabled and cfg.safety.broker) else
+        "broker    " + ("off" if not (cfg.safety.enabled and cfg.safety.broker) else
                          f"{', '.join(cfg.safety.ask)} ask in "
                          + ("every session but the orchestrator's" if cfg.safety.broker_sessions == "others"
                             else "sessions titled <name>@<team>")
                          + f"; held requests rejected after {cfg.safety.hold_timeout_seconds:g}s"
                          + ("; released at a clean stop" if cfg.safety.release_on_stop else "")),
-        f"stalls    " + (f"teammates quiet {cfg.stalls.teammate_quiet_seconds:g}s; " if cfg.stalls.enabled else "off; ")
+        "stalls    " + (f"teammates quiet {cfg.stalls.teammate_quiet_seconds:g}s; " if cfg.stalls.enabled else "off; ")
         + f"orchestrator turn {cfg.dispatch.turn_timeout_seconds:g}s without activity, "
         f"start {cfg.dispatch.start_timeout_seconds:g}s",
         f"log       {cfg.log.level}",

@@ -19,8 +19,20 @@ from typing import Any
 
 import tomli_w
 
-from .config import (DEFAULT_CONFIG_PATH, DEFAULT_TRIGGERS, HOOK_KEYS, PATH_KEYS, SAFETY_KEYS, SAFETY_RULE_KEYS,
-                     SCHEMA, TRIGGER_KEYS, HookConfig, SafetyConfig, SafetyRuleConfig, TriggerRule)
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_TRIGGERS,
+    HOOK_KEYS,
+    PATH_KEYS,
+    SAFETY_KEYS,
+    SAFETY_RULE_KEYS,
+    SCHEMA,
+    TRIGGER_KEYS,
+    HookConfig,
+    SafetyConfig,
+    SafetyRuleConfig,
+    TriggerRule,
+)
 
 # "section.key" -> what it is for; an array of tables has an entry of its own ("triggers").
 DESCRIPTIONS: dict[str, str] = {

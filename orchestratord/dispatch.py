@@ -17,13 +17,22 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import logs, metrics
 from .crashpoints import crash_point
+from .jsonvalues import as_dict, as_list
 from .ledger import COMPLETED, FAILED, PENDING, TIMEOUT, Dispatch, Trigger
 from .ledgerwatch import LedgerHealth
-from .opencode import (AuthError, NotFound, OpencodeClient, OpencodeError, SessionStatus, Unreachable, last_finished,
-                       messages_of, new_message_id)
+from .opencode import (
+    AuthError,
+    NotFound,
+    OpencodeClient,
+    OpencodeError,
+    SessionStatus,
+    Unreachable,
+    last_finished,
+    messages_of,
+    new_message_id,
+)
 from .state import Shared
 from .worker import Deps, ServerWorker
-from .jsonvalues import as_dict, as_list
 
 if TYPE_CHECKING:
     from .config import Config

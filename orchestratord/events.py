@@ -215,7 +215,8 @@ class EventReader(Worker):
         delay = min(self.reconnect_max, 0.25 * 2 ** min(self._failures, 8))
         delay *= random.uniform(0.5, 1.0)
         if log and (self._failures == 1 or self._failures % 20 == 0):
-            priority = logging.ERROR if level == "error" else logs.NOTICE if starting or self.shared.starting_up() else logging.WARNING
+            quiet = starting or self.shared.starting_up()
+            priority = logging.ERROR if level == "error" else logs.NOTICE if quiet else logging.WARNING
             self.log.log(priority, logs.kv("stream-connect-failed", path=self.path, error=reason,
                                            attempt=self._failures, retry_in=f"{delay:.2f}s"))
         return delay

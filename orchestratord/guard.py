@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from . import logs
 from .hooks import Hooks
 from .inbox import TeamMessage, message_ckey
+from .jsonvalues import as_dict
 from .ledger import Escalation, Ledger
 from .ledgerwatch import LedgerHealth
-from .opencode import NotFound, OpencodeClient, OpencodeError, Unreachable
+from .opencode import OpencodeClient, OpencodeError, Unreachable
 from .policy import COMMAND, MESSAGE, PATH, TOOL, Context, Finding, Rule, build_rules, evaluate
 from .sessions import SessionInfo
 from .stream import Event
 from .triggers import _message_ckey
-from .jsonvalues import as_dict
 from .worker import Deps, ServerWorker, crash_point
 
 if TYPE_CHECKING:

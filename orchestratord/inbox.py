@@ -278,9 +278,10 @@ class InboxWatcher(Worker):
             observer.daemon = True
             observer.start()
         except OSError as exc:
-            self._cannot_watch(f"{target}: {exc}", lambda: self.log.warning(logs.kv(
-                "inbox-notify-unavailable", path=str(target), error=str(exc),
-                action=f"stat rescan every {self.poll_interval:g}s", fix=_notify_fix(exc))))
+            error, fix = str(exc), _notify_fix(exc)  # the lambda may outlive this block's ``exc``
+            self._cannot_watch(f"{target}: {error}", lambda: self.log.warning(logs.kv(
+                "inbox-notify-unavailable", path=str(target), error=error,
+                action=f"stat rescan every {self.poll_interval:g}s", fix=fix)))
             return
         level = logging.INFO if self.watch_problem is not None else logging.DEBUG  # info: the problem logged is over
         self.log.log(level, logs.kv("inbox-watching", path=str(target)))

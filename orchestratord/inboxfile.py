@@ -247,7 +247,7 @@ class InboxFile:
 
         team, recipient = self.team, self.recipient
         try:
-            for at, stop, value in self._elements(text, pread, after_item=bool(start and start.count)):
+            for _at, stop, value in self._elements(text, pread, after_item=bool(start and start.count)):
                 if start is not None and not scanned:
                     crash_point("inbox-mid-read")
                 if type(value) is dict and type(sender := value.get("from")) is str and sender \

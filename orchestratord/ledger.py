@@ -840,7 +840,7 @@ class Ledger:
     def unreported_oversized(self) -> list[dict[str, Any]]:
         keys = ("id", "team", "recipient", "sender", "sent_at", "size", "path", "first_seen")
         cur = self.db.execute(f"SELECT {', '.join(keys)} FROM oversized_messages WHERE reported_at IS NULL ORDER BY id")
-        return [dict(zip(keys, r)) for r in cur.fetchall()]
+        return [dict(zip(keys, r, strict=True)) for r in cur.fetchall()]
 
     def mark_oversized_reported(self, row_id: int, now: float | None = None) -> None:
         self.db.execute("UPDATE oversized_messages SET reported_at=? WHERE id=?",
@@ -984,7 +984,7 @@ class Ledger:
             if request.decision == "reject":
                 for i, _ in results:
                     self._mark_done_in_tx(i, f"reject:{request.id}", {"reject": f"{request.id}: rejected"})
-        for (_, new), spec in zip(results, escalations):
+        for (_, new), spec in zip(results, escalations, strict=True):
             if new:
                 metrics.escalation(spec["rule"], spec["severity"])
         return request, results
@@ -1044,7 +1044,7 @@ class Ledger:
         cur = self.db.execute("SELECT id, at, kind, session_id, teammate, seconds, detail FROM stalls "
                               "ORDER BY id DESC LIMIT ?", (limit,))
         keys = ("id", "at", "kind", "session_id", "teammate", "seconds", "detail")
-        return [dict(zip(keys, r)) for r in cur.fetchall()]
+        return [dict(zip(keys, r, strict=True)) for r in cur.fetchall()]
 
     def redrive_dispatch(self, old: Dispatch, message_id: str, prompt: str, reason: str,
                          now: float | None = None) -> int:
@@ -1157,7 +1157,7 @@ def _escalation(row: sqlite3.Row) -> Escalation:
 
 
 def _message(row: Sequence[Any]) -> dict[str, Any]:
-    return dict(zip(_MESSAGE_KEYS, row))
+    return dict(zip(_MESSAGE_KEYS, row, strict=True))
 
 
 def _dispatch(row: sqlite3.Row) -> Dispatch:

@@ -48,7 +48,8 @@ class ServerError(OpencodeError):
         self.status = status
 
 
-AUTH_HINT = "set server.username and server.password_file (or LoadCredential=opencode-password) to the server's OPENCODE_SERVER_PASSWORD"
+AUTH_HINT = ("set server.username and server.password_file (or LoadCredential=opencode-password) to the server's "
+             "OPENCODE_SERVER_PASSWORD")
 
 
 def new_message_id(clock_ms: float | None = None) -> str:

@@ -15,13 +15,27 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from . import gitrules, shell
-from .commands import (COMMAND, FETCHERS, INTERPRETERS, MESSAGE, PATH, SHELLS, TOOL, Call, Programs, Reading,
-                       options, read_command, read_prose, shell_script)
-from .deletes import SCRATCH, SYSTEM_TOPS, SYSTEM_TREES, check_recursive_delete, is_home
 from .code import code_of
+from .commands import (
+    COMMAND,
+    FETCHERS,
+    INTERPRETERS,
+    MESSAGE,
+    PATH,
+    SHELLS,
+    TOOL,
+    Call,
+    Programs,
+    Reading,
+    options,
+    read_command,
+    read_prose,
+    shell_script,
+)
+from .deletes import SCRATCH, SYSTEM_TOPS, SYSTEM_TREES, check_recursive_delete, is_home
 
 __all__ = ["COMMAND", "MESSAGE", "PATH", "TOOL", "Context", "Finding", "Rule", "DEFAULT_RULES", "evaluate",
            "build_rules"]
@@ -337,7 +351,7 @@ def evaluate(text: str, kind: str, rules: Sequence[Rule] = DEFAULT_RULES,
     return found
 
 
-def build_rules(changes: Iterable[object], base: Sequence[Rule] = DEFAULT_RULES) -> tuple[Rule, ...]:
+def build_rules(changes: Iterable[Any], base: Sequence[Rule] = DEFAULT_RULES) -> tuple[Rule, ...]:
     """The built-in rules with the config's ``[[safety.rules]]`` applied, by name.
 
     A change to a built-in rule keeps its check unless it gives a pattern (which replaces
@@ -346,7 +360,7 @@ def build_rules(changes: Iterable[object], base: Sequence[Rule] = DEFAULT_RULES)
     """
     rules = {r.name: r for r in base}
     for c in changes:
-        name = getattr(c, "name")
+        name = c.name
         pattern = getattr(c, "pattern", None)
         compiled = re.compile(pattern, re.I) if pattern else None
         old = rules.get(name)

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
-
 #: how long an abort by the daemon explains a session's MessageAbortedError
 ABORT_MEMORY = 30.0
 

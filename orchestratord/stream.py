@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
+
 from .jsonvalues import as_dict
 
 HIGH_VOLUME = frozenset({"message.part.delta"})

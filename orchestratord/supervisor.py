@@ -18,8 +18,8 @@ import time
 from typing import Any, Callable
 
 from . import ledgerwatch, logs, metrics
-from .config import Config, ConfigError, load_config
 from .broker import Broker
+from .config import Config, ConfigError, load_config
 from .dispatch import Dispatcher
 from .events import EventReader
 from .guard import Guard

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from .inbox import content_key, text_key
+from .jsonvalues import as_dict
 from .sessions import SessionInfo
 from .stream import Event
-from .jsonvalues import as_dict
 
 
 class Rule(Protocol):

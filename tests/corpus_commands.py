@@ -135,7 +135,8 @@ BLOCKED: dict[str, dict[str, list[str]]] = {
             "git update-ref -d refs/heads/main",
         ],
         "spellings": [
-            "git -C /srv/project push --force origin trunk", "command git push --force", "env GIT_TRACE=1 git push -f origin main",
+            "git -C /srv/project push --force origin trunk", "command git push --force",
+            "env GIT_TRACE=1 git push -f origin main",
             "sudo -u deploy git push --force origin production", "/usr/bin/git push --force origin main",
             "\\git push -f origin main", '"git" push --force', "bash -c 'git push --force origin main'",
             "cd /srv/project && git push -f origin main", "git fetch && git reset --hard origin/main",

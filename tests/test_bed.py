@@ -19,8 +19,7 @@ import sseclient
 
 from tests.conftest import SharedBed
 from tests.support.daemon import wait_for
-from tests.support.llm import (Reply, ScriptedModel, flat_text, is_title_request, last_is_tool_result,
-                               last_user_text)
+from tests.support.llm import Reply, ScriptedModel, flat_text, is_title_request, last_is_tool_result, last_user_text
 from tests.support.server import OpencodeServer
 from tests.support.team import append_message, inbox_path, make_team, read_inbox, tasks_dir
 

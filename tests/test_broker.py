@@ -64,12 +64,13 @@ def pending(server: OpencodeServer) -> list[dict[str, Any]]:
 def decisions(ledger: Path) -> list[dict[str, Any]]:
     cols = ["id", "session_id", "what", "decision", "rule", "decided_by", "state", "teammate", "decided_at"]
     rows = ledger_rows(ledger, f"SELECT {', '.join(cols)} FROM permissions ORDER BY decided_at, id")
-    return [dict(zip(cols, r)) for r in rows]
+    return [dict(zip(cols, r, strict=True)) for r in rows]
 
 
 def escalations(ledger: Path) -> list[dict[str, Any]]:
     cols = ["rule", "severity", "teammate", "session_id", "what", "permission_id"]
-    return [dict(zip(cols, r)) for r in ledger_rows(ledger, f"SELECT {', '.join(cols)} FROM escalations ORDER BY id")]
+    rows = ledger_rows(ledger, f"SELECT {', '.join(cols)} FROM escalations ORDER BY id")
+    return [dict(zip(cols, r, strict=True)) for r in rows]
 
 
 def ruleset(server: OpencodeServer, sid: str) -> list[dict[str, str]]:

@@ -14,7 +14,6 @@ import pytest
 
 from orchestratord.broker import APPROVE, HOLD, LEAVE, REJECT, Broker, BrokerSettings, covered, tier, verdict
 from orchestratord.guard import Judge
-from orchestratord.ledger import Ledger
 from orchestratord.opencode import NotFound, OpencodeError, Unreachable
 from orchestratord.policy import Finding, build_rules
 from orchestratord.sessions import SessionDirectory, SessionInfo, teammate_of

@@ -225,7 +225,7 @@ def test_wall_clock_jumps_break_no_interval_limit_or_report(bed: Bed) -> None:
     # The health probe went on after every jump (probes_after_jump); its gaps and the report
     # delays are figures for the table, not asserted: durations belong to make bench.
     probes = [t for x in bed.daemons for t in probe_times(x) if t >= started]
-    gaps = sorted(b - a for a, b in zip(probes, probes[1:]))[:-1]  # less the restart's gap
+    gaps = sorted(b - a for a, b in zip(probes, probes[1:], strict=False))[:-1]  # less the restart's gap
     figures = (f"probe gaps {min(gaps):.2f}-{max(gaps):.2f} s at a {HEALTH_INTERVAL} s interval; "
                f"slowest report {max(report_delays):.2f} s")
 

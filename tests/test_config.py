@@ -12,8 +12,17 @@ from pathlib import Path
 import pytest
 
 from orchestratord.cli import main
-from orchestratord.config import (DEFAULT_TRIGGERS, Config, ConfigError, dump_config, effective_rules, load_config,
-                                  locate_keys, parse_config, summarize)
+from orchestratord.config import (
+    DEFAULT_TRIGGERS,
+    Config,
+    ConfigError,
+    dump_config,
+    effective_rules,
+    load_config,
+    locate_keys,
+    parse_config,
+    summarize,
+)
 from tests.support.privileges import needs_root, open_dir  # noqa: F401 - open_dir is a fixture
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "opencode-orchestrator" / "orchestrator.toml"
@@ -36,7 +45,7 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     cfg = load_config(EXAMPLE)
     assert cfg.server.url == "http://127.0.0.1:4096"
     text = EXAMPLE.read_text()
-    for section, (cls, checks) in __import__("orchestratord.config", fromlist=["SCHEMA"]).SCHEMA.items():
+    for section, (_cls, checks) in __import__("orchestratord.config", fromlist=["SCHEMA"]).SCHEMA.items():
         for key in checks:
             assert f"{key} =" in text or f"# {key} =" in text, f"{section}.{key} missing from the example"
 

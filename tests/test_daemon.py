@@ -11,13 +11,20 @@ import json
 import signal
 import threading
 
-import pytest
 import requests
 
 from orchestratord.inbox import without_reminder
-
-from tests.support.bed import (NO_IDLE, TEAM, Bed, is_orchestrator, orchestrator_prompts, request_text,
-                               script_orchestrator, script_teammate, send_message_args)
+from tests.support.bed import (
+    NO_IDLE,
+    TEAM,
+    Bed,
+    is_orchestrator,
+    orchestrator_prompts,
+    request_text,
+    script_orchestrator,
+    script_teammate,
+    send_message_args,
+)
 from tests.support.daemon import holds, ledger_rows, status_json, wait_for
 from tests.support.llm import Reply, last_user_text
 from tests.support.team import append_message

@@ -7,7 +7,7 @@ from typing import Any, Callable, cast
 
 import pytest
 
-from orchestratord.dispatch import DispatchSettings, Dispatcher, outcome, render_prompt
+from orchestratord.dispatch import Dispatcher, DispatchSettings, outcome, render_prompt
 from orchestratord.ledger import COMPLETED, PENDING, SENT, TIMEOUT, Ledger
 from orchestratord.opencode import NotFound, OpencodeClient, Unreachable
 from orchestratord.state import Shared

@@ -20,8 +20,9 @@ import hashlib
 import random
 import signal
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
+
 import pytest
 
 from tests.support import faults

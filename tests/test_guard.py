@@ -14,8 +14,16 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.support.bed import NO_IDLE, TEAM, Bed, is_orchestrator, orchestrator_prompts, request_text, \
-    script_orchestrator, send_message_args
+from tests.support.bed import (
+    NO_IDLE,
+    TEAM,
+    Bed,
+    is_orchestrator,
+    orchestrator_prompts,
+    request_text,
+    script_orchestrator,
+    send_message_args,
+)
 from tests.support.daemon import Daemon, holds, ledger_rows, wait_for, write_config
 from tests.support.llm import Reply, ScriptedModel, last_is_tool_result
 from tests.support.server import OpencodeServer, free_port
@@ -29,7 +37,7 @@ def escalations(ledger: Path) -> list[dict[str, Any]]:
     cols = ["id", "rule", "severity", "source", "kind", "session_id", "team", "teammate", "what", "permission_id",
             "actions", "done", "outcome", "handled_at"]
     rows = ledger_rows(ledger, f"SELECT {', '.join(cols)} FROM escalations ORDER BY id")
-    out = [dict(zip(cols, r)) for r in rows]
+    out = [dict(zip(cols, r, strict=True)) for r in rows]
     for e in out:
         e["actions"], e["done"], e["outcome"] = json.loads(e["actions"]), json.loads(e["done"]), json.loads(e["outcome"])
     return out

@@ -216,7 +216,8 @@ class FakeClient:
 
 
 def guard(tmp_path: Path, client: FakeClient, told: list[int]) -> Guard:
-    g = Guard(make_client=lambda: cast(OpencodeClient, client), ledger_path=str(tmp_path / "l.db"), hooks=(), own_session=lambda: "ses_orch",
+    g = Guard(make_client=lambda: cast(OpencodeClient, client), ledger_path=str(tmp_path / "l.db"), hooks=(),
+              own_session=lambda: "ses_orch",
               on_trigger=lambda: told.append(1))
     g.setup()
     return g

@@ -10,14 +10,21 @@ from typing import Any
 
 import pytest
 
-from orchestratord.inbox import (InboxError, InboxWatcher, TeamMessage, content_key, message_ckey, message_type,
-                                 parse_inbox, without_reminder)
+from orchestratord.inbox import (
+    InboxError,
+    InboxWatcher,
+    TeamMessage,
+    content_key,
+    message_ckey,
+    message_type,
+    parse_inbox,
+    without_reminder,
+)
 from orchestratord.inboxfile import InboxFile
 from orchestratord.ledger import Ledger
 from orchestratord.triggers import _message_ckey
 from tests.support.daemon import holds, wait_for
 from tests.support.logcapture import caplog  # noqa: F401 - the fixture
-from tests.support.daemon import wait_for
 from tests.support.team import append_message, make_team, read_config, write_config
 
 REMINDER = "\n\n<system_reminder>This message was sent from {0}. Use your send_message tool to respond.</system_reminder>"

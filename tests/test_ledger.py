@@ -8,10 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from orchestratord.ledger import (COMPLETED, FAILED, MIGRATIONS, PENDING, SCHEMA_VERSION, SENT, Dispatch, EventRow,
-                                  Ledger, LedgerError)
+from orchestratord.ledger import (
+    COMPLETED,
+    FAILED,
+    MIGRATIONS,
+    PENDING,
+    SCHEMA_VERSION,
+    SENT,
+    Dispatch,
+    EventRow,
+    Ledger,
+    LedgerError,
+)
 from tests.support.logcapture import caplog  # noqa: F401 - the fixture
-
 
 
 def added(trigger_id: int | None) -> int:

@@ -71,7 +71,7 @@ def test_an_unusable_ledger_is_one_line_with_its_fix(tmp_path: Path, capsys: pyt
     assert main([*command, "--config", str(config)]) == 1
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1, err
-    assert err.startswith("error: ledger ") and f"fix: " in err and fix in err, err
+    assert err.startswith("error: ledger ") and "fix: " in err and fix in err, err
 
     assert main([*command, "--json", "--config", str(config)]) == 1
     out, err = capsys.readouterr()

@@ -26,10 +26,10 @@ from orchestratord.inbox import InboxWatcher
 from orchestratord.ledger import EventRow, Ledger, LedgerError
 from orchestratord.ledgerwatch import AFTER_ERROR, LedgerHealth, fix_for, is_trouble
 from orchestratord.state import Shared
-from tests.support.logcapture import caplog  # noqa: F401 - the fixture
 from tests.support import faults
 from tests.support.bed import NO_IDLE, TEAM, Bed, orchestrator_prompts, request_text, script_orchestrator
 from tests.support.daemon import Daemon, holds, ledger_rows, status_json, wait_for, write_config
+from tests.support.logcapture import caplog  # noqa: F401 - the fixture
 from tests.support.team import append_message, make_team
 
 pytestmark = pytest.mark.faults
@@ -216,7 +216,7 @@ def _not_sqlite(path: Path) -> None:
 
 def _truncated(path: Path) -> None:
     led = Ledger(str(path))
-    for i in range(2000):
+    for _ in range(2000):
         led.record_transition("test", "x", "y" * 200)
     led.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     led.close()

@@ -8,7 +8,6 @@ restarted; the scripted model tells us how many prompts really reached the serve
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families

@@ -156,7 +156,7 @@ def test_close_frees_a_hang(model: ScriptedModel) -> None:
 
     def call() -> None:
         try:
-            chat(model, "x").content
+            _ = chat(model, "x").content
         except requests.RequestException as exc:
             errors.append(exc)
     t = threading.Thread(target=call)

@@ -10,7 +10,6 @@ import plistlib
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def test_the_template_differs_from_the_main_unit_only_per_instance() -> None:
     def settings(lines: list[str]) -> list[str]:
         return [line for line in lines if line and not line.startswith("#")]
 
-    per_instance = [(a, b) for a, b in zip(settings(main), settings(template)) if a != b]
+    per_instance = [(a, b) for a, b in zip(settings(main), settings(template), strict=False) if a != b]
     assert len(settings(main)) == len(settings(template))
     for a, b in per_instance:
         assert "%i" in b or a.startswith(("Wants=", "After=")), (a, b)

@@ -38,7 +38,8 @@ def rig(tmp_path: Path) -> tuple[Clock, Shared, FakeClient, StallWatch, list[int
     shared.server_seen(True, None)
     shared.set_stream_connected(True)
     shared.set_session("ses_orch")
-    w = StallWatch(shared=shared, make_client=lambda: cast(OpencodeClient, client), ledger_path=str(tmp_path / "l.db"), quiet=60.0,
+    w = StallWatch(shared=shared, make_client=lambda: cast(OpencodeClient, client), ledger_path=str(tmp_path / "l.db"),
+                   quiet=60.0,
                    on_trigger=lambda: woke.append(1), clock=clock, wall=lambda: 1_700_000_000.0 + clock.t)
     w.setup()
     return clock, shared, client, w, woke

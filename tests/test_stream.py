@@ -14,7 +14,6 @@ from orchestratord.stream import HIGH_VOLUME, FrameGuard, frame_data, from_sync,
 from orchestratord.triggers import RuleSet, match_all
 from tests.support.reference import reference_dir
 
-
 REF = reference_dir()
 
 

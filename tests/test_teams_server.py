@@ -11,15 +11,25 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-from tests.support.server import TEAMS_SERVER, OpencodeServer
 from tests.support.daemon import wait_for
 from tests.support.llm import Reply, ScriptedModel, flat_text
-from tests.support.team import (REMINDER, append_message, inbox_path, locked, make_team, read_config, read_inbox,
-                                tasks_dir, team_dir, with_reminder, write_config)
+from tests.support.server import TEAMS_SERVER, OpencodeServer
+from tests.support.team import (
+    REMINDER,
+    append_message,
+    inbox_path,
+    locked,
+    make_team,
+    read_config,
+    read_inbox,
+    tasks_dir,
+    team_dir,
+    with_reminder,
+    write_config,
+)
 
 EXPECTED_TOOLS = {"team_create", "team_delete", "spawn_teammate", "send_message", "read_inbox", "read_config",
                   "task_create", "task_update", "task_list", "task_get", "force_kill_teammate",

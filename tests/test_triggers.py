@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from orchestratord.config import DEFAULT_TRIGGERS, TriggerRule as R
+from orchestratord.config import DEFAULT_TRIGGERS
+from orchestratord.config import TriggerRule as R
 from orchestratord.sessions import SessionInfo
 from orchestratord.stream import Event
 from orchestratord.triggers import match_all, rule_matches

@@ -12,8 +12,17 @@ import time
 from typing import Any
 
 from orchestratord.config import DispatchConfig
-from tests.support.bed import (TEAM, Bed, is_orchestrator, last_is_tool_result, orchestrator_prompts, request_text,
-                               script_orchestrator, send_message_args, tool_results)
+from tests.support.bed import (
+    TEAM,
+    Bed,
+    is_orchestrator,
+    last_is_tool_result,
+    orchestrator_prompts,
+    request_text,
+    script_orchestrator,
+    send_message_args,
+    tool_results,
+)
 from tests.support.daemon import ledger_rows, wait_for
 from tests.support.llm import Reply, last_user_text
 from tests.support.team import append_message, read_inbox

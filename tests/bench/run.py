@@ -233,9 +233,9 @@ def table(r: dict[str, Any]) -> str:
         *inbox_rows(inb),
     ]
     widths = [max(len(row[i]) for row in rows + [("measure", "figure", "goal", "met")]) for i in range(4)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(("measure", "figure", "goal", "met"), widths))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(("measure", "figure", "goal", "met"), widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(lines)
 
 

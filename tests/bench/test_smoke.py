@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.bench import broker, corpus, inboxes, ingest, memory, rules, run
-from tests.corpus_commands import CASES
 from tests.bench.replay import ReplayServer
+from tests.corpus_commands import CASES
 
 
 @pytest.fixture(scope="module")

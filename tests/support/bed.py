@@ -100,7 +100,7 @@ class Bed:
     def dispatches(self) -> list[dict[str, Any]]:
         cols = ["id", "message_id", "state", "prompt", "reply_text", "tool_calls", "error"]
         rows = ledger_rows(self.ledger, f"SELECT {', '.join(cols)} FROM dispatches ORDER BY id")
-        return [dict(zip(cols, r)) for r in rows]
+        return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def teammate(self, title: str, script: Callable[[], None] | None = None) -> str:
         """A teammate session on the server, titled with the teammate's name."""

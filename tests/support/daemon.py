@@ -150,7 +150,8 @@ class Daemon:
         self.log_path = workdir / "daemon.log"
 
     def start(self, env: dict[str, str] | None = None) -> "Daemon":
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM", "ORCHESTRATORD_TEST"))}
+        foreign = ("NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM", "ORCHESTRATORD_TEST")
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(foreign)}
         environ.update(self.extra_env)
         environ.update(env or {})
         environ["NOTIFY_SOCKET"] = self.notify.path

@@ -14,8 +14,9 @@ and its prompts all pass through it. ``set()`` switches the fault:
 - ``refuse``: the listening socket is closed, so connections are refused.
 
 Switching to ``hang``, ``truncate``, ``status`` or ``refuse`` drops the open connections, so that
-pooled keep-alive connections meet the fault too. ``clear()`` goes back to ``pass``, closing connections that were left hanging (a server
-that recovers drops what it had stuck) and listening again after ``refuse``.
+pooled keep-alive connections meet the fault too. ``clear()`` goes back to ``pass``, closing
+connections that were left hanging (a server that recovers drops what it had stuck) and
+listening again after ``refuse``.
 
 The proxy reads the HTTP requests it relays, enough to see each ``POST
 /session/:id/prompt_async``: ``posts`` counts the ones that reached the server per

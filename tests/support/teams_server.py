@@ -43,10 +43,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import team as store  # noqa: E402  (tests/support/team.py, by path)
 from mcp.server.fastmcp import Context, FastMCP  # noqa: E402
 from mcp.server.fastmcp.exceptions import ToolError  # noqa: E402
-
-import team as store  # noqa: E402  (tests/support/team.py, by path)
 
 BASE = Path(os.environ.get("CLAUDE_TEAMS_BASE_DIR") or os.path.expanduser("~/.claude"))
 ME = os.environ.get("CLAUDE_TEAMS_AGENT_NAME", "team-lead")

@@ -17,6 +17,7 @@ import pytest
 import requests
 import sseclient
 
+from orchestratord.inbox import without_reminder
 from tests.conftest import SharedBed
 from tests.support.daemon import wait_for
 from tests.support.llm import Reply, ScriptedModel, flat_text, is_title_request, last_is_tool_result, last_user_text
@@ -127,7 +128,8 @@ def test_prompt_async_read_inbox_round_trip(shared: SharedBed, events: EventLog)
 
 
 def _inbox_texts(base: Path, team: str, agent: str) -> list[str]:
-    return [m["text"] for m in read_inbox(base, team, agent)]
+    """The texts as their senders wrote them (the server appends claude-teams' reminder)."""
+    return [without_reminder(m["text"]) for m in read_inbox(base, team, agent)]
 
 
 TOOL_CASES: list[tuple[str, str, dict[str, Any], Callable[[str, Path, str], bool]]] = [
@@ -141,7 +143,7 @@ TOOL_CASES: list[tuple[str, str, dict[str, Any], Callable[[str, Path, str], bool
     ("message", "claude-teams_send_message",
      {"type": "message", "recipient": "worker-1", "content": "parser next", "summary": "next"},
      lambda out, base, team: json.loads(out)["success"] is True
-     and read_inbox(base, team, "worker-1")[-1]["text"] == "parser next"
+     and _inbox_texts(base, team, "worker-1")[-1] == "parser next"
      and read_inbox(base, team, "worker-1")[-1]["from"] == "team-lead"),
     ("message-as-teammate", "claude-teams_send_message",
      {"type": "message", "recipient": "team-lead", "content": "parser done", "summary": "done", "sender": "worker-1"},

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from orchestratord.inbox import without_reminder
 from tests.support.bed import TEAM, script_orchestrator, script_teammate, send_message_args
 from tests.support.daemon import wait_for, write_config
 from tests.support.systemd import BootedSystemd, why_not
@@ -169,7 +170,8 @@ def test_the_hardened_unit_reaches_the_server_writes_its_ledger_and_reads_the_te
     assert "worker-1 is done" in str(rows[0]["reply_text"])
     st = json.loads(machine.orchestratord("status", "--json"))
     assert st["server"]["healthy"] is True and st["stream"]["connected"] is True
-    assert any(m["text"] == "done under systemd" for m in json.loads(machine.orchestratord("messages", "--json")))
+    assert any(without_reminder(m["text"]) == "done under systemd"
+               for m in json.loads(machine.orchestratord("messages", "--json")))
     owners = sd.check("stat", "-c", "%U", "/var/lib/opencode-orchestrator", LEDGER).split()
     assert owners == ["alice", "alice"], "StateDirectory= belongs to the unit's user"
     props = sd.show(UNIT, "ProtectSystem", "ProtectHome", "PrivateUsers", "NoNewPrivileges", "RestrictAddressFamilies")

@@ -21,6 +21,10 @@ Every decision is recorded in the ledger before its reply is sent, so a crash in
 sends the same answer after the restart; an approval is only ever sent for a request the
 server has just reported (an event, or a fresh ``GET /permission``), never from what the
 ledger remembers alone.
+
+Size: a brokered session's and a permission request's whole life (rules set, requests
+judged and answered, holds, early turns restarted, the resync) is one state machine on one
+thread; its pure part, the verdict, is the functions at the top.
 """
 
 from __future__ import annotations
@@ -694,7 +698,8 @@ class Broker(ServerWorker):
             rule=v.rule, escalation_id=None, decided_by="policy", decided_at=self.wall(), reply=reply,
             message=message, state=state, replied_at=None, seconds=None)
         row, results = self.ledger.decide_permission(row, specs)
-        for (eid, new), spec in zip(results, specs, strict=True):
+        # A request decided before (a restart, a reconnect) comes back without escalations.
+        for (eid, new), spec in zip(results, specs, strict=False):
             if new:
                 self._escalated = True
                 if v.decision != HOLD:

@@ -1,4 +1,8 @@
-"""Command line: one function per subcommand, no business logic here."""
+"""Command line: one function per subcommand, no business logic here.
+
+Size: one small function per subcommand; the read-only ones render the same ledger views
+as text and as JSON.
+"""
 
 from __future__ import annotations
 

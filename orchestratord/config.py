@@ -4,6 +4,9 @@ Every problem in a file is collected before anything is rejected, so one run of
 ``orchestratord check-config`` (or one SIGHUP) names every mistake at once, each as
 ``file:line: key: what is wrong``. Unknown keys are errors: a typo must not fall back
 silently to a default. Relative paths are taken relative to the config file.
+
+Size: the schema of every section and key, with its check and its error text, is kept in
+one place so that the loader, check-config and the reference page cannot disagree.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ only says what they are for. The page (``orchestratord config reference``, writt
 docs/configuration.md by ``make docs``) takes every key, type and default from the
 schema and the dataclasses, so it cannot list a key that does not exist or a default
 that is not the code's; a test fails when docs/configuration.md differs from it.
+
+Size: it is mostly the text that describes each key.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def _find(call: Call, r: Reading) -> str | None:
     removes = "-delete" in expression or any(argv and program_name(argv[0]) in ("rm", "shred")
                                              for argv in find_commands(expression))
     narrowed = any(a in NARROWING and (a == "-empty" or not everything(nxt))
-                   for a, nxt in zip(expression, [*expression[1:], ""], strict=True))
+                   for a, nxt in zip(expression, [*expression[1:], ""], strict=False))
     if not removes or narrowed:
         return None
     for root in roots or ["."]:

@@ -6,6 +6,9 @@ interval between prompts and a cap per hour; then every pending trigger goes int
 prompt. A prompt is recorded with its ``messageID`` before the POST, marked sent after
 it, and followed until its assistant reply completes. After a crash, a prompt still
 ``pending`` is looked up on the server by its ID and sent again only if it never landed.
+
+Size: a prompt's whole life (the quiet period, the rate limits, sending, following it to
+its outcome, the re-drive after an outage) is one state machine.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The event stream worker: connect, read, record, match rules, catch up after gaps.
+"""The event stream worker: connect, read, record, catch up after gaps.
+
+What each event means (the session view, judging, triggers) is :mod:`.reactions`; this
+module reads the stream, keeps the rows and the sync cursor, and hands every event over.
 
 The server's SSE stream is read over ``iter_content(65536)`` (small reads make a large
 event take seconds) and cut into whole frames by a :class:`~.stream.FrameGuard`.
@@ -10,7 +13,6 @@ most of the work and change nothing else.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
@@ -19,42 +21,26 @@ import socket
 import sqlite3
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import requests
 
 from . import ledgerwatch, logs, metrics
-from .guard import Judge, seen_in_event
-from .inbox import text_key
-from .ledger import PUSHED, EventRow, Ledger
+from .eventlog import EventLog
+from .guard import Judge
+from .ledger import EventRow, Ledger
 from .opencode import AuthError, OpencodeClient, OpencodeError, SessionStatus
-from .sessions import SessionDirectory, SessionInfo
+from .reactions import PermissionDesk, Reactions
+from .sessions import SessionDirectory
 from .state import Shared
 from .stream import HIGH_VOLUME, Event, FrameGuard, frame_data, from_sync, head_session, normalize
-from .triggers import Match, Rule, RuleSet
+from .triggers import Rule
 from .worker import Deps, Worker
 
 if TYPE_CHECKING:
     from .config import Config
 
 
-#: event rows are written when the stream pauses, or at this many rows, or this old
-_COVER_NOTES = {PUSHED: "claude-teams delivered it into the orchestrator's session itself"}
-#: how far back a teammate's turn may reach when its previous idle is not known
-TURN_LOOKBACK = 600.0
-BATCH_ROWS = 1000
-BATCH_SECONDS = 1.0
-
-
-class PermissionDesk(Protocol):
-    """Who answers permission requests and looks after sessions (the broker); never blocks."""
-
-    def asked(self, request: dict[str, Any]) -> None: ...
-    def replied(self, request_id: str) -> None: ...
-    def session_seen(self, info: SessionInfo) -> None: ...
-    def resync(self) -> None: ...
-    def asks(self, session_id: str, permission: str) -> bool: ...
-    def user_message(self, session_id: str, info: dict[str, Any]) -> None: ...
 
 
 class EventReader(Worker):
@@ -84,7 +70,6 @@ class EventReader(Worker):
                  clock: Callable[[], float] = time.monotonic,
                  ledger_health: ledgerwatch.LedgerHealth | None = None) -> None:
         super().__init__(clock, ledger_health)
-        self.sessions = sessions if sessions is not None else SessionDirectory()
         self.desk = desk
         self.shared = shared
         self.make_client = make_client
@@ -96,51 +81,40 @@ class EventReader(Worker):
         self.max_event_bytes = max_event_bytes
         self.reconnect_max = reconnect_max
         self.store = store
-        self.rules = RuleSet(rules)
-        self._turn_start: dict[str, float] = {}  # session -> wall time of its last idle
-        self._idle_clock: dict[str, float] = {}  # session -> the shared clock at its last idle
-        self._user_messages: dict[str, None] = {}  # user messages in the orchestrator's session (newest 200)
+        self._waiting: select.poll | None = None  # says whether more of the stream is already here
+        #: the rows read and the sync cursor they reach, written together
+        self.eventlog = EventLog(clock, self._more_waiting)
+        self.on_own_activity = on_own_activity
+        #: what each event means: the live stream and the catch-up hand every event to it
+        self.reactions = Reactions(shared=shared, sessions=sessions if sessions is not None else SessionDirectory(),
+                                   rules=rules, judge=judge, desk=desk, flush=self.eventlog.flush, on_trigger=on_trigger,
+                                   on_escalation=on_escalation, on_own_activity=on_own_activity, log=self.log)
         # Types whose events have no effect here but to be counted.
         self._count_only = frozenset(t.encode() for t in HIGH_VOLUME
-                                     if store != "all" and not self.rules.for_type(t))
-        self.on_trigger = on_trigger
-        self.on_own_activity = on_own_activity
-        self.judge = judge
-        self.on_escalation = on_escalation
+                                     if store != "all" and not self.reactions.rules.for_type(t))
         self.stall_after = read_timeout + 15.0
         self.ledger: Ledger | None = None
         self.client: OpencodeClient | None = None
         self._resp: requests.Response | None = None
         self._resp_lock = threading.Lock()
-        self._batch: list[EventRow] = []
         self._failures = 0
         self._malformed = 0
         self._malformed_logged = 0.0
-        self.last_seq: dict[str, int] = {}
-        self._frame_guard = FrameGuard(max_event_bytes, self._drained)
-        self._batch_since = 0.0  # monotonic time of the oldest row in the batch
-        self._waiting: select.poll | None = None  # says whether more of the stream is already here
-        self._seq_changed = False  # since it was last written to the ledger
+        self._frame_guard = FrameGuard(max_event_bytes, self.eventlog.drained)
         self._reported_oversized = 0
         self._reported_undecodable = 0
-        self._saved_seq: dict[str, int] = {}  # the seq the ledger holds
 
     # -- lifecycle ---------------------------------------------------------------
 
     def setup(self) -> None:
         self.ledger = Ledger(self.ledger_path)
         self.client = self.make_client()
-        saved = self.ledger.get_meta("sync.last_seq")
-        if saved:
-            try:
-                self.last_seq = {k: int(v) for k, v in json.loads(saved).items()}
-            except (ValueError, AttributeError):
-                self.last_seq = {}
-        self._saved_seq = dict(self.last_seq)
+        self.reactions.bind(self.ledger, self.client)
+        self.eventlog.load(self.ledger)
 
     def teardown(self) -> None:
-        self._flush()
-        self._save_seq()
+        self.eventlog.flush()
+        self.eventlog.save_seq()
         self.shared.set_stream_connected(False)
         if self.client:
             self.client.close()
@@ -195,7 +169,7 @@ class EventReader(Worker):
                     self._resp = None
                 self._waiting = None
                 resp.close()
-                self._flush()
+                self.eventlog.flush()
         except BaseException:
             # A failed write (or anything else) ends this connection too: say so, or status,
             # the stall watch and the dispatcher would trust a stream nobody is reading.
@@ -259,11 +233,11 @@ class EventReader(Worker):
 
     def _catch_up(self) -> None:
         """Ask for the durable events after the last seq we saw, per session."""
-        if self.path != "/global/event" or not self.last_seq:
+        if self.path != "/global/event" or not self.eventlog.last_seq:
             return
         assert self.client is not None
         try:
-            records = self.client.sync_history(dict(self.last_seq))
+            records = self.client.sync_history(dict(self.eventlog.last_seq))
         except OpencodeError as exc:
             self.log.warning(logs.kv("catch-up-failed", error=str(exc), fix="none needed; triggers may be late"))
             return
@@ -274,12 +248,12 @@ class EventReader(Worker):
             event = from_sync(record)
             if event is None:
                 continue
-            self._note_seq(event.session_id, record.get("seq"))
+            self.eventlog.note_seq(event.session_id, record.get("seq"))
             self._handle(event, store=False)
             n += 1
         if n:
             self.log.info(logs.kv("caught-up", events=n))
-        self._save_seq()
+        self.eventlog.save_seq()
 
     def _consume(self, resp: requests.Response) -> None:
         count_only = self._count_only
@@ -329,214 +303,25 @@ class EventReader(Worker):
         wall = time.time()
         if event.type == "sync":
             if event.sync is not None:
-                self._note_seq(event.session_id, event.sync.get("seq"))
+                self.eventlog.note_seq(event.session_id, event.sync.get("seq"))
             if store and self.store == "all":
-                self._add_row(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
+                self.eventlog.add(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
             return
         self.shared.count_event(wall, event.session_id)
         metrics.event(event.type, wall)
         if store and (self.store == "all" or (self.store == "default" and event.type not in HIGH_VOLUME)):
-            self._add_row(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
-        self._observe(event)
-        before = self._saved_seq
+            self.eventlog.add(EventRow(wall, event.id, event.type, event.session_id, event.directory, event.data))
+        self.reactions.observe(event)
+        before = self.eventlog.saved_seq
         try:
-            self._act(event, wall)
+            self.reactions.act(event, wall)
         except Exception as exc:
             if isinstance(exc, sqlite3.Error) and ledgerwatch.is_trouble(exc):
                 # Not recorded, so not done: a catch-up after the reconnect sees this event again.
                 # (Any other error would come back with it at every reconnect: that one is passed.)
-                self._saved_seq = before
-                self._unwritten([])
+                self.eventlog.saved_seq = before
+                self.eventlog.unwritten([])
             raise
-
-    def _act(self, event: Event, wall: float) -> None:
-        """Judge the event and raise the triggers it matches, each recorded before it counts."""
-        own = self.shared.session_id
-        if self.judge is not None and event.type == "message.part.updated":
-            desk = self.desk()
-            seen = seen_in_event(event, own, desk.asks if desk is not None else None)
-            if seen and self.ledger is not None and self.judge.record(self.ledger, seen, own, self._session):
-                self.on_escalation()
-        if event.type == "session.error" and _aborted(event) and self.shared.aborted_recently(event.session_id):
-            return  # the daemon aborted that turn itself (a restart, the guard): nothing to tell
-        if event.type == "session.idle" and event.session_id and self._ends_our_abort(event.session_id, wall):
-            return
-        if own is not None and event.session_id == own and event.type == "message.part.updated":
-            self._pushed(event, own, wall)
-        matches = self.rules.match(event, own, self._session)
-        if matches:
-            self._flush()
-            assert self.ledger is not None
-            added = 0
-            for m in matches:
-                covered = None
-                if event.type == "session.idle" and event.session_id and m.teammate:
-                    m, covered = self._idle(m, event.session_id, wall)
-                tid = self.ledger.add_trigger(m.kind, m.detail, rule=m.rule, dedup=m.dedup, team=m.team,
-                                              teammate=m.teammate, session_id=event.session_id,
-                                              event_type=event.type, event_id=event.id, ckey=m.ckey,
-                                              covered=covered, tkey=m.tkey, now=wall)
-                if tid is not None and covered is None and m.tkey is not None:
-                    covered = self.ledger.trigger_covered(tid)
-                if tid is not None and covered is not None:
-                    self.log.info(logs.kv("trigger-covered", rule=m.rule, session=event.session_id,
-                                          teammate=m.teammate, by=covered, note=_COVER_NOTES.get(
-                                              covered, "its turn already reported")))
-                elif tid is not None:
-                    added += 1
-                    self.log.info(logs.kv("trigger", rule=m.rule, session=event.session_id, teammate=m.teammate,
-                                          event=event.type))
-            if event.type == "session.idle" and event.session_id:
-                self._turn_start.pop(event.session_id, None)
-                self._turn_start[event.session_id] = wall
-                if len(self._turn_start) > 1000:  # the oldest sessions' turns are long over
-                    del self._turn_start[next(iter(self._turn_start))]
-            if added:
-                self.on_trigger()
-
-    def _ends_our_abort(self, session_id: str, wall: float) -> bool:
-        """Whether this idle ends a turn the daemon aborted itself (the broker's restart of a
-        turn prompted before its rules): no news, and the turn that follows starts here."""
-        aborted = self.shared.aborted_at(session_id)
-        last = self._idle_clock.get(session_id)
-        now = self.shared.clock()  # the clock the abort was noted on
-        self._idle_clock[session_id] = now
-        if len(self._idle_clock) > 1000:
-            del self._idle_clock[next(iter(self._idle_clock))]
-        if aborted is None or (last is not None and aborted <= last):
-            return False
-        self._turn_start[session_id] = wall
-        return True
-
-    def _pushed(self, event: Event, own: str, wall: float) -> None:
-        """A user text in the orchestrator's session: if it is a teammate's message,
-        claude-teams pushed it there itself (the orchestrator session is the lead's).
-        Remember its text; the trigger of that message needs no prompt. (The daemon's own
-        prompts are remembered too, and match no message.)"""
-        part = event.properties.get("part")
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            return
-        if part.get("messageID") not in self._user_messages or not part["text"].strip():
-            return
-        assert self.ledger is not None
-        covered = self.ledger.record_push(text_key(part["text"]), own, wall - TURN_LOOKBACK, at=wall)
-        for tid in covered:
-            self.log.info(logs.kv("trigger-covered", trigger=tid, session=own, by=PUSHED,
-                                  note=_COVER_NOTES[PUSHED]))
-
-    def _idle(self, m: Match, session_id: str, wall: float) -> tuple[Match, str | None]:
-        """A teammate's idle: covered by what it reported in this turn, else worded as a stop.
-
-        One turn of a teammate costs one prompt: a message it sent in the turn (pending or
-        already in a prompt) is the news, and the idle that follows adds nothing. The turn
-        began at the session's last idle (or, not known since this process started, at most
-        ``TURN_LOOKBACK`` ago).
-        """
-        assert self.ledger is not None
-        since = self._turn_start.get(session_id, wall - TURN_LOOKBACK)
-        report = self.ledger.turn_report(session_id, m.team, m.teammate, since)
-        if report is not None:
-            return m, f"turn:{report}"
-        where = m.detail[m.detail.find(" in session "):] if " in session " in m.detail else ""
-        return dataclasses.replace(m, detail=f"{m.teammate} stopped without reporting{where}"), None
-
-    def _observe(self, event: Event) -> None:
-        """Keep the session view current from the events that describe it."""
-        props = event.properties
-        etype = event.type
-        sid = event.session_id
-        if etype == "session.status" and sid:
-            status = props.get("status")
-            kind = status.get("type") if isinstance(status, dict) else None
-            self.shared.set_status(sid, kind)
-            if kind in ("busy", "retry"):
-                self.shared.mark_busy(sid)
-        elif etype == "session.idle" and sid:
-            self.shared.set_status(sid, None)
-        elif etype in ("session.created", "session.updated"):
-            raw = props.get("info")
-            info = SessionInfo.from_api(raw) if isinstance(raw, dict) else None
-            if info is not None:
-                info = self.sessions.note(info)
-                desk = self.desk()
-                if desk is not None:
-                    desk.session_seen(info)
-        elif etype == "session.deleted":
-            info = props.get("info")
-            if isinstance(info, dict) and isinstance(info.get("id"), str):
-                self.sessions.forget(info["id"])
-                self.shared.set_status(info["id"], None)
-                if info["id"] == self.shared.session_id:
-                    self.on_own_activity()
-        elif etype == "message.updated" and sid:
-            info = props.get("info")
-            if sid == self.shared.session_id and isinstance(info, dict) and info.get("role") == "user" and \
-                    isinstance(info.get("id"), str):
-                self._user_messages[info["id"]] = None
-                if len(self._user_messages) > 200:
-                    del self._user_messages[next(iter(self._user_messages))]
-            desk = self.desk()
-            if desk is not None and isinstance(info, dict) and info.get("role") in ("user", "assistant"):
-                desk.user_message(sid, info)
-        elif etype == "server.instance.disposed":
-            self.shared.replace_statuses({})
-        elif etype in ("permission.asked", "question.asked") and sid:
-            what = "question" if etype == "question.asked" else f"permission {props.get('permission', '')}".strip()
-            self.shared.set_waiting(sid, what)
-            desk = self.desk()
-            if etype == "permission.asked" and desk is not None:
-                desk.asked(props)
-        elif etype in ("permission.replied", "question.replied", "question.rejected") and sid:
-            self.shared.set_waiting(sid, None)
-            desk = self.desk()
-            if etype == "permission.replied" and desk is not None and isinstance(props.get("requestID"), str):
-                desk.replied(props["requestID"])
-        if sid is not None and sid == self.shared.session_id and etype in (
-                "session.idle", "session.status", "session.error", "message.updated"):
-            self.on_own_activity()
-
-    def _session(self, session_id: str) -> SessionInfo | None:
-        return self.sessions.lookup(session_id, self.client)
-
-    def _note_seq(self, session_id: str | None, seq: Any) -> None:
-        if session_id and isinstance(seq, int) and seq > self.last_seq.get(session_id, -1):
-            self.last_seq[session_id] = seq
-            self._seq_changed = True
-
-    def _seq_to_save(self) -> dict[str, str] | None:
-        """The ``sync.last_seq`` meta value, if it changed since it was last written."""
-        if not self.last_seq or not self._seq_changed:
-            return None
-        if len(self.last_seq) > 500:  # keep the newest sessions only
-            self.last_seq = dict(sorted(self.last_seq.items(), key=lambda kv: kv[0])[-500:])
-        return {"sync.last_seq": json.dumps(self.last_seq)}
-
-    def _save_seq(self) -> None:
-        if self.ledger is not None and (meta := self._seq_to_save()):
-            try:
-                self.ledger.add_events((), meta)
-            except Exception:
-                self._unwritten([])
-                raise
-            self._seq_changed = False
-            self._saved_seq = dict(self.last_seq)
-
-    def _add_row(self, row: EventRow) -> None:
-        if not self._batch:
-            self._batch_since = self.clock()
-        self._batch.append(row)
-        if len(self._batch) >= BATCH_ROWS:
-            self._flush()
-
-    def _drained(self) -> None:
-        """The bytes read so far are used up: write the batch, unless more is already waiting.
-
-        opencode sends each event in its own HTTP chunk, so this runs after every event.
-        While the stream runs ahead of us, rows are written in batches (at most
-        ``BATCH_ROWS`` or ``BATCH_SECONDS`` old); once it pauses, at once.
-        """
-        if self._batch and (self.clock() - self._batch_since >= BATCH_SECONDS or not self._more_waiting()):
-            self._flush()
 
     def _more_waiting(self) -> bool:
         poller = self._waiting
@@ -546,35 +331,6 @@ class EventReader(Worker):
             return bool(poller.poll(0))
         except (OSError, ValueError):
             return False
-
-    def _flush(self) -> None:
-        if self._batch and self.ledger is not None:
-            batch, self._batch = self._batch, []
-            meta = self._seq_to_save()
-            try:
-                self.ledger.add_events(batch, meta)  # the rows and the seq they reach, in one transaction
-            except Exception:
-                self._unwritten(batch)
-                raise
-            self._seq_changed = False
-            self._saved_seq = dict(self.last_seq)
-
-    def _unwritten(self, batch: list[EventRow]) -> None:
-        """A write failed: keep the rows for the next flush, and step back to the last saved seq.
-
-        The stream is read again after a reconnect, from the seq the ledger holds: what
-        came after it is caught up (and its triggers raised) once the ledger takes
-        writes again, instead of being taken as done.
-        """
-        self._batch[:0] = batch[-BATCH_ROWS * 10:]
-        if self.last_seq != self._saved_seq:
-            self.last_seq = dict(self._saved_seq)
-            self._seq_changed = False
-
-
-def _aborted(event: Event) -> bool:
-    err = event.properties.get("error")
-    return isinstance(err, dict) and err.get("name") == "MessageAbortedError"
 
 
 def _poller(resp: requests.Response) -> select.poll | None:

@@ -10,6 +10,9 @@ Each file is read by an :class:`~orchestratord.inboxfile.InboxFile`, which keeps
 needs to read only the new part next time and streams the whole file when it must. A
 parse error may mean a writer is mid-rewrite: it is retried soon, never taken for an
 empty inbox. Nothing here writes to the team directory.
+
+Size: the watcher (notification, rescan, retries of a broken file), the team rosters and
+the messages' identities, all on the inbox thread.
 """
 
 from __future__ import annotations

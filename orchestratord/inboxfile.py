@@ -28,6 +28,9 @@ the state at the last batch it recorded.
 
 A single element larger than ``max_item_bytes`` is not decoded: it is scanned to its end
 (its sender and timestamp noted, its text digested) and handed on as :class:`Oversized`.
+
+Size: the incremental reader (windows, fingerprints, the cursor) and the streaming item
+parser rely on each other's invariants, and are kept together.
 """
 
 from __future__ import annotations

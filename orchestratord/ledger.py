@@ -5,6 +5,10 @@ The schema is versioned with ``PRAGMA user_version``. Writes that decide what ha
 next (triggers, dispatch states) are their own committed transactions; high-volume event
 rows are written in batches by the event reader. Every query the rest of the package
 runs lives here.
+
+Size: every SQL statement of the daemon lives here, with the schema and each migration.
+Split by table, the transactions that must span tables (a prompt and its triggers, a
+decision and its escalation) would span modules too.
 """
 
 from __future__ import annotations

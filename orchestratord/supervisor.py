@@ -4,6 +4,9 @@ Signal handlers only queue the signal; everything else happens in :meth:`Supervi
 which the main loop runs after each signal or every ``TICK`` seconds. That is where the
 systemd watchdog is petted, and only while every worker's heartbeat is fresh, so a hung
 thread gets the service restarted by systemd.
+
+Size: start, signals, reload, restarts, the watchdog, the state row and pruning all run in
+the main thread's tick; the workers build themselves (each worker's ``build``).
 """
 
 from __future__ import annotations

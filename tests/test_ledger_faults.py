@@ -21,6 +21,7 @@ import pytest
 
 from orchestratord import logs
 from orchestratord.cli import ledger_view
+from orchestratord.eventlog import EventLog
 from orchestratord.events import EventReader
 from orchestratord.inbox import InboxWatcher
 from orchestratord.ledger import EventRow, Ledger, LedgerError
@@ -177,31 +178,55 @@ def test_a_message_marked_reported_long_after_its_trigger_keeps_the_link(tmp_pat
 
 
 def test_events_not_written_are_kept_and_their_seq_is_not_taken_as_saved(tmp_path: Path) -> None:
-    r = EventReader(shared=Shared(), make_client=lambda: None, ledger_path=str(tmp_path / "ledger.db"),  # type: ignore[arg-type,return-value]
-                    stream="global", directory=None, read_timeout=5, max_event_bytes=1 << 20, reconnect_max=1,
-                    store="default", rules=(), on_trigger=lambda: None, on_own_activity=lambda: None)
-    r.ledger = Ledger(str(tmp_path / "ledger.db"))
+    """The event log alone, no socket: a failed write keeps its rows and steps the cursor back."""
+    log = EventLog(clock=lambda: 0.0)
+    ledger = Ledger(str(tmp_path / "ledger.db"))
+    log.load(ledger)
     try:
-        r._note_seq("ses_a", 5)
-        r._add_row(EventRow(1.0, "e1", "session.idle", "ses_a", None, "{}"))
-        r._flush()
-        r._note_seq("ses_a", 9)
-        r._add_row(EventRow(2.0, "e2", "session.idle", "ses_a", None, "{}"))
-        real = r.ledger.add_events
+        log.note_seq("ses_a", 5)
+        log.add(EventRow(1.0, "e1", "session.idle", "ses_a", None, "{}"))
+        log.flush()
+        log.note_seq("ses_a", 9)
+        log.add(EventRow(2.0, "e2", "session.idle", "ses_a", None, "{}"))
+        real = ledger.add_events
 
         def full(*a: Any, **k: Any) -> None:
             raise FULL
-        r.ledger.add_events = full  # type: ignore[method-assign]
+        ledger.add_events = full  # type: ignore[method-assign]
         with pytest.raises(sqlite3.OperationalError):
-            r._flush()
-        assert [row.event_id for row in r._batch] == ["e2"], "the row waits for the next flush"
-        assert r.last_seq == {"ses_a": 5}, "the catch-up after the reconnect starts where the ledger is"
-        r.ledger.add_events = real  # type: ignore[method-assign]
-        r._add_row(EventRow(3.0, "e3", "session.idle", "ses_a", None, "{}"))
-        r._flush()
-        assert [e["event_id"] for e in r.ledger.events()] == ["e3", "e2", "e1"]
+            log.flush()
+        assert [row.event_id for row in log.waiting_rows] == ["e2"], "the row waits for the next flush"
+        assert log.last_seq == {"ses_a": 5}, "the catch-up after the reconnect starts where the ledger is"
+        ledger.add_events = real  # type: ignore[method-assign]
+        log.add(EventRow(3.0, "e3", "session.idle", "ses_a", None, "{}"))
+        log.flush()
+        assert [e["event_id"] for e in ledger.events()] == ["e3", "e2", "e1"]
+        again = EventLog(clock=lambda: 0.0)
+        again.load(ledger)
+        assert again.last_seq == {"ses_a": 5}, "the cursor the ledger holds is the one written with its rows"
     finally:
-        r.ledger.close()
+        ledger.close()
+
+
+def test_the_event_log_writes_when_the_stream_pauses_and_batches_while_it_runs(tmp_path: Path) -> None:
+    now = [0.0]
+    more = [True]
+    log = EventLog(clock=lambda: now[0], more_waiting=lambda: more[0])
+    ledger = Ledger(str(tmp_path / "ledger.db"))
+    log.load(ledger)
+    try:
+        log.add(EventRow(1.0, "e1", "session.idle", "ses_a", None, "{}"))
+        log.drained()
+        assert ledger.events() == [] and len(log.waiting_rows) == 1, "more is waiting: keep batching"
+        now[0] += 1.0
+        log.drained()
+        assert [e["event_id"] for e in ledger.events()] == ["e1"], "a batch a second old is written"
+        log.add(EventRow(2.0, "e2", "session.idle", "ses_a", None, "{}"))
+        more[0] = False
+        log.drained()
+        assert [e["event_id"] for e in ledger.events()] == ["e2", "e1"], "the stream paused: written at once"
+    finally:
+        ledger.close()
 
 
 # -- a damaged file at start -------------------------------------------------------------

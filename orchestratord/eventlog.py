@@ -1,0 +1,116 @@
+"""The event rows read from the stream and the sync cursor they reach, written together.
+
+Rows are batched: written when the stream pauses (nothing more is waiting on the socket),
+at ``BATCH_ROWS``, or once the oldest is ``BATCH_SECONDS`` old, and always before a
+trigger's row (the reactions flush first). The cursor (``sync.last_seq``, the newest
+durable seq seen per session) goes in the same transaction as the rows it covers: a
+failed write keeps the rows for the next try and steps the cursor back to what the
+ledger holds, so the catch-up after a reconnect reads again what was not recorded.
+No sockets here: the reader says whether more is waiting.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from .ledger import EventRow, Ledger
+
+#: event rows are written when the stream pauses, or at this many rows, or this old
+BATCH_ROWS = 1000
+BATCH_SECONDS = 1.0
+
+
+class EventLog:
+    """The batch of event rows and the sync cursor (see the module's docstring)."""
+
+    def __init__(self, clock: Callable[[], float], more_waiting: Callable[[], bool] = lambda: False) -> None:
+        self.clock = clock
+        self.more_waiting = more_waiting
+        self.ledger: Ledger | None = None
+        self._batch: list[EventRow] = []
+        self._batch_since = 0.0  # monotonic time of the oldest row in the batch
+        self.last_seq: dict[str, int] = {}
+        self._seq_changed = False  # since it was last written to the ledger
+        self.saved_seq: dict[str, int] = {}  # the seq the ledger holds
+
+    def load(self, ledger: Ledger) -> None:
+        """Write to ``ledger`` from now on, starting from the cursor it holds."""
+        self.ledger = ledger
+        saved = ledger.get_meta("sync.last_seq")
+        self.last_seq = {}
+        if saved:
+            try:
+                self.last_seq = {k: int(v) for k, v in json.loads(saved).items()}
+            except (ValueError, AttributeError):
+                self.last_seq = {}
+        self.saved_seq = dict(self.last_seq)
+
+    @property
+    def waiting_rows(self) -> list[EventRow]:
+        """The rows not yet written, oldest first."""
+        return list(self._batch)
+
+    def note_seq(self, session_id: str | None, seq: Any) -> None:
+        if session_id and isinstance(seq, int) and seq > self.last_seq.get(session_id, -1):
+            self.last_seq[session_id] = seq
+            self._seq_changed = True
+
+    def _seq_to_save(self) -> dict[str, str] | None:
+        """The ``sync.last_seq`` meta value, if it changed since it was last written."""
+        if not self.last_seq or not self._seq_changed:
+            return None
+        if len(self.last_seq) > 500:  # keep the newest sessions only
+            self.last_seq = dict(sorted(self.last_seq.items(), key=lambda kv: kv[0])[-500:])
+        return {"sync.last_seq": json.dumps(self.last_seq)}
+
+    def save_seq(self) -> None:
+        if self.ledger is not None and (meta := self._seq_to_save()):
+            try:
+                self.ledger.add_events((), meta)
+            except Exception:
+                self.unwritten([])
+                raise
+            self._seq_changed = False
+            self.saved_seq = dict(self.last_seq)
+
+    def add(self, row: EventRow) -> None:
+        if not self._batch:
+            self._batch_since = self.clock()
+        self._batch.append(row)
+        if len(self._batch) >= BATCH_ROWS:
+            self.flush()
+
+    def drained(self) -> None:
+        """The bytes read so far are used up: write the batch, unless more is already waiting.
+
+        opencode sends each event in its own HTTP chunk, so this runs after every event.
+        While the stream runs ahead of us, rows are written in batches (at most
+        ``BATCH_ROWS`` or ``BATCH_SECONDS`` old); once it pauses, at once.
+        """
+        if self._batch and (self.clock() - self._batch_since >= BATCH_SECONDS or not self.more_waiting()):
+            self.flush()
+
+    def flush(self) -> None:
+        if self._batch and self.ledger is not None:
+            batch, self._batch = self._batch, []
+            meta = self._seq_to_save()
+            try:
+                self.ledger.add_events(batch, meta)  # the rows and the seq they reach, in one transaction
+            except Exception:
+                self.unwritten(batch)
+                raise
+            self._seq_changed = False
+            self.saved_seq = dict(self.last_seq)
+
+    def unwritten(self, batch: list[EventRow]) -> None:
+        """A write failed: keep the rows for the next flush, and step back to the last saved seq.
+
+        The stream is read again after a reconnect, from the seq the ledger holds: what
+        came after it is caught up (and its triggers raised) once the ledger takes
+        writes again, instead of being taken as done.
+        """
+        self._batch[:0] = batch[-BATCH_ROWS * 10:]
+        if self.last_seq != self.saved_seq:
+            self.last_seq = dict(self.saved_seq)
+            self._seq_changed = False

@@ -1,0 +1,223 @@
+"""What the events of the stream mean to the daemon: the session view, judging, and triggers.
+
+One :class:`Reactions` serves the live stream and the catch-up after a reconnect alike, so
+an event read late has the same effect as one read at once. It writes the session view
+(statuses, waiting sessions, what is known of each session) into shared state, hands
+permission requests and sessions to the broker, judges what teammates do, and records the
+triggers that the rules match, each before it counts. It does no I/O of its own but
+through the ledger and, for a session's title not yet known, the server client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol, Sequence
+
+from . import logs
+from .guard import Judge, seen_in_event
+from .inbox import text_key
+from .ledger import PUSHED, Ledger
+from .opencode import OpencodeClient
+from .sessions import SessionDirectory, SessionInfo
+from .state import Shared
+from .stream import Event
+from .triggers import Match, Rule, RuleSet
+
+#: why a trigger needs no prompt of its own, by what covered it
+_COVER_NOTES = {PUSHED: "claude-teams delivered it into the orchestrator's session itself"}
+#: how far back a teammate's turn may reach when its previous idle is not known
+TURN_LOOKBACK = 600.0
+
+
+class PermissionDesk(Protocol):
+    """Who answers permission requests and looks after sessions (the broker); never blocks."""
+
+    def asked(self, request: dict[str, Any]) -> None: ...
+    def replied(self, request_id: str) -> None: ...
+    def session_seen(self, info: SessionInfo) -> None: ...
+    def resync(self) -> None: ...
+    def asks(self, session_id: str, permission: str) -> bool: ...
+    def user_message(self, session_id: str, info: dict[str, Any]) -> None: ...
+
+
+class Reactions:
+    """The effects of one event, whichever way it was read (see the module's docstring)."""
+
+    def __init__(self, *, shared: Shared, sessions: SessionDirectory, rules: Sequence[Rule],
+                 judge: Judge | None, desk: Callable[[], PermissionDesk | None], flush: Callable[[], None],
+                 on_trigger: Callable[[], None], on_escalation: Callable[[], None],
+                 on_own_activity: Callable[[], None], log: Any) -> None:
+        self.shared = shared
+        self.sessions = sessions
+        self.rules = RuleSet(rules)
+        self.judge = judge
+        self.desk = desk
+        #: writes the event rows read so far, so that a trigger's row never comes before them
+        self.flush = flush
+        self.on_trigger = on_trigger
+        self.on_escalation = on_escalation
+        self.on_own_activity = on_own_activity
+        self.log = log
+        self.ledger: Ledger | None = None
+        self.client: OpencodeClient | None = None
+        self._turn_start: dict[str, float] = {}  # session -> wall time of its last idle
+        self._idle_clock: dict[str, float] = {}  # session -> the shared clock at its last idle
+        self._user_messages: dict[str, None] = {}  # user messages in the orchestrator's session (newest 200)
+
+    def bind(self, ledger: Ledger, client: OpencodeClient) -> None:
+        """The reading thread's own ledger connection and client, once it has opened them."""
+        self.ledger, self.client = ledger, client
+
+    def act(self, event: Event, wall: float) -> None:
+        """Judge the event and raise the triggers it matches, each recorded before it counts."""
+        own = self.shared.session_id
+        if self.judge is not None and event.type == "message.part.updated":
+            desk = self.desk()
+            seen = seen_in_event(event, own, desk.asks if desk is not None else None)
+            if seen and self.ledger is not None and self.judge.record(self.ledger, seen, own, self._session):
+                self.on_escalation()
+        if event.type == "session.error" and _aborted(event) and self.shared.aborted_recently(event.session_id):
+            return  # the daemon aborted that turn itself (a restart, the guard): nothing to tell
+        if event.type == "session.idle" and event.session_id and self._ends_our_abort(event.session_id, wall):
+            return
+        if own is not None and event.session_id == own and event.type == "message.part.updated":
+            self._pushed(event, own, wall)
+        matches = self.rules.match(event, own, self._session)
+        if matches:
+            self.flush()
+            assert self.ledger is not None
+            added = 0
+            for m in matches:
+                covered = None
+                if event.type == "session.idle" and event.session_id and m.teammate:
+                    m, covered = self._idle(m, event.session_id, wall)
+                tid = self.ledger.add_trigger(m.kind, m.detail, rule=m.rule, dedup=m.dedup, team=m.team,
+                                              teammate=m.teammate, session_id=event.session_id,
+                                              event_type=event.type, event_id=event.id, ckey=m.ckey,
+                                              covered=covered, tkey=m.tkey, now=wall)
+                if tid is not None and covered is None and m.tkey is not None:
+                    covered = self.ledger.trigger_covered(tid)
+                if tid is not None and covered is not None:
+                    self.log.info(logs.kv("trigger-covered", rule=m.rule, session=event.session_id,
+                                          teammate=m.teammate, by=covered, note=_COVER_NOTES.get(
+                                              covered, "its turn already reported")))
+                elif tid is not None:
+                    added += 1
+                    self.log.info(logs.kv("trigger", rule=m.rule, session=event.session_id, teammate=m.teammate,
+                                          event=event.type))
+            if event.type == "session.idle" and event.session_id:
+                self._turn_start.pop(event.session_id, None)
+                self._turn_start[event.session_id] = wall
+                if len(self._turn_start) > 1000:  # the oldest sessions' turns are long over
+                    del self._turn_start[next(iter(self._turn_start))]
+            if added:
+                self.on_trigger()
+
+    def _ends_our_abort(self, session_id: str, wall: float) -> bool:
+        """Whether this idle ends a turn the daemon aborted itself (the broker's restart of a
+        turn prompted before its rules): no news, and the turn that follows starts here."""
+        aborted = self.shared.aborted_at(session_id)
+        last = self._idle_clock.get(session_id)
+        now = self.shared.clock()  # the clock the abort was noted on
+        self._idle_clock[session_id] = now
+        if len(self._idle_clock) > 1000:
+            del self._idle_clock[next(iter(self._idle_clock))]
+        if aborted is None or (last is not None and aborted <= last):
+            return False
+        self._turn_start[session_id] = wall
+        return True
+
+    def _pushed(self, event: Event, own: str, wall: float) -> None:
+        """A user text in the orchestrator's session: if it is a teammate's message,
+        claude-teams pushed it there itself (the orchestrator session is the lead's).
+        Remember its text; the trigger of that message needs no prompt. (The daemon's own
+        prompts are remembered too, and match no message.)"""
+        part = event.properties.get("part")
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            return
+        if part.get("messageID") not in self._user_messages or not part["text"].strip():
+            return
+        assert self.ledger is not None
+        covered = self.ledger.record_push(text_key(part["text"]), own, wall - TURN_LOOKBACK, at=wall)
+        for tid in covered:
+            self.log.info(logs.kv("trigger-covered", trigger=tid, session=own, by=PUSHED,
+                                  note=_COVER_NOTES[PUSHED]))
+
+    def _idle(self, m: Match, session_id: str, wall: float) -> tuple[Match, str | None]:
+        """A teammate's idle: covered by what it reported in this turn, else worded as a stop.
+
+        One turn of a teammate costs one prompt: a message it sent in the turn (pending or
+        already in a prompt) is the news, and the idle that follows adds nothing. The turn
+        began at the session's last idle (or, not known since this process started, at most
+        ``TURN_LOOKBACK`` ago).
+        """
+        assert self.ledger is not None
+        since = self._turn_start.get(session_id, wall - TURN_LOOKBACK)
+        report = self.ledger.turn_report(session_id, m.team, m.teammate, since)
+        if report is not None:
+            return m, f"turn:{report}"
+        where = m.detail[m.detail.find(" in session "):] if " in session " in m.detail else ""
+        return dataclasses.replace(m, detail=f"{m.teammate} stopped without reporting{where}"), None
+
+    def observe(self, event: Event) -> None:
+        """Keep the session view current from the events that describe it."""
+        props = event.properties
+        etype = event.type
+        sid = event.session_id
+        if etype == "session.status" and sid:
+            status = props.get("status")
+            kind = status.get("type") if isinstance(status, dict) else None
+            self.shared.set_status(sid, kind)
+            if kind in ("busy", "retry"):
+                self.shared.mark_busy(sid)
+        elif etype == "session.idle" and sid:
+            self.shared.set_status(sid, None)
+        elif etype in ("session.created", "session.updated"):
+            raw = props.get("info")
+            info = SessionInfo.from_api(raw) if isinstance(raw, dict) else None
+            if info is not None:
+                info = self.sessions.note(info)
+                desk = self.desk()
+                if desk is not None:
+                    desk.session_seen(info)
+        elif etype == "session.deleted":
+            info = props.get("info")
+            if isinstance(info, dict) and isinstance(info.get("id"), str):
+                self.sessions.forget(info["id"])
+                self.shared.set_status(info["id"], None)
+                if info["id"] == self.shared.session_id:
+                    self.on_own_activity()
+        elif etype == "message.updated" and sid:
+            info = props.get("info")
+            if sid == self.shared.session_id and isinstance(info, dict) and info.get("role") == "user" and \
+                    isinstance(info.get("id"), str):
+                self._user_messages[info["id"]] = None
+                if len(self._user_messages) > 200:
+                    del self._user_messages[next(iter(self._user_messages))]
+            desk = self.desk()
+            if desk is not None and isinstance(info, dict) and info.get("role") in ("user", "assistant"):
+                desk.user_message(sid, info)
+        elif etype == "server.instance.disposed":
+            self.shared.replace_statuses({})
+        elif etype in ("permission.asked", "question.asked") and sid:
+            what = "question" if etype == "question.asked" else f"permission {props.get('permission', '')}".strip()
+            self.shared.set_waiting(sid, what)
+            desk = self.desk()
+            if etype == "permission.asked" and desk is not None:
+                desk.asked(props)
+        elif etype in ("permission.replied", "question.replied", "question.rejected") and sid:
+            self.shared.set_waiting(sid, None)
+            desk = self.desk()
+            if etype == "permission.replied" and desk is not None and isinstance(props.get("requestID"), str):
+                desk.replied(props["requestID"])
+        if sid is not None and sid == self.shared.session_id and etype in (
+                "session.idle", "session.status", "session.error", "message.updated"):
+            self.on_own_activity()
+
+    def _session(self, session_id: str) -> SessionInfo | None:
+        return self.sessions.lookup(session_id, self.client)
+
+
+def _aborted(event: Event) -> bool:
+    err = event.properties.get("error")
+    return isinstance(err, dict) and err.get("name") == "MessageAbortedError"

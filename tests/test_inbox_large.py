@@ -53,7 +53,9 @@ def test_a_20_mb_lead_inbox_hears_each_new_message_once(bed: Bed) -> None:
         wait_for(lambda: _all_dispatched(bed), 120, "every trigger covered by a finished prompt")
 
     round_of(3, 0)
-    assert d.grep(r'inbox-read .*team-lead\.json read="new part" elements=1'), "an append is read from where the last read ended"
+    # Appends that land together are read together: one read may take two or three of them.
+    assert d.grep(r'inbox-read .*team-lead\.json read="new part" elements=[123]\b'), \
+        "an append is read from where the last read ended"
     flips = len(d.grep(r'inbox-read .*team-lead\.json read="whole file"'))
     round_of(3, 3)
     wait_for(lambda: len(d.grep(r'inbox-read .*team-lead\.json read="whole file"')) > flips, 120,
@@ -72,6 +74,6 @@ def test_a_20_mb_lead_inbox_hears_each_new_message_once(bed: Bed) -> None:
 
 
 def _all_dispatched(bed: Bed) -> bool:
-    pending = ledger_rows(bed.ledger, "SELECT COUNT(*) FROM triggers WHERE dispatch_id IS NULL")[0][0]
+    pending = ledger_rows(bed.ledger, "SELECT COUNT(*) FROM triggers WHERE dispatch_id IS NULL AND covered IS NULL")[0][0]
     states = [r["state"] for r in bed.dispatches()]
     return pending == 0 and bool(states) and all(s in ("completed", "failed") for s in states)

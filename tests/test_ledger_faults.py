@@ -683,6 +683,8 @@ def test_a_stream_that_cannot_be_recorded_is_not_reported_as_connected(tmp_path:
                     ledger_health=health)
     r.client = Client()  # type: ignore[assignment]
     r.ledger = Ledger(str(tmp_path / "ledger.db"))
+    r.eventlog.load(r.ledger)  # what setup() does, with the client above instead of a real one
+    r.reactions.bind(r.ledger, r.client)  # type: ignore[arg-type]
 
     def full(*a: Any, **k: Any) -> None:
         raise FULL

@@ -127,10 +127,17 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         assert 'names = []' in text
         text = text.replace("names = []", f'names = ["{TEAM}"]', 1)
         url = f"http://127.0.0.1:{PORT}"
+        if ROOT.is_relative_to("/tmp"):
+            # The unit's PrivateTmp=yes hides a checkout under /tmp, and with it the pinned
+            # opencode and the test claude-teams it runs: a test-only drop-in shows it again.
+            sd.path(f"/etc/systemd/system/{SERVE}.d").mkdir(parents=True, exist_ok=True)
+            sd.path(f"/etc/systemd/system/{SERVE}.d/checkout.conf").write_text(
+                f"[Service]\nBindReadOnlyPaths={ROOT}\n")
+            sd.check("systemctl", "daemon-reload")
         if not port_free(PORT):  # someone else's server on this machine: the one change beyond the README
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            sd.path(f"/etc/systemd/system/{SERVE}.d").mkdir(parents=True)
+            sd.path(f"/etc/systemd/system/{SERVE}.d").mkdir(parents=True, exist_ok=True)
             sd.path(f"/etc/systemd/system/{SERVE}.d/port.conf").write_text(
                 f"[Service]\nExecStart=\nExecStart=/usr/local/bin/opencode serve --hostname 127.0.0.1 --port {port}\n")
             sd.check("systemctl", "daemon-reload")

@@ -85,7 +85,9 @@ def make_team(base: Path | str, team: str, members: list[str] | None = None, lea
 def read_inbox(base: Path | str, team: str, agent: str) -> list[dict[str, Any]]:
     path = inbox_path(base, team, agent)
     with locked(base, team):
-        return json.loads(path.read_text()) if path.exists() else []
+        text = path.read_text() if path.exists() else ""
+    # claude-teams creates an inbox outside the lock before it writes it: empty is no messages yet
+    return json.loads(text) if text.strip() else []
 
 
 def rewrite_in_place(path: Path, messages: Any) -> None:

@@ -103,8 +103,18 @@ class Bed:
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def teammate(self, title: str, script: Callable[[], None] | None = None) -> str:
-        """A teammate session on the server, titled with the teammate's name."""
-        return self.server.create_session(title)["id"]
+        """A teammate session on the server, titled with the teammate's name.
+
+        With a daemon running, it returns once the broker's rules are on the session: a
+        prompt sent before them has its turn restarted (a case of its own, in test_broker),
+        and opencode 1.18 can abort every later turn of a session so restarted.
+        """
+        sid = self.server.create_session(title)["id"]
+        if any(d.proc is not None and d.proc.poll() is None for d in self.daemons):
+            deadline = time.monotonic() + 10.0  # a config without the broker never rules it: go on then
+            while not self.server.session(sid).get("permission") and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return sid
 
     def warm(self) -> None:
         """One finished turn, so the server has its MCP servers up (as a server that runs for a while does)."""

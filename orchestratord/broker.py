@@ -61,6 +61,8 @@ WATCH_SECONDS = 30.0
 #: a restarted turn that the server aborts at once is prompted again, this many times
 RESTART_TRIES = 3
 ABORT_PAUSE = 1.5
+#: how long to wait for a server to finish connecting its MCP servers before aborting a turn
+MCP_WAIT = 5.0
 #: how often a prompt that came before the rules is looked at until its turn begins
 AWAIT_POLL = 0.1
 #: the prompt sent again when the interrupted one had no text of its own (files only)
@@ -224,6 +226,7 @@ class Broker(ServerWorker):
         self.release_at_stop = False  # set by the supervisor for a clean stop, not for a restart
         self._escalated = False
         self._resync_failures = 0
+        self._mcp_up = False  # this server has its MCP servers up (asked again after every reconnect)
         self._brokered: set[str] = set()  # sessions whose ruleset ends with our rules, as last seen
         self._users: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self.watch: dict[str, Watch] = {}
@@ -507,10 +510,16 @@ class Broker(ServerWorker):
             with self._lock:
                 self.awaiting.pop(mid, None)
             return  # it already ended; what it did, the guard saw
-        if not replies:
-            # Stored, but its turn has not begun (a server that has just started sets up its
-            # MCP servers first). Aborting it now can leave the server's next turn hanging, so
-            # wait for the turn to begin: its model has not answered yet when it does.
+        if replies and not busy and all(r["info"].get("error") for r in replies):
+            with self._lock:
+                self.awaiting.pop(mid, None)
+            return  # it ended in an error (aborted by someone else, a model error): nothing runs
+        begun = any(isinstance(p, dict) and p.get("type") == "step-start" for r in replies for p in r.get("parts") or [])
+        if not replies or not (begun or self._mcp_connected()):
+            # Stored, but its turn has not begun: a server's first turn connects its MCP servers
+            # first, with its reply already there, empty. On opencode 1.18 an abort in that
+            # window leaves the server aborting every later turn of every session. So wait for
+            # the turn's first step, or for the server to say its MCP servers are up.
             with self._lock:
                 self.awaiting.setdefault(mid, (session_id, user, self.clock() + WATCH_SECONDS))
             return
@@ -519,9 +528,8 @@ class Broker(ServerWorker):
         w.restarted.add(mid)
         info = self.sessions.get(session_id)
         if any(isinstance(p, dict) and p.get("type") == "tool" for r in replies for p in r.get("parts") or []):
-            # It has called a tool already. Aborting a turn in a tool call can leave the session
-            # aborting every later turn (opencode 1.18, seen with an MCP tool on a server just
-            # started), which would be worse: its calls are judged as they run instead.
+            # It has called a tool already: prompting it again would do that again (a second
+            # message, a second edit), so it runs on; its calls are judged as they run.
             self.log.warning(logs.kv("turn-ran-unbrokered", session=session_id,
                                      teammate=info.label if info else None, prompt=mid,
                                      reason="its prompt came before the session's rules and it acted before they "
@@ -539,6 +547,20 @@ class Broker(ServerWorker):
         now = self.clock()
         self._restart(Restart(session_id, mid, parts, _str(user.get("agent")), model, check_at=now + 0.05,
                               deadline=now + 10.0))
+
+    def _mcp_connected(self) -> bool:
+        """Whether this server has set up its MCP servers (``GET /mcp`` answers once it has);
+        asked once per connection to the server, on the first turn that needs to know."""
+        assert self.client is not None
+        if self._mcp_up:
+            return True
+        try:
+            self.client.mcp_status(timeout=MCP_WAIT)
+        except OpencodeError as exc:
+            self.log.debug(logs.kv("mcp-status-failed", error=str(exc), action="not aborting a turn until it has begun"))
+            return False
+        self._mcp_up = True
+        return True
 
     def _restart(self, r: Restart) -> None:
         """Abort the turn; the prompt goes again once the server has wound it down."""
@@ -620,6 +642,7 @@ class Broker(ServerWorker):
     def _do_resync(self) -> bool:
         """Every session and every open request, as the server has them now; False to try again."""
         assert self.ledger is not None and self.client is not None
+        self._mcp_up = False  # a reconnect may be to a server that has just started
         try:
             listing = self.client.list_sessions()
             open_requests = [r for r in self.client.permissions() if isinstance(r, dict)]

@@ -197,13 +197,11 @@ class EventReader(Worker):
 
     def _connected(self) -> None:
         assert self.client is not None and self.ledger is not None
-        first = self._failures == 0 and not self.shared.stream_connected
         self._failures = 0
         self.shared.set_stream_connected(True)
         metrics.stream_connected(True)
         self._transition("connected", self.path)
         self.log.info(logs.kv("stream-connected", path=self.path))
-        del first
         # Events are not replayed: re-read what they would have told us.
         try:
             statuses = self.client.session_status()

@@ -297,6 +297,11 @@ class OpencodeClient:
     def abort(self, session_id: str) -> None:
         self._request("POST", f"/session/{session_id}/abort")
 
+    def mcp_status(self, timeout: float | None = None) -> dict[str, Any]:
+        """The MCP servers and their state; the server answers once it has finished connecting them."""
+        data = self._json("GET", "/mcp", timeout=timeout)
+        return data if isinstance(data, dict) else {}
+
     def sync_history(self, last_seq: dict[str, int]) -> list[dict[str, Any]]:
         data = self._json("POST", "/sync/history", json=last_seq)
         return data if isinstance(data, list) else []

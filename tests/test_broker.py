@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.support.bed import ALLOW_ALL, NO_IDLE, TEAM, Bed, is_orchestrator, script_commands, script_orchestrator
+from tests.support.bed import ALLOW_ALL, NO_IDLE, TEAM, Bed, is_orchestrator, request_text, script_commands, script_orchestrator
 from tests.support.daemon import holds, ledger_rows, wait_for
 from tests.support.llm import Reply, last_is_tool_result
 from tests.support.server import OpencodeServer
@@ -135,6 +135,30 @@ def test_a_turn_begun_before_the_rules_is_restarted_under_them(bed: Bed) -> None
     assert bed.server.home.is_dir(), "the home directory survives"
     users = [m for m in bed.server.messages(sid) if m["info"]["role"] == "user"]
     assert len(users) == 2 and users[1]["parts"][0]["text"] == "clear out the home directory"
+
+
+def test_a_first_turn_on_a_server_just_started_is_restarted_without_breaking_the_server(bed: Bed) -> None:
+    """On a server's first turn the reply exists a second before its model is asked; an abort
+    in that second leaves opencode 1.18 aborting every later turn of every session. The
+    broker waits for the first step, so the restarted turn runs, under the rules, and so
+    does the next teammate's."""
+    bed.write_config(extra=NO_IDLE)
+    script_commands(bed.model, "clear out the home directory", ["rm -rf ~"], first_delay=3.0)
+    sid = bed.spawn("worker-2", "clear out the home directory")  # the server's very first turn
+    d = bed.daemon()
+    d.wait_log(r"turn-restarted .*teammate=worker-2", timeout=30)
+    parts = finished_bash(bed.server, sid, 1)
+    assert [p["state"]["status"] for p in parts] == ["error"] and "recursive-delete" in parts[0]["state"]["error"]
+    assert bed.server.home.is_dir(), "the home directory survives"
+    bed.model.add_rule(lambda r: "say hello" in request_text(r), Reply.text("hello"))
+    later = bed.server.create_session("worker-1@my-team", permission=ALLOW_ALL)["id"]
+    bed.server.prompt_async(later, "say hello")  # its turn may be restarted too: it races its rules as well
+
+    def answered() -> bool:
+        return any(m["info"]["role"] == "assistant" and m["info"].get("finish") == "stop" and not m["info"].get("error")
+                   for m in bed.server.messages(later))
+    wait_for(answered, 60, "the next teammate's turn to end in an answer")
+    assert not d.grep("turn-restart-failed")
 
 
 def test_harmless_commands_run_without_a_person(bed: Bed, watch: EventWatch) -> None:

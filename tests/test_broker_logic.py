@@ -38,6 +38,8 @@ class FakeServer:
         self.aborts: list[str] = []
         self.prompted: list[tuple[str, str, list[dict[str, Any]]]] = []
         self.now_ms = 1_000_000.0
+        self.mcp_up = True  # GET /mcp answers (a server still connecting them makes the client time out)
+        self.mcp_asked = 0
 
     def add(self, sid: str, title: str, permission: list[dict[str, str]] | None = None,
             directory: str = "/srv/project") -> None:
@@ -112,6 +114,13 @@ class FakeServer:
     def prompt_parts(self, sid: str, parts: list[dict[str, Any]], message_id: str, **kw: Any) -> None:
         self._up()
         self.prompted.append((sid, message_id, parts))
+
+    def mcp_status(self, timeout: float | None = None) -> dict[str, Any]:
+        self._up()
+        self.mcp_asked += 1
+        if not self.mcp_up:
+            raise Unreachable("read timed out")
+        return {"claude-teams": {"status": "connected"}}
 
     def close(self) -> None:
         pass
@@ -445,9 +454,16 @@ def test_a_turn_prompted_before_the_rules_waits_to_begin_then_is_restarted(tmp_p
     clock.now += 0.1
     b.run_once()
     assert server.aborts == [], "a turn waiting for the server to set up is not aborted"
-    server.msgs["ses_w1"].append({"info": {"id": "msg_a", "role": "assistant", "parentID": "msg_u1", "time": {}},
-                                  "parts": [{"type": "step-start"}]})
+    parts: list[dict[str, Any]] = []
+    reply = {"info": {"id": "msg_a", "role": "assistant", "parentID": "msg_u1", "time": {}}, "parts": parts}
+    server.msgs["ses_w1"].append(reply)
+    server.mcp_up = False  # a server's first turn: its reply is there while it connects its MCP servers
     b.user_message("ses_w1", {"id": "msg_a", "role": "assistant", "parentID": "msg_u1"})
+    clock.now += 0.1
+    b.run_once()
+    assert server.aborts == [] and server.mcp_asked >= 1, "not aborted while the server sets up its MCP servers"
+    parts.append({"type": "step-start"})
+    clock.now += 0.1
     b.run_once()
     assert server.aborts == ["ses_w1"] and b.shared.aborted_recently("ses_w1")
     clock.now += 0.1
@@ -463,6 +479,20 @@ def test_a_turn_prompted_before_the_rules_waits_to_begin_then_is_restarted(tmp_p
     clock.now += 1.6
     b.run_once()
     assert len(server.prompted) == 2 and server.aborts == ["ses_w1"], "sent again, not aborted again"
+    b.teardown()
+
+
+def test_an_empty_reply_is_aborted_once_the_server_says_its_mcp_servers_are_up(tmp_path: Path,
+                                                                             server: FakeServer) -> None:
+    clock = Clock()
+    for sid in ("ses_w1", "ses_w2"):
+        server.add(sid, f"{sid}@my-team")
+        server.prompted_before(sid, f"msg_u_{sid}", "work", begun=False)
+        server.msgs[sid].append({"info": {"id": f"msg_a_{sid}", "role": "assistant", "parentID": f"msg_u_{sid}",
+                                          "time": {}}, "parts": []})
+    b = broker(tmp_path, server, clock=clock)
+    b.run_once()
+    assert sorted(server.aborts) == ["ses_w1", "ses_w2"] and server.mcp_asked == 1, "asked once per connection"
     b.teardown()
 
 

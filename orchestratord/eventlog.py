@@ -1,8 +1,8 @@
 """The event rows read from the stream and the sync cursor they reach, written together.
 
 Rows are batched: written when the stream pauses (nothing more is waiting on the socket),
-at ``BATCH_ROWS``, or once the oldest is ``BATCH_SECONDS`` old, and always before a
-trigger's row (the reactions flush first). The cursor (``sync.last_seq``, the newest
+at ``BATCH_ROWS``, or once the oldest is ``BATCH_SECONDS`` old, and always with a
+trigger's row, before it and in the same commit. The cursor (``sync.last_seq``, the newest
 durable seq seen per session) goes in the same transaction as the rows it covers: a
 failed write keeps the rows for the next try and steps the cursor back to what the
 ledger holds, so the catch-up after a reconnect reads again what was not recorded.
@@ -12,13 +12,15 @@ No sockets here: the reader says whether more is waiting.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from .ledger import EventRow, Ledger
 
 #: event rows are written when the stream pauses, or at this many rows, or this old
 BATCH_ROWS = 1000
 BATCH_SECONDS = 1.0
+
+T = TypeVar("T")
 
 
 class EventLog:
@@ -91,17 +93,23 @@ class EventLog:
         if self._batch and (self.clock() - self._batch_since >= BATCH_SECONDS or not self.more_waiting()):
             self.flush()
 
-    def flush(self) -> None:
-        if self._batch and self.ledger is not None:
-            batch, self._batch = self._batch, []
-            meta = self._seq_to_save()
-            try:
-                self.ledger.add_events(batch, meta)  # the rows and the seq they reach, in one transaction
-            except Exception:
-                self.unwritten(batch)
-                raise
-            self._seq_changed = False
-            self.saved_seq = dict(self.last_seq)
+    def flush(self, then: Callable[[], T] | None = None) -> T | None:
+        """Write the batch and the seq it reaches in one transaction; ``then`` (the triggers an
+        event raises) runs inside it, after the rows, so they share one commit."""
+        if self.ledger is None or not self._batch:
+            return then() if then is not None else None  # its writes are their own transaction
+        batch, self._batch = self._batch, []
+        meta = self._seq_to_save()
+        try:
+            with self.ledger.transaction():
+                self.ledger.add_events(batch, meta)
+                out = then() if then is not None else None
+        except Exception:
+            self.unwritten(batch)
+            raise
+        self._seq_changed = False
+        self.saved_seq = dict(self.last_seq)
+        return out
 
     def unwritten(self, batch: list[EventRow]) -> None:
         """A write failed: keep the rows for the next flush, and step back to the last saved seq.

@@ -40,7 +40,8 @@ from .worker import Deps, Worker
 if TYPE_CHECKING:
     from .config import Config
 
-
+#: count-only events (deltas) are handed to the shared state in tallies at most this old
+TALLY_SECONDS = 0.05
 
 
 class EventReader(Worker):
@@ -100,7 +101,12 @@ class EventReader(Worker):
         self._failures = 0
         self._malformed = 0
         self._malformed_logged = 0.0
-        self._frame_guard = FrameGuard(max_event_bytes, self.eventlog.drained)
+        self._frame_guard = FrameGuard(max_event_bytes, self._drained)
+        # Count-only events are tallied here and handed to the shared state now and then,
+        # not one lock round each: (how many, the sessions they came from).
+        self._tally = 0
+        self._tally_sessions: dict[str, None] = {}
+        self._tally_since = 0.0
         self._reported_oversized = 0
         self._reported_undecodable = 0
 
@@ -255,28 +261,54 @@ class EventReader(Worker):
 
     def _consume(self, resp: requests.Response) -> None:
         count_only = self._count_only
-        for frame in self._frame_guard.frames(resp.iter_content(65536)):
-            self.beat()
-            if self.stopping:
-                return
-            if count_only and (head := head_session(frame)) is not None and head[0] in count_only:
-                self.shared.count_event(time.time(), head[1])  # a streaming session is not a stalled one
-                self._report_frame_guard()
-                continue
-            data = frame_data(frame)
-            if data is None:
-                continue
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                self._malformed_frame("not JSON", data)
-                continue
-            event = normalize(obj, data)
-            if event is None:
-                self._malformed_frame("not an event", data)
-                continue
-            self._handle(event, store=True)
-            self._report_frame_guard()
+        guard = self._frame_guard
+        try:
+            for frame in guard.frames(resp.iter_content(65536)):
+                self.beat()
+                if self._stop.is_set():
+                    return
+                if count_only and (head := head_session(frame)) is not None and head[0] in count_only:
+                    if not self._tally:
+                        self._tally_since = self.clock()
+                    self._tally += 1
+                    self._tally_sessions[head[1]] = None  # a streaming session is not a stalled one
+                    if guard.oversized != self._reported_oversized or guard.undecodable != self._reported_undecodable:
+                        self._report_frame_guard()
+                    continue
+                self._hand_over_tally()
+                self._one_frame(frame)
+        finally:
+            self._hand_over_tally()
+
+    def _drained(self) -> None:
+        """The bytes read so far are used up: the tally goes to the shared state once it is
+        a moment old, the batch to the ledger (see EventLog.drained)."""
+        if self._tally and self.clock() - self._tally_since >= TALLY_SECONDS:
+            self._hand_over_tally()
+        self.eventlog.drained()
+
+    def _hand_over_tally(self) -> None:
+        if self._tally:
+            self.shared.count_events(self._tally, time.time(), self._tally_sessions)
+            self._tally = 0
+            self._tally_sessions = {}
+
+    def _one_frame(self, frame: bytes) -> None:
+        """A frame that is decoded: normalised, then handled."""
+        data = frame_data(frame)
+        if data is None:
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            self._malformed_frame("not JSON", data)
+            return
+        event = normalize(obj, data)
+        if event is None:
+            self._malformed_frame("not an event", data)
+            return
+        self._handle(event, store=True)
+        self._report_frame_guard()
 
     def _malformed_frame(self, why: str, data: str) -> None:
         self._malformed += 1

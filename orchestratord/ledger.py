@@ -521,6 +521,8 @@ class Ledger:
     def __init__(self, path: str, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
+        self._tx_depth = 0  # open transactions on this connection (see _Tx)
+        self._after_commit: list[Callable[[], None]] = []  # what waits for the outer commit
         try:
             if readonly:
                 trouble = unreadable(path)
@@ -613,7 +615,19 @@ class Ledger:
         return target
 
     def _tx(self) -> "_Tx":
-        return _Tx(self.db)
+        return _Tx(self)
+
+    def _when_committed(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (a metric) once what was just written is committed: now, or with the outer commit."""
+        if self._tx_depth:
+            self._after_commit.append(fn)
+        else:
+            fn()
+
+    def transaction(self) -> "_Tx":
+        """``with ledger.transaction():`` makes the writes in the block one commit (the
+        methods' own transactions join it): event rows and the trigger they lead to, say."""
+        return _Tx(self)
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         """A query whose rows are read by column name (:func:`_built`), never by position."""
@@ -705,7 +719,7 @@ class Ledger:
                 (at, kind, rule, dedup, team, teammate, session_id, event_type, event_id, detail, ckey, covered, tkey))
             if not cur.rowcount:
                 return None
-        metrics.trigger(kind)
+        self._when_committed(lambda: metrics.trigger(kind))
         return cur.lastrowid
 
     def trigger_for_dedup(self, dedup: str) -> int | None:
@@ -1169,17 +1183,27 @@ def _dispatch(row: sqlite3.Row) -> Dispatch:
 
 
 class _Tx:
-    """``with ledger._tx():`` runs the block in BEGIN IMMEDIATE ... COMMIT."""
+    """``with ledger._tx():`` runs the block in BEGIN IMMEDIATE ... COMMIT; inside another
+    one it joins that one (its commit, or its rollback on an error, is the outer one's)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    def __init__(self, ledger: "Ledger") -> None:
+        self.ledger = ledger
+        self.db = ledger.db
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
+        if self.ledger._tx_depth == 0:
+            self.db.execute("BEGIN IMMEDIATE")
+        self.ledger._tx_depth += 1
         return self.db
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.ledger._tx_depth -= 1
+        if self.ledger._tx_depth:
+            return
+        after, self.ledger._after_commit = self.ledger._after_commit, []
         if exc_type is None:
             self.db.execute("COMMIT")
+            for fn in after:
+                fn()
         else:
             self.db.execute("ROLLBACK")

@@ -29,6 +29,12 @@ _COVER_NOTES = {PUSHED: "claude-teams delivered it into the orchestrator's sessi
 TURN_LOOKBACK = 600.0
 
 
+class Flush(Protocol):
+    """Writes the event rows read so far, running ``then`` in the same transaction (EventLog.flush)."""
+
+    def __call__(self, then: Callable[[], Any] | None = None) -> Any: ...
+
+
 class PermissionDesk(Protocol):
     """Who answers permission requests and looks after sessions (the broker); never blocks."""
 
@@ -44,7 +50,7 @@ class Reactions:
     """The effects of one event, whichever way it was read (see the module's docstring)."""
 
     def __init__(self, *, shared: Shared, sessions: SessionDirectory, rules: Sequence[Rule],
-                 judge: Judge | None, desk: Callable[[], PermissionDesk | None], flush: Callable[[], None],
+                 judge: Judge | None, desk: Callable[[], PermissionDesk | None], flush: Flush,
                  on_trigger: Callable[[], None], on_escalation: Callable[[], None],
                  on_own_activity: Callable[[], None], log: Any) -> None:
         self.shared = shared
@@ -52,7 +58,7 @@ class Reactions:
         self.rules = RuleSet(rules)
         self.judge = judge
         self.desk = desk
-        #: writes the event rows read so far, so that a trigger's row never comes before them
+        #: writes the event rows read so far with the triggers of the event that follows, in one commit
         self.flush = flush
         self.on_trigger = on_trigger
         self.on_escalation = on_escalation
@@ -84,19 +90,10 @@ class Reactions:
             self._pushed(event, own, wall)
         matches = self.rules.match(event, own, self._session)
         if matches:
-            self.flush()
-            assert self.ledger is not None
+            # The event rows read so far and these triggers: one commit, the rows first.
+            recorded = self.flush(lambda: [self._record(m, event, wall) for m in matches])
             added = 0
-            for m in matches:
-                covered = None
-                if event.type == "session.idle" and event.session_id and m.teammate:
-                    m, covered = self._idle(m, event.session_id, wall)
-                tid = self.ledger.add_trigger(m.kind, m.detail, rule=m.rule, dedup=m.dedup, team=m.team,
-                                              teammate=m.teammate, session_id=event.session_id,
-                                              event_type=event.type, event_id=event.id, ckey=m.ckey,
-                                              covered=covered, tkey=m.tkey, now=wall)
-                if tid is not None and covered is None and m.tkey is not None:
-                    covered = self.ledger.trigger_covered(tid)
+            for m, tid, covered in recorded or []:
                 if tid is not None and covered is not None:
                     self.log.info(logs.kv("trigger-covered", rule=m.rule, session=event.session_id,
                                           teammate=m.teammate, by=covered, note=_COVER_NOTES.get(
@@ -112,6 +109,21 @@ class Reactions:
                     del self._turn_start[next(iter(self._turn_start))]
             if added:
                 self.on_trigger()
+
+    def _record(self, m: Match, event: Event, wall: float) -> tuple[Match, int | None, str | None]:
+        """One matched trigger in the ledger: (the match as recorded, its id or None if seen
+        before, what covers it if it needs no prompt of its own)."""
+        assert self.ledger is not None
+        covered = None
+        if event.type == "session.idle" and event.session_id and m.teammate:
+            m, covered = self._idle(m, event.session_id, wall)
+        tid = self.ledger.add_trigger(m.kind, m.detail, rule=m.rule, dedup=m.dedup, team=m.team,
+                                      teammate=m.teammate, session_id=event.session_id,
+                                      event_type=event.type, event_id=event.id, ckey=m.ckey,
+                                      covered=covered, tkey=m.tkey, now=wall)
+        if tid is not None and covered is None and m.tkey is not None:
+            covered = self.ledger.trigger_covered(tid)
+        return m, tid, covered
 
     def _ends_our_abort(self, session_id: str, wall: float) -> bool:
         """Whether this idle ends a turn the daemon aborted itself (the broker's restart of a

@@ -13,7 +13,7 @@ import enum
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 #: how long an abort by the daemon explains a session's MessageAbortedError
 ABORT_MEMORY = 30.0
@@ -344,6 +344,15 @@ class Shared:
             self._last_event_at = wall
             if session_id is not None:
                 self._last_activity[session_id] = self.clock()
+
+    def count_events(self, n: int, wall: float, sessions: Iterable[str]) -> None:
+        """``n`` events read by wall time ``wall``, from ``sessions``, which are then not stalled."""
+        with self._lock:
+            self._events_total += n
+            self._last_event_at = wall
+            now = self.clock()
+            for sid in sessions:
+                self._last_activity[sid] = now
 
     def snapshot(self) -> Snapshot:
         with self._lock:

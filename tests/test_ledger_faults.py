@@ -229,6 +229,36 @@ def test_the_event_log_writes_when_the_stream_pauses_and_batches_while_it_runs(t
         ledger.close()
 
 
+def test_a_trigger_goes_in_with_the_rows_before_it_in_one_commit_or_neither_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counted: list[str] = []
+    monkeypatch.setattr("orchestratord.ledger.metrics.trigger", counted.append)
+    log = EventLog(clock=lambda: 0.0)
+    ledger = Ledger(str(tmp_path / "ledger.db"))
+    log.load(ledger)
+    commits: list[str] = []
+    ledger.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    try:
+        log.add(EventRow(1.0, "e1", "message.updated", "ses_a", None, "{}"))
+
+        def refused() -> int | None:
+            ledger.add_trigger("message", "from worker-1", rule="teammate-message")
+            raise FULL
+        with pytest.raises(sqlite3.OperationalError):
+            log.flush(refused)
+        assert ledger.events() == [] and ledger.pending_triggers() == [] and commits == [], "neither went in"
+        assert counted == [], "a trigger rolled back is not counted"
+        assert [row.event_id for row in log.waiting_rows] == ["e1"], "the row waits for the next flush"
+        tid = log.flush(lambda: ledger.add_trigger("message", "from worker-1", rule="teammate-message"))
+        assert [e["event_id"] for e in ledger.events()] == ["e1"] and [t.id for t in ledger.pending_triggers()] == [tid]
+        assert commits == ["COMMIT"], "the row and the trigger: one commit"
+        assert counted == ["message"], "counted once committed"
+        assert log.flush(lambda: 7) == 7 and commits == ["COMMIT"], "nothing to write, nothing committed"
+    finally:
+        ledger.db.set_trace_callback(None)
+        ledger.close()
+
+
 # -- a damaged file at start -------------------------------------------------------------
 
 def _garbage(path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 import sseclient
@@ -10,6 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestratord.config import DEFAULT_TRIGGERS
+from orchestratord.events import TALLY_SECONDS, EventReader
+from orchestratord.ledger import Ledger
+from orchestratord.state import Shared
 from orchestratord.stream import HIGH_VOLUME, FrameGuard, frame_data, from_sync, head_session, normalize
 from orchestratord.triggers import RuleSet, match_all
 from tests.support.reference import reference_dir
@@ -168,3 +173,44 @@ def test_rule_set_matches_what_match_all_matches(name: str) -> None:
         assert event is not None
         for own in (None, event.session_id):
             assert ruleset.match(event, own) == match_all(rules, event, own)
+
+
+def test_deltas_are_counted_in_tallies_that_reach_the_shared_state_within_moments(tmp_path: Path) -> None:
+    """Deltas are counted without a lock round each: a tally goes over once it is
+    TALLY_SECONDS old (at the next pause in the bytes), before any decoded event, and at the end."""
+    now = [100.0]
+    shared = Shared(clock=lambda: now[0])
+
+    def delta(sid: str) -> bytes:
+        return b'data: {"payload":{"type":"message.part.delta","properties":{"sessionID":"%s","delta":"x"}}}\n\n' % (
+            sid.encode())
+
+    seen: list[tuple[int, float | None]] = []
+
+    def chunks() -> Iterator[bytes]:
+        yield delta("ses_a")
+        yield delta("ses_b")
+        seen.append((shared.events_total, shared.activity("ses_a")))  # a moment: still tallied here
+        now[0] += 2 * TALLY_SECONDS
+        yield delta("ses_a")
+        seen.append((shared.events_total, shared.activity("ses_b")))  # handed over at that pause
+        yield delta("ses_c")
+        yield b'data: {"payload":{"type":"server.heartbeat","properties":{}}}\n\n'
+        seen.append((shared.events_total, shared.activity("ses_c")))  # handed over before the heartbeat
+
+    class Resp:
+        def iter_content(self, size: int) -> Iterator[bytes]:
+            return chunks()
+
+    r = EventReader(shared=shared, make_client=lambda: None,  # type: ignore[arg-type,return-value]
+                    ledger_path=str(tmp_path / "ledger.db"), stream="global", directory=None, read_timeout=5,
+                    max_event_bytes=1 << 20, reconnect_max=1, store="default", rules=(), on_trigger=lambda: None,
+                    on_own_activity=lambda: None, clock=lambda: now[0])
+    r.ledger = Ledger(str(tmp_path / "ledger.db"))
+    r.eventlog.load(r.ledger)
+    try:
+        r._consume(Resp())  # type: ignore[arg-type]
+    finally:
+        r.ledger.close()
+    assert seen == [(0, None), (3, 100.1), (5, 100.1)]
+    assert shared.events_total == 5 and shared.activity("ses_a") == 100.1

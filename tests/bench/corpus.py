@@ -57,12 +57,16 @@ class Corpus:
     def turns_for(self, events: int) -> int:
         return -(-events // self.frames)
 
-    def write(self, path: Path, events: int, first_turn: int = 0) -> int:
-        """Write at least ``events`` events (whole turns, chunked) to ``path``; the number written."""
+    def write(self, path: Path, events: int, first_turn: int = 0, coalesced: bool = False) -> int:
+        """Write at least ``events`` events (whole turns, chunked) to ``path``; the number written.
+
+        ``coalesced``: a whole turn in one chunk, as a buffering proxy passes the stream on,
+        instead of one event per chunk.
+        """
         turns = self.turns_for(events)
         with open(path, "wb") as fh:
             for n in range(first_turn, first_turn + turns):
-                fh.write(self.turn_chunked(n))
+                fh.write(chunk(self.turn(n)) if coalesced else self.turn_chunked(n))
         return turns * self.frames
 
 

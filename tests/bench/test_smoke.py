@@ -27,10 +27,11 @@ def test_corpus_turns_are_distinct_and_mostly_deltas(stream: corpus.Corpus) -> N
     assert len(ids) == 3 * (stream.frames - stream.syncs)
 
 
-@pytest.mark.parametrize("store", ["default", "all"])
-def test_reader_and_bare_loop_take_in_every_event(tmp_path: Path, stream: corpus.Corpus, store: str) -> None:
+@pytest.mark.parametrize("store,coalesced", [("default", False), ("all", False), ("default", True)])
+def test_reader_and_bare_loop_take_in_every_event(tmp_path: Path, stream: corpus.Corpus, store: str,
+                                                  coalesced: bool) -> None:
     path = tmp_path / "events.sse"
-    written = stream.write(path, 2 * stream.frames)
+    written = stream.write(path, 2 * stream.frames, coalesced=coalesced)
     ledger = tmp_path / "ledger.sqlite3"
     with ReplayServer() as server:
         assert ingest.bare_loop(server, path)[0] == written
@@ -61,13 +62,15 @@ def test_memory_stages_and_table(tmp_path: Path, stream: corpus.Corpus) -> None:
                  **{k: {"n": 50, "p50_ms": 80.0, "p99_ms": 150.0} for k in ("inbox", "tool", "bare")}}
     text = run.table({"ingest": {"bare_per_s": 2, "default_per_s": 1, "all_per_s": 1, "default_ratio": 0.5,
                                  "all_ratio": 0.5, "per_cpu_s": {"bare": 4, "default": 2, "all": 1},
-                                 "default_ratio_cpu": 0.5, "all_ratio_cpu": 0.25},
+                                 "default_ratio_cpu": 0.5, "all_ratio_cpu": 0.25, "coalesced_bare_per_s": 3,
+                                 "coalesced_default_per_s": 2, "coalesced_ratio": 0.67, "coalesced_ratio_cpu": 0.6},
                       "ledger": {"events": 10, "mb": 1.0, "rows": 5, "status_json_ms": 90.0,
                                  "python_start_and_import_ms": 60.0, "writer_rows_per_s": 3},
                       "memory": out, "live": fake_live, "rules": rules.run(), "inboxes": FAKE_INBOXES,
                       "broker": {"requests": 20, "approved": 18, "rejected": 2, "session_to_rules_ms": 12.0,
                                  "decision": {"n": 20, "p50_ms": 4.0, "p99_ms": 9.0}}})
     assert "ingest: reader, default store" in text and "after 200 messages" in text
+    assert "ingest, coalesced: reader, default store" in text
     assert "rules: must-block caught (reject tier)" in text and "broker: permission.asked" in text
 
 

@@ -249,8 +249,8 @@ class OpencodeClient:
         data = self._json("GET", "/session")
         return [s for s in data if isinstance(s, dict)] if isinstance(data, list) else []
 
-    def get_session(self, session_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/session/{session_id}")
+    def get_session(self, session_id: str, timeout: float | None = None) -> dict[str, Any]:
+        return self._json("GET", f"/session/{session_id}", timeout=timeout)
 
     def session_status(self) -> dict[str, Any]:
         data = self._json("GET", "/session/status")

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .opencode import OpencodeError
 
@@ -25,6 +26,10 @@ _TEAMMATE_TITLE = re.compile(r"^([A-Za-z0-9_-]{1,64})@([A-Za-z0-9_.-]{1,128})$")
 
 #: how many sessions are remembered; the oldest seen are forgotten first
 MAX_SESSIONS = 5000
+#: a session the server could not tell of is not asked about again for this long
+MISS_SECONDS = 30.0
+#: how long one look-up may take: it runs on the thread that asks (the stream's, say)
+LOOKUP_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -74,9 +79,11 @@ class SessionInfo:
 class SessionDirectory:
     """Thread-safe map of session ID to what is known of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._items: dict[str, SessionInfo] = {}
+        self._clock = clock
+        self._misses: dict[str, float] = {}  # session -> when the server last failed to tell of it
 
     def note(self, info: SessionInfo) -> SessionInfo:
         """Take what an event or a listing says; a field it leaves out keeps its old value."""
@@ -99,16 +106,31 @@ class SessionDirectory:
             return self._items.get(session_id)
 
     def lookup(self, session_id: str | None, client: "OpencodeClient | None") -> SessionInfo | None:
-        """What is known of a session; asked of the server only for one no event has told of."""
+        """What is known of a session; asked of the server only for one no event or listing has
+        told of, briefly, and not again for ``MISS_SECONDS`` if the server could not say: a
+        slow or failing server then costs the asking thread one short wait, not one per event."""
         info = self.get(session_id)
-        if info is None and session_id and client is not None:
-            try:
-                fetched = SessionInfo.from_api(client.get_session(session_id))
-            except OpencodeError:
+        if info is not None or not session_id or client is None:
+            return info
+        now = self._clock()
+        with self._lock:
+            missed = self._misses.get(session_id)
+            if missed is not None and now - missed < MISS_SECONDS:
                 return None
-            if fetched is not None:
-                info = self.note(fetched)
-        return info
+        try:
+            fetched = SessionInfo.from_api(client.get_session(session_id, timeout=LOOKUP_TIMEOUT))
+        except OpencodeError:
+            fetched = None
+        if fetched is None:
+            with self._lock:
+                self._misses.pop(session_id, None)
+                self._misses[session_id] = now
+                while len(self._misses) > MAX_SESSIONS:
+                    self._misses.pop(next(iter(self._misses)))
+            return None
+        with self._lock:
+            self._misses.pop(session_id, None)
+        return self.note(fetched)
 
     def forget(self, session_id: str) -> None:
         with self._lock:

@@ -60,7 +60,7 @@ class FakeServer:
         self._up()
         return [dict(s, permission=list(s["permission"])) for s in self.sessions.values()]
 
-    def get_session(self, sid: str) -> dict[str, Any]:
+    def get_session(self, sid: str, timeout: float | None = None) -> dict[str, Any]:
         self._up()
         if sid not in self.sessions:
             raise NotFound(sid)

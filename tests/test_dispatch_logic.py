@@ -43,7 +43,7 @@ class FakeServer:
         self.permission = permission
         return {"id": sid, "title": title, "permission": permission}
 
-    def get_session(self, sid: str) -> dict[str, Any]:
+    def get_session(self, sid: str, timeout: float | None = None) -> dict[str, Any]:
         self._check()
         if sid not in self.sessions:
             raise NotFound(sid)

@@ -25,7 +25,7 @@ class FakeClient:
     def messages(self, sid: str, limit: int | None = None) -> list[dict[str, Any]]:
         return self.last.get(sid, [])
 
-    def get_session(self, sid: str) -> dict[str, Any]:
+    def get_session(self, sid: str, timeout: float | None = None) -> dict[str, Any]:
         return {"id": sid, "title": {"ses_a": "worker-1", "ses_b": "worker-2"}.get(sid, "")}
 
     def close(self) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from orchestratord.events import EventReader
+from orchestratord.opencode import Unreachable
+from orchestratord.sessions import LOOKUP_TIMEOUT, MISS_SECONDS, SessionDirectory
 from orchestratord.state import DaemonState, Shared
 
 
@@ -103,3 +105,26 @@ def test_mark_busy_and_activity_use_the_injected_clock() -> None:
     shared.count_event(1000.0, "ses_a")
     assert shared.went_busy_at("ses_a") == 10.0 and shared.activity("ses_a") == 12.0
     assert shared.events_total == 1 and shared.snapshot().last_event_at == 1000.0
+
+
+def test_a_session_the_server_cannot_tell_of_is_not_asked_about_at_every_event() -> None:
+    now = [0.0]
+    asked: list[tuple[str, float | None]] = []
+    down = [True]
+
+    class Client:
+        def get_session(self, sid: str, timeout: float | None = None) -> dict[str, Any]:
+            asked.append((sid, timeout))
+            if down[0]:
+                raise Unreachable("read timed out")
+            return {"id": sid, "title": "worker-1@my-team", "directory": "/srv/p"}
+
+    d = SessionDirectory(clock=lambda: now[0])
+    client: Any = Client()
+    assert d.lookup("ses_a", client) is None and d.lookup("ses_a", client) is None
+    assert asked == [("ses_a", LOOKUP_TIMEOUT)], "one short try, then not again for a while"
+    now[0] += MISS_SECONDS
+    down[0] = False
+    info = d.lookup("ses_a", client)
+    assert info is not None and info.label == "worker-1" and len(asked) == 2
+    assert d.lookup("ses_a", client) is info and len(asked) == 2, "known now: no more requests"

@@ -281,9 +281,10 @@ class EventReader(Worker):
             self._hand_over_tally()
 
     def _drained(self) -> None:
-        """The bytes read so far are used up: the tally goes to the shared state once it is
-        a moment old, the batch to the ledger (see EventLog.drained)."""
-        if self._tally and self.clock() - self._tally_since >= TALLY_SECONDS:
+        """The bytes read so far are used up: the tally goes to the shared state once it is a
+        moment old or the stream pauses (the stall watch must not take a session that has
+        just streamed for a quiet one), the batch to the ledger (see EventLog.drained)."""
+        if self._tally and (self.clock() - self._tally_since >= TALLY_SECONDS or not self._more_waiting()):
             self._hand_over_tally()
         self.eventlog.drained()
 

@@ -177,8 +177,13 @@ def test_rule_set_matches_what_match_all_matches(name: str) -> None:
 
 def test_deltas_are_counted_in_tallies_that_reach_the_shared_state_within_moments(tmp_path: Path) -> None:
     """Deltas are counted without a lock round each: a tally goes over once it is
-    TALLY_SECONDS old (at the next pause in the bytes), before any decoded event, and at the end."""
+    TALLY_SECONDS old, when the stream pauses, before any decoded event, and at the end."""
     now = [100.0]
+    more = [True]
+
+    class Poll:
+        def poll(self, timeout: float) -> list[tuple[int, int]]:
+            return [(0, 1)] if more[0] else []
     shared = Shared(clock=lambda: now[0])
 
     def delta(sid: str) -> bytes:
@@ -197,6 +202,11 @@ def test_deltas_are_counted_in_tallies_that_reach_the_shared_state_within_moment
         yield delta("ses_c")
         yield b'data: {"payload":{"type":"server.heartbeat","properties":{}}}\n\n'
         seen.append((shared.events_total, shared.activity("ses_c")))  # handed over before the heartbeat
+        yield delta("ses_d")
+        more[0] = False  # nothing more has come: the stream pauses here
+        yield delta("ses_d")
+        seen.append((shared.events_total, shared.activity("ses_d")))  # handed over as it pauses
+        more[0] = True
 
     class Resp:
         def iter_content(self, size: int) -> Iterator[bytes]:
@@ -208,9 +218,10 @@ def test_deltas_are_counted_in_tallies_that_reach_the_shared_state_within_moment
                     on_own_activity=lambda: None, clock=lambda: now[0])
     r.ledger = Ledger(str(tmp_path / "ledger.db"))
     r.eventlog.load(r.ledger)
+    r._waiting = Poll()  # type: ignore[assignment]
     try:
         r._consume(Resp())  # type: ignore[arg-type]
     finally:
         r.ledger.close()
-    assert seen == [(0, None), (3, 100.1), (5, 100.1)]
-    assert shared.events_total == 5 and shared.activity("ses_a") == 100.1
+    assert seen == [(0, None), (3, 100.1), (5, 100.1), (7, 100.1)]
+    assert shared.events_total == 7 and shared.activity("ses_a") == 100.1

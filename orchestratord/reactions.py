@@ -2,9 +2,10 @@
 
 One :class:`Reactions` serves the live stream and the catch-up after a reconnect alike, so
 an event read late has the same effect as one read at once. It writes the session view
-(statuses, waiting sessions, what is known of each session) into shared state, hands
-permission requests and sessions to the broker, judges what teammates do, and records the
-triggers that the rules match, each before it counts. It does no I/O of its own but
+(statuses, waiting sessions, what is known of each session) into shared state, as the pure
+:func:`view_change` says each event changes it; hands permission requests and sessions to
+the broker, judges what teammates do, and records the triggers that the rules match, each
+before it counts. It does no I/O of its own but
 through the ledger and, for a session's title not yet known, the server client.
 """
 
@@ -172,58 +173,38 @@ class Reactions:
         return dataclasses.replace(m, detail=f"{m.teammate} stopped without reporting{where}"), None
 
     def observe(self, event: Event) -> None:
-        """Keep the session view current from the events that describe it."""
-        props = event.properties
-        etype = event.type
-        sid = event.session_id
-        if etype == "session.status" and sid:
-            status = props.get("status")
-            kind = status.get("type") if isinstance(status, dict) else None
+        """Keep the session view current from the events that describe it (see :func:`view_change`)."""
+        c = view_change(event, self.shared.session_id)
+        if c is None:
+            return
+        if c.status is not None:
+            sid, kind = c.status
             self.shared.set_status(sid, kind)
             if kind in ("busy", "retry"):
                 self.shared.mark_busy(sid)
-        elif etype == "session.idle" and sid:
-            self.shared.set_status(sid, None)
-        elif etype in ("session.created", "session.updated"):
-            raw = props.get("info")
-            info = SessionInfo.from_api(raw) if isinstance(raw, dict) else None
-            if info is not None:
-                info = self.sessions.note(info)
-                desk = self.desk()
-                if desk is not None:
-                    desk.session_seen(info)
-        elif etype == "session.deleted":
-            info = props.get("info")
-            if isinstance(info, dict) and isinstance(info.get("id"), str):
-                self.sessions.forget(info["id"])
-                self.shared.set_status(info["id"], None)
-                if info["id"] == self.shared.session_id:
-                    self.on_own_activity()
-        elif etype == "message.updated" and sid:
-            info = props.get("info")
-            if sid == self.shared.session_id and isinstance(info, dict) and info.get("role") == "user" and \
-                    isinstance(info.get("id"), str):
-                self._user_messages[info["id"]] = None
-                if len(self._user_messages) > 200:
-                    del self._user_messages[next(iter(self._user_messages))]
-            desk = self.desk()
-            if desk is not None and isinstance(info, dict) and info.get("role") in ("user", "assistant"):
-                desk.user_message(sid, info)
-        elif etype == "server.instance.disposed":
+        if c.reset_statuses:
             self.shared.replace_statuses({})
-        elif etype in ("permission.asked", "question.asked") and sid:
-            what = "question" if etype == "question.asked" else f"permission {props.get('permission', '')}".strip()
-            self.shared.set_waiting(sid, what)
-            desk = self.desk()
-            if etype == "permission.asked" and desk is not None:
-                desk.asked(props)
-        elif etype in ("permission.replied", "question.replied", "question.rejected") and sid:
-            self.shared.set_waiting(sid, None)
-            desk = self.desk()
-            if etype == "permission.replied" and desk is not None and isinstance(props.get("requestID"), str):
-                desk.replied(props["requestID"])
-        if sid is not None and sid == self.shared.session_id and etype in (
-                "session.idle", "session.status", "session.error", "message.updated"):
+        if c.waiting is not None:
+            self.shared.set_waiting(*c.waiting)
+        if c.forget is not None:
+            self.sessions.forget(c.forget)
+        if c.own_prompt is not None:
+            self._user_messages[c.own_prompt] = None
+            if len(self._user_messages) > 200:
+                del self._user_messages[next(iter(self._user_messages))]
+        desk = self.desk() if c.for_desk else None
+        if c.session is not None:
+            info = self.sessions.note(c.session)
+            if desk is not None:
+                desk.session_seen(info)
+        if desk is not None:
+            if c.message is not None:
+                desk.user_message(*c.message)
+            if c.asked is not None:
+                desk.asked(c.asked)
+            if c.replied is not None:
+                desk.replied(c.replied)
+        if c.own_activity:
             self.on_own_activity()
 
     def _session(self, session_id: str) -> SessionInfo | None:
@@ -233,3 +214,75 @@ class Reactions:
 def _aborted(event: Event) -> bool:
     err = event.properties.get("error")
     return isinstance(err, dict) and err.get("name") == "MessageAbortedError"
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewChange:
+    """What one event changes in the session view; :meth:`Reactions.observe` applies it."""
+
+    status: tuple[str, str | None] | None = None  # (session, busy | retry | None for idle)
+    reset_statuses: bool = False  # the server dropped its instance: nothing is busy
+    waiting: tuple[str, str | None] | None = None  # (session, what it waits on, or None)
+    session: SessionInfo | None = None  # what the event says of a session
+    forget: str | None = None  # a session deleted
+    own_prompt: str | None = None  # a user message in the orchestrator's own session
+    message: tuple[str, dict[str, Any]] | None = None  # (session, a user or assistant message), for the broker
+    asked: dict[str, Any] | None = None  # a permission request, for the broker
+    replied: str | None = None  # a permission request answered, for the broker
+    own_activity: bool = False  # something happened in the orchestrator's own session
+
+    @property
+    def for_desk(self) -> bool:
+        return self.session is not None or self.message is not None or self.asked is not None or \
+            self.replied is not None
+
+
+_NOTHING = ViewChange()
+#: the events of the orchestrator's own session that tell the dispatcher to look again
+_OWN_ACTIVITY = frozenset({"session.idle", "session.status", "session.error", "message.updated"})
+
+
+def view_change(event: Event, own: str | None) -> ViewChange | None:
+    """What ``event`` changes in the session view, ``own`` being the orchestrator's session;
+    None for an event that changes nothing. A pure function: no state, no I/O."""
+    props = event.properties
+    etype = event.type
+    sid = event.session_id
+    c: ViewChange | None = None
+    if etype == "session.status" and sid:
+        status = props.get("status")
+        c = ViewChange(status=(sid, _str(status.get("type")) if isinstance(status, dict) else None))
+    elif etype == "session.idle" and sid:
+        c = ViewChange(status=(sid, None))
+    elif etype in ("session.created", "session.updated"):
+        raw = props.get("info")
+        info = SessionInfo.from_api(raw) if isinstance(raw, dict) else None
+        if info is not None:
+            c = ViewChange(session=info)
+    elif etype == "session.deleted":
+        raw = props.get("info")
+        if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+            gone = raw["id"]
+            return ViewChange(forget=gone, status=(gone, None), own_activity=gone == own)
+    elif etype == "message.updated" and sid:
+        info = props.get("info")
+        if isinstance(info, dict):
+            mine = sid == own and info.get("role") == "user" and isinstance(info.get("id"), str)
+            c = ViewChange(own_prompt=info["id"] if mine else None,
+                           message=(sid, info) if info.get("role") in ("user", "assistant") else None)
+    elif etype == "server.instance.disposed":
+        c = ViewChange(reset_statuses=True)
+    elif etype in ("permission.asked", "question.asked") and sid:
+        what = "question" if etype == "question.asked" else f"permission {props.get('permission', '')}".strip()
+        c = ViewChange(waiting=(sid, what), asked=props if etype == "permission.asked" else None)
+    elif etype in ("permission.replied", "question.replied", "question.rejected") and sid:
+        rid = props.get("requestID")
+        c = ViewChange(waiting=(sid, None),
+                       replied=rid if etype == "permission.replied" and isinstance(rid, str) else None)
+    if sid is not None and sid == own and etype in _OWN_ACTIVITY:
+        c = dataclasses.replace(c, own_activity=True) if c is not None else ViewChange(own_activity=True)
+    return None if c == _NOTHING else c
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -2,9 +2,12 @@
 
 A teammate is made as claude-teams makes one (titled ``<name>@<team>``, allowed
 everything) and its model runs a long turn of harmless shell commands, one after another,
-with a destructive one every tenth. The daemon runs on its default config. Each request is
-timed from the server's ``permission.asked`` to its ``permission.replied``, as a reader of
-the server's stream of its own (in this process) sees them; and ``session.created`` to the
+with a destructive one every tenth. The daemon runs on its default config, talking to the
+server through a pass-through proxy. Each request is timed from the server's
+``permission.asked``, as a reader of the server's stream of its own (in this process) sees
+it, to the daemon's reply passing the proxy on its way to the server (the decision); and to
+the server's ``permission.replied`` (the echo, which adds the server's own handling of the
+reply, about 10 ms on the 2-core machine); and ``session.created`` to the
 broker's rules being on the session (the window in which a teammate's first command would
 run unasked).
 """
@@ -18,6 +21,7 @@ from typing import Any, Callable
 from tests.bench import live
 from tests.support.bed import ALLOW_ALL, script_commands
 from tests.support.daemon import wait_for
+from tests.support.faultproxy import FaultProxy
 from tests.support.watch import EventWatch
 
 
@@ -28,7 +32,11 @@ def commands(n: int) -> list[str]:
 
 def run(tmp: Path, requests_n: int, say: Callable[[str], None]) -> dict[str, Any]:
     with live.Live(tmp) as bed:
-        bed.start_daemon()
+        # The daemon talks to the server through a pass-through proxy that times each reply
+        # on its way: the decision is from the server's permission.asked to that moment.
+        proxy = FaultProxy(bed.server.port).start()
+        live.write_config(bed.config, proxy.url, bed.ledger, bed.teams, extra=live.REACTION_SETTINGS)
+        bed.start_daemon(proxy.url)
         watch = EventWatch(bed.server.url)
         try:
             plan = commands(requests_n)
@@ -43,12 +51,18 @@ def run(tmp: Path, requests_n: int, say: Callable[[str], None]) -> dict[str, Any
             asked = {p["id"]: t for t, p in watch.find("permission.asked", lambda p: p.get("sessionID") == sid)}
             answers = {p["requestID"]: (t, p.get("reply")) for t, p in
                        watch.find("permission.replied", lambda p: p.get("sessionID") == sid)}
+            with proxy.lock:
+                sent = dict(proxy.replies)
         finally:
             watch.stop()
+            if bed.daemon is not None:
+                bed.stop_daemon()
+            proxy.stop()
         say(f"broker: {len(answers)} requests answered")
-    seconds = [answers[rid][0] - t for rid, t in asked.items() if rid in answers]
+    decided = [sent[rid] - t for rid, t in asked.items() if rid in sent]
+    echoed = [answers[rid][0] - t for rid, t in asked.items() if rid in answers]
     replies = [reply for _, reply in answers.values()]
-    return {"requests": len(seconds), "decision": live.percentiles(seconds),
+    return {"requests": len(decided), "decision": live.percentiles(decided), "echo": live.percentiles(echoed),
             "rejected": replies.count("reject"), "approved": replies.count("once"),
             "session_to_rules_ms": round((ruled - created) * 1000, 1)}
 

@@ -253,10 +253,11 @@ class Live:
 
     # -- the daemon ---------------------------------------------------------------------
 
-    def start_daemon(self) -> Daemon:
+    def start_daemon(self, url: str | None = None) -> Daemon:
+        """The daemon on the config, ``url`` being the server's address in it (a proxy's, say)."""
         self.daemon = Daemon(self.config, self.workdir).start()
         wait_for(lambda: ledger_rows(self.ledger, "SELECT value FROM meta WHERE key = ?",
-                                     (f"session:{self.server.url}",)), 60, "the orchestrator session")
+                                     (f"session:{url or self.server.url}",)), 60, "the orchestrator session")
         self.daemon.wait_log("stream-connected", 30)
         return self.daemon
 

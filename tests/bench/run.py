@@ -255,13 +255,17 @@ def table(r: dict[str, Any]) -> str:
 
 
 def broker_rows(b: dict[str, Any], yes: Callable[[bool], str]) -> list[tuple[str, str, str, str]]:
-    d = b["decision"]
+    d, e = b["decision"], b["echo"]
     return [
-        (f"broker: permission.asked -> replied ({b['approved']} approved, {b['rejected']} rejected)",
+        (f"broker: permission.asked -> reply at the server ({b['approved']} approved, {b['rejected']} rejected)",
          f"p50 {d['p50_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms (n={d['n']})",
          "p50 <= 10 ms, p99 <= 50 ms", yes(d["p50_ms"] <= 10 and d["p99_ms"] <= 50)),
+        ("broker: permission.asked -> permission.replied (the server's echo)",
+         f"p50 {e['p50_ms']:.1f} ms, p99 {e['p99_ms']:.1f} ms (n={e['n']})", "", ""),
         ("broker: session created -> its rules on", f"{b['session_to_rules_ms']} ms", "", ""),
     ]
+
+
 def inbox_rows(inb: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """One row per lead inbox size, then the three goals, largest against empty."""
     rows = []

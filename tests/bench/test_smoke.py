@@ -68,7 +68,8 @@ def test_memory_stages_and_table(tmp_path: Path, stream: corpus.Corpus) -> None:
                                  "python_start_and_import_ms": 60.0, "writer_rows_per_s": 3},
                       "memory": out, "live": fake_live, "rules": rules.run(), "inboxes": FAKE_INBOXES,
                       "broker": {"requests": 20, "approved": 18, "rejected": 2, "session_to_rules_ms": 12.0,
-                                 "decision": {"n": 20, "p50_ms": 4.0, "p99_ms": 9.0}}})
+                                 "decision": {"n": 20, "p50_ms": 4.0, "p99_ms": 9.0},
+                                 "echo": {"n": 20, "p50_ms": 14.0, "p99_ms": 29.0}}})
     assert "ingest: reader, default store" in text and "after 200 messages" in text
     assert "ingest, coalesced: reader, default store" in text
     assert "rules: must-block caught (reject tier)" in text and "broker: permission.asked" in text
@@ -87,7 +88,7 @@ def test_rules_piece_judges_the_whole_corpus() -> None:
 def test_broker_piece_times_every_request(tmp_path: Path) -> None:
     out = broker.run(tmp_path, 12, lambda s: None)
     assert out["requests"] == 12 and out["rejected"] == 1 and out["approved"] == 11
-    assert out["decision"]["n"] == 12
+    assert out["decision"]["n"] == 12 and out["echo"]["n"] == 12, "every reply timed at the proxy and echoed"
     assert [row[0] for row in run.broker_rows(out, str)][0].startswith("broker: permission.asked")
 
 

@@ -21,7 +21,9 @@ listening again after ``refuse``.
 The proxy reads the HTTP requests it relays, enough to see each ``POST
 /session/:id/prompt_async``: ``posts`` counts the ones that reached the server per
 ``messageID``, ``answered`` those the server answered 2xx. opencode merges a second POST
-of an ID it already has, so only here is a duplicate POST seen. ``on_prompt_answered`` is
+of an ID it already has, so only here is a duplicate POST seen. ``replies`` holds when
+each ``POST /permission/:id/reply`` came through (the broker's answer, timed on its way to
+the server). ``on_prompt_answered`` is
 called with the ID and the status before that answer goes on to the daemon (a test can
 kill the server there: after the 204, before the prompt is stored).
 """
@@ -40,6 +42,7 @@ from typing import Any, Callable
 KINDS = ("pass", "latency", "hang", "cut", "slice", "truncate", "status", "refuse")
 REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 PROMPT_POST = re.compile(rb"POST /session/[^/ ?]+/prompt_async[ ?]")
+PERMISSION_REPLY = re.compile(rb"POST /permission/([^/ ?]+)/reply[ ?]")
 CONTENT_LENGTH = re.compile(rb"^content-length:\s*(\d+)\s*$", re.I | re.M)
 CHUNKED = re.compile(rb"^transfer-encoding:.*chunked", re.I | re.M)
 
@@ -88,6 +91,7 @@ class FaultProxy:
         self.accepted = 0
         self.posts: Counter[str] = Counter()
         self.answered: Counter[str] = Counter()
+        self.replies: dict[str, float] = {}  # permission request -> monotonic time its reply came through
         self.on_prompt_answered: Callable[[str, int], None] | None = None
         self.listener: socket.socket | None = None
         self.port = 0
@@ -288,6 +292,9 @@ class FaultProxy:
             if len(conn.requests) < total:
                 return
             body, conn.requests = conn.requests[end + 4:total], conn.requests[total:]
+            if (reply := PERMISSION_REPLY.match(head)) is not None:
+                with self.lock:
+                    self.replies.setdefault(reply.group(1).decode(), time.monotonic())
             if PROMPT_POST.match(head):
                 try:
                     message_id = str(json.loads(body).get("messageID"))

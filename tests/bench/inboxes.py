@@ -16,8 +16,12 @@ started on a fresh ledger (so they are the first start's baseline). Then:
   ledger; the daemon's CPU time over them (``/proc/<pid>/stat``), per message;
 - *RSS* after the first start and after the appends.
 
-The file is written from a copy kept in memory (the prefix as one bytes object), so the
-bench's own writer costs the same at every size.
+The file is written from a copy kept in memory (the prefix as one bytes object). A
+writer that rewrites a 30 MB file for every message loads the machine (memory bandwidth,
+the page cache, writeback), and the daemon's same work then takes more CPU time; so that
+the sizes differ only in the inbox, every append also writes a ballast file outside the
+teams directory (which the daemon does not watch), bringing the bytes written per append
+to those of the largest inbox at every size.
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ QUIET = REACTION_SETTINGS.replace("min_interval_seconds = 0", "min_interval_seco
 class LeadInbox:
     """The lead's inbox as claude-teams writes it: one line of ``json.dumps``, rewritten in place."""
 
-    def __init__(self, teams: Path, count: int) -> None:
+    def __init__(self, teams: Path, count: int, ballast: Path | None = None, pad_to: int = 0) -> None:
         self.teams = teams
+        self.ballast, self.pad_to = ballast, pad_to
+        self._filler = b"x" * pad_to
         self.path = inbox_path(teams, TEAM, LEAD)
         messages = history(count)
         for m in messages[-UNREAD:]:
@@ -51,6 +57,7 @@ class LeadInbox:
         self.prefix = json.dumps(messages)[:-1].encode()  # without the closing bracket
         self.added: list[bytes] = []
         self.count = count
+        self.written_at = 0.0
         self._write()
 
     def append(self, sender: str, text: str, summary: str) -> None:
@@ -65,6 +72,11 @@ class LeadInbox:
         with locked(self.teams, TEAM), open(self.path, "r+b" if self.path.exists() else "wb") as fh:
             fh.truncate(0)
             fh.writelines([self.prefix, *self.added, b"]"])
+            written = fh.tell()
+        self.written_at = time.monotonic()  # the end of the append, as the reaction is timed
+        if self.ballast is not None:
+            with open(self.ballast, "wb") as fh:
+                fh.write(memoryview(self._filler)[:max(0, self.pad_to - written)])
 
     def size(self) -> int:
         return self.path.stat().st_size
@@ -80,11 +92,13 @@ def _remove_ledger(path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def one_size(bed: Live, count: int, trials: int, appends: int, say: Callable[[str], None]) -> dict[str, Any]:
-    """Fill the lead's inbox with ``count`` messages and measure a fresh daemon on it."""
+def one_size(bed: Live, count: int, trials: int, appends: int, say: Callable[[str], None],
+             pad_to: int = 0) -> dict[str, Any]:
+    """Fill the lead's inbox with ``count`` messages and measure a fresh daemon on it; every
+    write brought to ``pad_to`` bytes with the ballast file."""
     _remove_ledger(bed.ledger)
     write_config(bed.config, bed.server.url, bed.ledger, bed.teams, extra=REACTION_SETTINGS)
-    inbox = LeadInbox(bed.teams, count)
+    inbox = LeadInbox(bed.teams, count, bed.workdir / "ballast.bin", pad_to)
     out: dict[str, Any] = {"messages": count, "bytes": inbox.size()}
     started = time.monotonic()
     daemon = bed.start_daemon()
@@ -101,7 +115,7 @@ def one_size(bed: Live, count: int, trials: int, appends: int, say: Callable[[st
         bed.settled()
         time.sleep(0.05)
         inbox.append("worker-1", f"status {marker}", marker)
-        t0 = time.monotonic()
+        t0 = inbox.written_at
         mono, _ = bed.arrivals.wait(marker, 60)
         if i >= 0:
             reaction.append(mono - t0)
@@ -137,10 +151,12 @@ def run(workdir: Path, counts: tuple[int, ...], trials: int, appends: int,
         say: Callable[[str], None]) -> dict[str, Any]:
     """The measures at each inbox size, on one server and one team."""
     sizes = []
+    pad_to = len(json.dumps(history(max(counts)))) + 1024 * appends  # the largest inbox, and what it gains
     with Live(workdir) as bed:
         for count in counts:
-            sizes.append(one_size(bed, count, trials, appends, say))
+            sizes.append(one_size(bed, count, trials, appends, say, pad_to))
     shutil.rmtree(workdir / "claude", ignore_errors=True)
+    (workdir / "ballast.bin").unlink(missing_ok=True)
     first, last = sizes[0], sizes[-1]
     return {"sizes": sizes,
             "reaction_p50_added_ms": round(last["reaction"]["p50_ms"] - first["reaction"]["p50_ms"], 1),

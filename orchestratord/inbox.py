@@ -442,8 +442,11 @@ class InboxWatcher(Worker):
         if sig is None:
             self.files.pop(path, None)
             return
-        if state.broken is not None and state.signature == sig:
-            return  # still the same broken file; wait for it to change
+        if state.signature == sig and state.first_failure is None:
+            # The version read last (or still the same broken file): nothing to read. A writer
+            # notifies several times for one rewrite (truncate, writes, close), and a large
+            # file is still being written when the first of them is read.
+            return
         if state.reader is None:
             state.reader = InboxFile(path, team, recipient, self.max_message_bytes, path.parent / ".lock")
         baseline = not self.initialized and not self.report_existing

@@ -437,3 +437,26 @@ def test_a_named_team_that_is_not_there_is_reported_once_then_picked_up(
         assert "team=later" in found and "worker-1" in found
     finally:
         w.teardown()
+
+
+def test_a_notice_of_a_file_unchanged_since_it_was_read_reads_nothing(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer notifies several times for one rewrite (truncate, writes, close): the version
+    already read is not read again; a changed one is."""
+    world.step()
+    world.write("team-lead", [msg("w1", "first")])
+    world.step()
+    reads: list[Path] = []
+    real = InboxFile.read
+
+    def counted(self: InboxFile, record: Any) -> Any:
+        reads.append(self.path)
+        return real(self, record)
+    monkeypatch.setattr(InboxFile, "read", counted)
+    path = world.inboxes / "team-lead.json"
+    world.watcher._changed(path)
+    world.watcher.run_once()
+    assert reads == [], "the version read last is not read again"
+    world.write("team-lead", [msg("w1", "first"), msg("w2", "second")])
+    world.watcher._changed(path)
+    world.watcher.run_once()
+    assert reads == [path] and [m["text"] for m in world.ledger().messages()] == ["second", "first"]

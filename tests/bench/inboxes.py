@@ -19,7 +19,7 @@ started on a fresh ledger (so they are the first start's baseline). Then:
 The file is written from a copy kept in memory (the prefix as one bytes object). A
 writer that rewrites a 30 MB file for every message loads the machine (memory bandwidth,
 the page cache, writeback), and the daemon's same work then takes more CPU time; so that
-the sizes differ only in the inbox, every append also writes a ballast file outside the
+the sizes differ only in the inbox, every append first writes a ballast file outside the
 teams directory (which the daemon does not watch), bringing the bytes written per append
 to those of the largest inbox at every size.
 """
@@ -69,14 +69,14 @@ class LeadInbox:
         self._write()
 
     def _write(self) -> None:
+        if self.ballast is not None:  # first, so that it is not written while the daemon reacts
+            size = len(self.prefix) + sum(len(a) for a in self.added) + 1
+            with open(self.ballast, "wb") as fh:
+                fh.write(memoryview(self._filler)[:max(0, self.pad_to - size)])
         with locked(self.teams, TEAM), open(self.path, "r+b" if self.path.exists() else "wb") as fh:
             fh.truncate(0)
             fh.writelines([self.prefix, *self.added, b"]"])
-            written = fh.tell()
         self.written_at = time.monotonic()  # the end of the append, as the reaction is timed
-        if self.ballast is not None:
-            with open(self.ballast, "wb") as fh:
-                fh.write(memoryview(self._filler)[:max(0, self.pad_to - written)])
 
     def size(self) -> int:
         return self.path.stat().st_size

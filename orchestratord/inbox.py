@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 from . import logs, metrics
 from .config import MISSING_TEAMS_FIX, Config
-from .inboxfile import DEFAULT_MAX_ITEM_BYTES, Entry, InboxError, InboxFile, message_identity, parse_inbox_bytes
+from .inboxfile import DEFAULT_MAX_ITEM_BYTES, Entry, InboxBusy, InboxError, InboxFile, message_identity, parse_inbox_bytes
 from .ledger import Ledger, MessageRow, OversizedRow
 from .ledgerwatch import LedgerHealth
 from .worker import Deps, Worker, crash_point
@@ -481,6 +481,12 @@ class InboxWatcher(Worker):
 
     def _failed(self, path: Path, state: _FileState, sig: tuple[int, int, int], exc: InboxError) -> None:
         now = self.clock()
+        if isinstance(exc, InboxBusy):
+            # A writer is at it: look again shortly, without counting toward "broken".
+            with self.dirty_lock:
+                self.dirty.add(path)
+            self.retry_at = now + RETRY_DELAY if self.retry_at is None else min(self.retry_at, now + RETRY_DELAY)
+            return
         if exc.transient:
             # Maybe mid-rewrite: look again shortly, and only call it broken once the
             # file has stayed the same and unparseable for a while.

@@ -21,7 +21,10 @@ identities (in order) is kept, so a re-read that meets the same messages (only `
 flags changed) needs no ledger look-up for them.
 
 A reader takes no lock for long (writers must not wait on it): a shared flock on
-``.lock`` when it is free at once, released before anything is recorded; after that the
+``.lock`` when it comes free within a few milliseconds, released before anything is
+recorded. While a writer holds it, only the new part is read; a read that would have to
+be whole raises :class:`InboxBusy` instead (the file is most likely half rewritten), until
+the lock has been held ``LOCK_PATIENCE`` long. After the lock, the
 file's size and times are compared after every batch, and a file rewritten while it is
 read is read again. What a read could not finish (a half-written file, a change) leaves
 the state at the last batch it recorded.
@@ -57,6 +60,9 @@ TAIL_BYTES = 4096
 BATCH = 500
 LOCK_TRIES = 5
 LOCK_PAUSE = 0.01
+#: a whole read waits for a writer that holds the lock, but no longer than this (a writer
+#: that has died has released it; one that holds it this long is not waited for)
+LOCK_PATIENCE = 5.0
 
 #: (bytes wanted, offset) -> bytes: how the scanner reads, from a file or from memory
 Pread = Callable[[int, int], bytes]
@@ -75,6 +81,13 @@ class InboxError(Exception):
     def __init__(self, message: str, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class InboxBusy(InboxError):
+    """A writer holds the lock and the file cannot be read in part: look again shortly."""
+
+    def __init__(self) -> None:
+        super().__init__("a writer is rewriting it (the lock is held)", transient=True)
 
 
 class _Truncated(InboxError):
@@ -172,6 +185,7 @@ class InboxFile:
         self.resume: Resume | None = None
         #: batch number -> digest of the tokens of that batch, once all were recorded
         self.digests: dict[int, bytes] = {}
+        self.busy_since: float | None = None  # monotonic: when a whole read first found the lock held
 
     def read(self, record: Record) -> ReadResult:
         """Read what is new (or everything, on doubt); hand each batch that is not known to ``record``.
@@ -192,15 +206,28 @@ class InboxFile:
                     raise _Changed()
                 lock.release()  # what was read is consistent; the ledger writes that follow hold up no writer
 
-            return self.scan(lambda n, off: os.pread(fd, n, off), (st.st_ino, st.st_dev, st.st_size),
-                             (st.st_ino, st.st_size, st.st_mtime_ns), unchanged, record)
+            whole_ok = not lock.contended or self._patience_over()
+            result = self.scan(lambda n, off: os.pread(fd, n, off), (st.st_ino, st.st_dev, st.st_size),
+                               (st.st_ino, st.st_size, st.st_mtime_ns), unchanged, record, whole_ok)
+            self.busy_since = None
+            return result
         finally:
             lock.release()
             os.close(fd)
 
+    def _patience_over(self) -> bool:
+        now = time.monotonic()
+        if self.busy_since is None:
+            self.busy_since = now
+        return now - self.busy_since >= LOCK_PATIENCE
+
     def scan(self, pread: Pread, where: tuple[int, int, int], signature: tuple[int, int, int],
-             unchanged: Callable[[], None], record: Record) -> ReadResult:
-        """The read itself, on any source of bytes: ``where`` is (inode, device, size)."""
+             unchanged: Callable[[], None], record: Record, whole_ok: bool = True) -> ReadResult:
+        """The read itself, on any source of bytes: ``where`` is (inode, device, size).
+
+        ``whole_ok`` False (a writer holds the lock): only the new part may be read; a file
+        that needs reading whole is most likely half rewritten, so InboxBusy says to come back.
+        """
         inode, device, size = where
         r = self.resume
         if r is not None and r.inode == inode and r.device == device and size > r.end \
@@ -209,6 +236,8 @@ class InboxFile:
                 return self._pass(pread, where, signature, unchanged, record, r)
             except _Doubt:
                 pass
+        if not whole_ok:
+            raise InboxBusy()
         return self._pass(pread, where, signature, unchanged, record, None)
 
     # -- one pass over the file -------------------------------------------------------
@@ -589,6 +618,7 @@ class _SharedLock:
         self.path = path
         self.fd: int | None = None
         self.held = False
+        self.contended = False  # a writer held it all the tries long
 
     def acquire(self) -> None:
         if self.path is None:
@@ -606,6 +636,7 @@ class _SharedLock:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     return
                 time.sleep(LOCK_PAUSE)
+        self.contended = True
 
     def release(self) -> None:
         if self.fd is None:
@@ -614,7 +645,7 @@ class _SharedLock:
             if self.held:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
-        self.fd, self.held = None, False
+        self.fd, self.held, self.contended = None, False, False
 
 
 def parse_inbox_bytes(data: bytes, team: str, recipient: str,

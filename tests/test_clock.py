@@ -49,7 +49,7 @@ ALLOWED: dict[tuple[str, str], tuple[int, str]] = {
     ("supervisor.py", "Supervisor.start"): (1, "started_at in the live state, for people"),
     ("supervisor.py", "Supervisor.shutdown"): (1, "stopped_at in the live state, for people"),
     ("supervisor.py", "Supervisor._prune"): (1, "retention is by the age of wall-clock stamps (how often: monotonic)"),
-    ("events.py", "EventReader._consume"): (1, "the time of the last event, shown by status"),
+    ("events.py", "EventReader._hand_over_tally"): (1, "the time of the last event, shown by status"),
     ("events.py", "EventReader._handle"): (1, "an event row's at, for people and retention"),
     ("opencode.py", "new_message_id"): (1, "opencode's message IDs start with the time in ms, as its own do"),
     ("dispatch.py", "Dispatcher.__init__"): (1, "the injected wall clock: ledger stamps and message IDs only"),

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from orchestratord import inboxfile
 from orchestratord.inbox import (
     InboxError,
     InboxWatcher,
@@ -85,7 +86,10 @@ def test_stream_and_file_agree_on_the_content_key() -> None:
     assert content_key(TEAM, "a", "x") != content_key(TEAM, "b", "x")
 
 
-def test_read_does_not_wait_for_a_writer_holding_the_lock(tmp_path: Path) -> None:
+def test_a_writer_holding_the_lock_is_waited_for_only_so_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole read does not block on a writer's lock: it says to come back (InboxBusy), and
+    once the lock has been held LOCK_PATIENCE long it reads all the same (a writer stuck with
+    the lock must not leave the daemon deaf)."""
     inbox, lock = tmp_path / "team-lead.json", tmp_path / ".lock"
     inbox.write_text(json.dumps([msg("w1", "hi")]))
     lock.touch()
@@ -93,7 +97,11 @@ def test_read_does_not_wait_for_a_writer_holding_the_lock(tmp_path: Path) -> Non
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         got: list[Any] = []
-        InboxFile(inbox, TEAM, "team-lead", lock_path=lock).read(got.extend)  # gave up on the lock quickly, read anyway
+        reader = InboxFile(inbox, TEAM, "team-lead", lock_path=lock)
+        with pytest.raises(inboxfile.InboxBusy):
+            reader.read(got.extend)
+        monkeypatch.setattr(inboxfile, "LOCK_PATIENCE", 0.0)
+        reader.read(got.extend)
         assert [e.fields["text"] for e in got] == ["hi"]
     finally:
         os.close(fd)

@@ -55,7 +55,7 @@ def test_a_20_mb_lead_inbox_hears_each_new_message_once(bed: Bed) -> None:
     round_of(3, 0)
     # Appends that land together are read together: one read may take two or three of them.
     assert d.grep(r'inbox-read .*team-lead\.json read="new part" elements=[123]\b'), \
-        "an append is read from where the last read ended"
+        "an append is read from where the last read ended: " + "\n".join(d.grep(r"inbox-"))
     flips = len(d.grep(r'inbox-read .*team-lead\.json read="whole file"'))
     round_of(3, 3)
     wait_for(lambda: len(d.grep(r'inbox-read .*team-lead\.json read="whole file"')) > flips, 120,

@@ -290,3 +290,33 @@ def test_identity_is_the_one_the_ledger_already_holds() -> None:
     assert message_identity(TEAM, LEAD, "worker-1", "2026-11-23T19:40:00.000Z", "hello") == h.hexdigest()[:32]
     m = TeamMessage(TEAM, LEAD, "worker-1", "2026-11-23T19:40:00.000Z", "hello", None, "message", True)
     assert m.identity == h.hexdigest()[:32]
+
+
+def test_while_a_writer_holds_the_lock_only_the_new_part_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole read under a writer's lock would meet the file half rewritten: it waits for the
+    lock (up to LOCK_PATIENCE); an append, checked part by part, is read at once."""
+    import fcntl
+
+    from orchestratord import inboxfile
+    monkeypatch.setattr(inboxfile, "LOCK_PAUSE", 0.0)
+    lock = tmp_path / ".lock"
+    lock.touch()
+    box = Inbox(tmp_path)
+    box.reader = InboxFile(box.path, TEAM, LEAD, lock_path=lock)
+    box.append(*(message(i) for i in range(3)))
+    assert texts(box.read()[0]) == [f"report {i}: café ✓ done" for i in range(3)]
+    with open(lock, "rb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        box.append(message(3))
+        batches, incremental = box.read()
+        assert incremental and texts(batches) == ["report 3: café ✓ done"], "an append is read under the lock"
+        box.write(json.dumps([message(i) for i in range(4)])[: 200])  # the writer halfway through its rewrite
+        with pytest.raises(inboxfile.InboxBusy):
+            box.read()
+        monkeypatch.setattr(inboxfile, "LOCK_PATIENCE", 0.0)
+        with pytest.raises(InboxError):  # past its patience the reader goes ahead, and finds the file half written
+            box.read()
+    box.messages[1]["read"] = True
+    box.write()
+    batches, incremental = box.read()
+    assert not incremental and texts(batches) == [], "the lock free: read whole, nothing new"

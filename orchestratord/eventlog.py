@@ -83,15 +83,16 @@ class EventLog:
         if len(self._batch) >= BATCH_ROWS:
             self.flush()
 
-    def drained(self, more: Callable[[], bool] | None = None) -> None:
+    def drained(self, more: bool | None = None) -> None:
         """The bytes read so far are used up: write the batch, unless more is already waiting
-        (``more``, if given, says so in place of ``more_waiting``: the reader asks once for all).
+        (``more``, when the reader has asked the socket already; else ``more_waiting`` is asked).
 
         opencode sends each event in its own HTTP chunk, so this runs after every event.
         While the stream runs ahead of us, rows are written in batches (at most
         ``BATCH_ROWS`` or ``BATCH_SECONDS`` old); once it pauses, at once.
         """
-        if self._batch and (self.clock() - self._batch_since >= BATCH_SECONDS or not (more or self.more_waiting)()):
+        if self._batch and (self.clock() - self._batch_since >= BATCH_SECONDS
+                            or not (self.more_waiting() if more is None else more)):
             self.flush()
 
     def flush(self, then: Callable[[], T] | None = None) -> T | None:

@@ -284,13 +284,8 @@ class EventReader(Worker):
         """The bytes read so far are used up: the tally goes to the shared state once it is a
         moment old or the stream pauses (the stall watch must not take a session that has
         just streamed for a quiet one), the batch to the ledger (see EventLog.drained)."""
-        asked: list[bool] = []
-
-        def more() -> bool:  # one poll of the socket for the tally and the batch
-            if not asked:
-                asked.append(self._more_waiting())
-            return asked[0]
-        if self._tally and (self.clock() - self._tally_since >= TALLY_SECONDS or not more()):
+        more = self._more_waiting() if self._tally else None  # one poll serves the batch too
+        if self._tally and (not more or self.clock() - self._tally_since >= TALLY_SECONDS):
             self._hand_over_tally()
         self.eventlog.drained(more)
 

@@ -4,11 +4,12 @@ What each event means (the session view, judging, triggers) is :mod:`.reactions`
 module reads the stream, keeps the rows and the sync cursor, and hands every event over.
 
 The server's SSE stream is read over ``iter_content(65536)`` (small reads make a large
-event take seconds) and cut into whole frames by a :class:`~.stream.FrameGuard`.
-High-volume events that this reader would neither store nor match against a rule
-(``message.part.delta`` with the default settings) are recognised from the start of
-their frame and only counted, and their session marked active: decoding them would be
-most of the work and change nothing else.
+event take seconds) and cut into whole frames by a :class:`~.stream.FrameGuard` (the
+size and UTF-8 guard), whose frames sseclient-py reads. High-volume events that this
+reader would neither store nor match against a rule (``message.part.delta`` with the
+default settings) are recognised from the start of their frame's data line, in front of
+sseclient-py, and only counted, and their session marked active: parsing and decoding
+them would be most of the work and change nothing else.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import socket
 import sqlite3
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import requests
 
@@ -33,7 +34,7 @@ from .opencode import AuthError, OpencodeClient, OpencodeError, SessionStatus
 from .reactions import PermissionDesk, Reactions
 from .sessions import SessionDirectory
 from .state import Shared
-from .stream import HIGH_VOLUME, Event, FrameGuard, frame_data, from_sync, head_session, normalize
+from .stream import HEAD, HIGH_VOLUME, Event, FrameGuard, from_sync, normalize, read_data
 from .triggers import Rule
 from .worker import Deps, Worker
 
@@ -105,7 +106,7 @@ class EventReader(Worker):
         # Count-only events are tallied here and handed to the shared state now and then,
         # not one lock round each: (how many, the sessions they came from).
         self._tally = 0
-        self._tally_sessions: dict[str, None] = {}
+        self._tally_sessions: dict[bytes, None] = {}
         self._tally_since = 0.0
         self._reported_oversized = 0
         self._reported_undecodable = 0
@@ -260,46 +261,60 @@ class EventReader(Worker):
         self.eventlog.save_seq()
 
     def _consume(self, resp: requests.Response) -> None:
-        count_only = self._count_only
-        guard = self._frame_guard
+        frames = self._frame_guard.frames(resp.iter_content(65536))
         try:
-            for frame in guard.frames(resp.iter_content(65536)):
-                self.beat()
-                if self._stop.is_set():
-                    return
-                if count_only and (head := head_session(frame)) is not None and head[0] in count_only:
-                    if not self._tally:
-                        self._tally_since = self.clock()
-                    self._tally += 1
-                    self._tally_sessions[head[1]] = None  # a streaming session is not a stalled one
-                    if guard.oversized != self._reported_oversized or guard.undecodable != self._reported_undecodable:
-                        self._report_frame_guard()
-                    continue
-                self._hand_over_tally()
-                self._one_frame(frame)
+            for data in read_data(self._to_decode(frames)):
+                self._one_event(data)
         finally:
             self._hand_over_tally()
+
+    def _to_decode(self, frames: Iterator[bytes]) -> Iterator[bytes]:
+        """The frames worth decoding; count-only ones (deltas) are tallied and passed over.
+
+        The tally goes to the shared state before a frame is passed on, so an event that
+        is handled is never counted ahead of the deltas before it.
+        """
+        count_only = self._count_only
+        guard = self._frame_guard
+        stop = self._stop
+        head = HEAD.match  # what head_session reads, its session left undecoded until handed over
+        for frame in frames:
+            if stop.is_set():
+                return
+            if count_only and (m := head(frame)) is not None and (sid := m.group(2)) is not None \
+                    and m.group(1) in count_only:
+                if not self._tally:
+                    self._tally_since = self.clock()
+                self._tally += 1
+                self._tally_sessions[sid] = None  # a streaming session is not a stalled one
+                if guard.oversized != self._reported_oversized or guard.undecodable != self._reported_undecodable:
+                    self._report_frame_guard()
+                continue
+            self.beat()
+            self._hand_over_tally()
+            yield frame
 
     def _drained(self) -> None:
         """The bytes read so far are used up: the tally goes to the shared state once it is a
         moment old or the stream pauses (the stall watch must not take a session that has
         just streamed for a quiet one), the batch to the ledger (see EventLog.drained)."""
-        more = self._more_waiting() if self._tally else None  # one poll serves the batch too
-        if self._tally and (not more or self.clock() - self._tally_since >= TALLY_SECONDS):
+        self.beat()
+        if not self._tally:
+            self.eventlog.drained()
+            return
+        more = self._more_waiting()  # one poll serves the batch too
+        if not more or self.clock() - self._tally_since >= TALLY_SECONDS:
             self._hand_over_tally()
         self.eventlog.drained(more)
 
     def _hand_over_tally(self) -> None:
         if self._tally:
-            self.shared.count_events(self._tally, time.time(), self._tally_sessions)
+            self.shared.count_events(self._tally, time.time(), [sid.decode() for sid in self._tally_sessions])
             self._tally = 0
             self._tally_sessions = {}
 
-    def _one_frame(self, frame: bytes) -> None:
-        """A frame that is decoded: normalised, then handled."""
-        data = frame_data(frame)
-        if data is None:
-            return
+    def _one_event(self, data: str) -> None:
+        """The data of an event that is decoded: normalised, then handled."""
         try:
             obj = json.loads(data)
         except ValueError:

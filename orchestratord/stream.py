@@ -3,8 +3,8 @@
 Pure functions and small classes with no I/O, shared by the event reader and the
 tests. :class:`FrameGuard` cuts the byte stream into whole frames so that one oversized
 frame or one with invalid UTF-8 is dropped and counted instead of taking the parser (and
-every frame after it) down; :func:`frame_data` reads a whole frame's data the way an SSE
-client does; :func:`head_session` reads the event type and session off the start of a frame, so the
+every frame after it) down; :func:`read_data` reads the frames' data with sseclient-py;
+:func:`head_session` reads the event type and session off the start of a frame, so the
 reader can pass over high-volume events it has no use for without decoding them.
 """
 
@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
+from sseclient import SSEClient
+
 from .jsonvalues import as_dict
 
 HIGH_VOLUME = frozenset({"message.part.delta"})
@@ -23,7 +25,7 @@ HIGH_VOLUME = frozenset({"message.part.delta"})
 # fields, then ``payload``), an optional string ``id``, then ``type``, and, when
 # ``properties`` follows with ``sessionID`` first, the session. Strings with a quote or
 # backslash in them do not match, and the frame is then decoded in full.
-_HEAD = re.compile(rb'data: \{(?:"(?:directory|project)":"[^"\\]*",)*"payload":\{(?:"id":"[^"\\]*",)?'
+HEAD = re.compile(rb'data: \{(?:"(?:directory|project)":"[^"\\]*",)*"payload":\{(?:"id":"[^"\\]*",)?'
                    rb'"type":"([^"\\]*)"(?:,"properties":\{"sessionID":"([^"\\]*)")?')
 
 
@@ -98,33 +100,20 @@ def head_session(frame: bytes) -> tuple[bytes, str] | None:
     session :func:`normalize` finds (``properties.sessionID`` comes first); anything else
     is left to the full decode.
     """
-    m = _HEAD.match(frame)
+    m = HEAD.match(frame)
     if m is None or m.group(2) is None:
         return None
     return m.group(1), m.group(2).decode()
 
 
-def frame_data(frame: bytes) -> str | None:
-    """The ``data`` of one whole frame from :meth:`FrameGuard.frames`, or None if it has none.
-
-    Read as the SSE spec (and sseclient-py) says: ``data`` lines joined with newlines, one
-    space after the colon dropped, comments and other fields ignored. Nearly every frame
-    is a single ``data:`` line, which takes one slice.
+def read_data(frames: Iterable[bytes]) -> Iterator[str]:
+    """The ``data`` of each event in ``frames`` (whole frames from :meth:`FrameGuard.frames`),
+    read by sseclient-py: ``data`` lines joined with newlines, comments and other fields
+    ignored, events without data dropped. An event is handed on as soon as its frame is in:
+    a frame from the guard ends with its blank line, so sseclient-py never waits for more.
     """
-    if frame.startswith(b"data: ") and frame.find(b"\n") == len(frame) - 2:
-        return frame[6:-2].decode()
-    data: list[str] = []
-    for raw in frame.splitlines():
-        line = raw.decode()
-        if not line.strip() or line.startswith(":"):
-            continue
-        field, colon, value = line.partition(":")
-        if field != "data":
-            continue
-        data.append(value[1:] if colon and value.startswith(" ") else value)
-    if not data:
-        return None
-    return "\n".join(data)
+    for event in SSEClient(iter(frames)).events():
+        yield event.data
 
 
 class FrameGuard:
@@ -159,11 +148,12 @@ class FrameGuard:
             else:
                 pieces = (buf + chunk).split(b"\n\n") if buf else chunk.split(b"\n\n")
             buf = pieces.pop()
+            max_bytes = self.max_bytes
             for piece in pieces:
                 if skipping:
                     skipping = False
                     continue
-                if self._usable(piece):
+                if (len(piece) <= max_bytes and piece.isascii()) or self._usable(piece):
                     yield piece + b"\n\n"
             if len(buf) > self.max_bytes:
                 if not skipping:

@@ -3,7 +3,7 @@
 Every parser here has one documented way to say no (a counted refusal, ``None``, an
 ``InboxError``, a ``ConfigError``, an empty list of findings); anything else would take
 a worker thread through its error path. And what must come out is stated: the daemon's
-own event reader (the frame guard, ``frame_data``, ``normalize``) reads a stream split
+own event reader (the frame guard, sseclient-py, ``normalize``) reads a stream split
 anywhere as the same events; a corrupt frame costs only itself and is counted; a valid
 inbox reads as its messages. Seeds come from the recordings in ``tests/data``.
 """
@@ -24,7 +24,7 @@ from orchestratord.guard import Judge, seen_in_event, seen_in_permission
 from orchestratord.inbox import InboxError, parse_inbox
 from orchestratord.inboxfile import InboxFile, parse_inbox_bytes
 from orchestratord.policy import COMMAND, MESSAGE, PATH, TOOL, Context, build_rules, evaluate
-from orchestratord.stream import Event, FrameGuard, frame_data, normalize
+from orchestratord.stream import Event, FrameGuard, normalize, read_data
 from orchestratord.triggers import match_all
 from tests.support import faults
 from tests.support.reference import reference_dir, teams_examples_dir
@@ -82,14 +82,11 @@ class Read:
 
 def read_all(chunks: list[bytes], max_bytes: int = 4096) -> Read:
     """The daemon's own reading of the stream (``EventReader._consume``): the frame guard,
-    ``frame_data``, JSON, ``normalize``, each refusal counted; then the trigger rules and
+    sseclient-py, JSON, ``normalize``, each refusal counted; then the trigger rules and
     the guard on every event."""
     guard = FrameGuard(max_bytes)
     out = Read([])
-    for frame in guard.frames(chunks):
-        data = frame_data(frame)
-        if data is None:
-            continue  # no data field: a comment or a keep-alive, nothing to read
+    for data in read_data(guard.frames(chunks)):
         try:
             obj = json.loads(data)
         except ValueError:

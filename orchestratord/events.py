@@ -89,7 +89,7 @@ class EventReader(Worker):
         self.on_own_activity = on_own_activity
         #: what each event means: the live stream and the catch-up hand every event to it
         self.reactions = Reactions(shared=shared, sessions=sessions if sessions is not None else SessionDirectory(),
-                                   rules=rules, judge=judge, desk=desk, flush=self.eventlog.flush, on_trigger=on_trigger,
+                                   rules=rules, judge=judge, desk=desk, rows=self.eventlog, on_trigger=on_trigger,
                                    on_escalation=on_escalation, on_own_activity=on_own_activity, log=self.log)
         # Types whose events have no effect here but to be counted.
         self._count_only = frozenset(t.encode() for t in HIGH_VOLUME
@@ -366,6 +366,7 @@ class EventReader(Worker):
             if isinstance(exc, sqlite3.Error) and ledgerwatch.is_trouble(exc):
                 # Not recorded, so not done: a catch-up after the reconnect sees this event again.
                 # (Any other error would come back with it at every reconnect: that one is passed.)
+                self.eventlog.rollback(exc)  # a group commit's writes go with it
                 self.eventlog.saved_seq = before
                 self.eventlog.unwritten([])
             raise

@@ -617,12 +617,21 @@ class Ledger:
     def _tx(self) -> "_Tx":
         return _Tx(self)
 
-    def _when_committed(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` (a metric) once what was just written is committed: now, or with the outer commit."""
+    def when_committed(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (a metric, a wake-up) once what was just written is committed: now, or
+        with the outer commit; never if that rolls back."""
         if self._tx_depth:
             self._after_commit.append(fn)
         else:
             fn()
+
+    def abandon(self) -> None:
+        """Roll back what a failed COMMIT left open, if anything, so the next write can begin."""
+        if self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def transaction(self) -> "_Tx":
         """``with ledger.transaction():`` makes the writes in the block one commit (the
@@ -719,7 +728,7 @@ class Ledger:
                 (at, kind, rule, dedup, team, teammate, session_id, event_type, event_id, detail, ckey, covered, tkey))
             if not cur.rowcount:
                 return None
-        self._when_committed(lambda: metrics.trigger(kind))
+        self.when_committed(lambda: metrics.trigger(kind))
         return cur.lastrowid
 
     def trigger_for_dedup(self, dedup: str) -> int | None:

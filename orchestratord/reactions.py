@@ -30,10 +30,14 @@ _COVER_NOTES = {PUSHED: "claude-teams delivered it into the orchestrator's sessi
 TURN_LOOKBACK = 600.0
 
 
-class Flush(Protocol):
-    """Writes the event rows read so far, running ``then`` in the same transaction (EventLog.flush)."""
+class Rows(Protocol):
+    """The event rows read so far and their transaction (:class:`~.eventlog.EventLog`)."""
 
-    def __call__(self, then: Callable[[], Any] | None = None) -> Any: ...
+    def flush(self, then: Callable[[], Any] | None = None) -> Any:
+        """Write them, running ``then`` in the same transaction (which may be held open)."""
+
+    def commit(self) -> None:
+        """Commit a held transaction now."""
 
 
 class PermissionDesk(Protocol):
@@ -51,7 +55,7 @@ class Reactions:
     """The effects of one event, whichever way it was read (see the module's docstring)."""
 
     def __init__(self, *, shared: Shared, sessions: SessionDirectory, rules: Sequence[Rule],
-                 judge: Judge | None, desk: Callable[[], PermissionDesk | None], flush: Flush,
+                 judge: Judge | None, desk: Callable[[], PermissionDesk | None], rows: Rows,
                  on_trigger: Callable[[], None], on_escalation: Callable[[], None],
                  on_own_activity: Callable[[], None], log: Any) -> None:
         self.shared = shared
@@ -60,7 +64,7 @@ class Reactions:
         self.judge = judge
         self.desk = desk
         #: writes the event rows read so far with the triggers of the event that follows, in one commit
-        self.flush = flush
+        self.rows = rows
         self.on_trigger = on_trigger
         self.on_escalation = on_escalation
         self.on_own_activity = on_own_activity
@@ -82,6 +86,7 @@ class Reactions:
             desk = self.desk()
             seen = seen_in_event(event, own, desk.asks if desk is not None else None)
             if seen and self.ledger is not None and self.judge.record(self.ledger, seen, own, self._session):
+                self.rows.commit()  # an escalation is not held for a group commit
                 self.on_escalation()
         if event.type == "session.error" and _aborted(event) and self.shared.aborted_recently(event.session_id):
             return  # the daemon aborted that turn itself (a restart, the guard): nothing to tell
@@ -92,24 +97,29 @@ class Reactions:
         matches = self.rules.match(event, own, self._session)
         if matches:
             # The event rows read so far and these triggers: one commit, the rows first.
-            recorded = self.flush(lambda: [self._record(m, event, wall) for m in matches])
-            added = 0
-            for m, tid, covered in recorded or []:
-                if tid is not None and covered is not None:
-                    self.log.info(logs.kv("trigger-covered", rule=m.rule, session=event.session_id,
-                                          teammate=m.teammate, by=covered, note=_COVER_NOTES.get(
-                                              covered, "its turn already reported")))
-                elif tid is not None:
-                    added += 1
-                    self.log.info(logs.kv("trigger", rule=m.rule, session=event.session_id, teammate=m.teammate,
-                                          event=event.type))
+            recorded = self.rows.flush(lambda: [self._record(m, event, wall) for m in matches])
             if event.type == "session.idle" and event.session_id:
                 self._turn_start.pop(event.session_id, None)
                 self._turn_start[event.session_id] = wall
                 if len(self._turn_start) > 1000:  # the oldest sessions' turns are long over
                     del self._turn_start[next(iter(self._turn_start))]
-            if added:
-                self.on_trigger()
+            if recorded and self.ledger is not None:
+                self.ledger.when_committed(lambda: self._recorded(recorded, event))
+
+    def _recorded(self, recorded: list[tuple[Match, int | None, str | None]], event: Event) -> None:
+        """The triggers of one event are committed: say so, and wake the dispatcher for the new ones."""
+        added = 0
+        for m, tid, covered in recorded:
+            if tid is not None and covered is not None:
+                self.log.info(logs.kv("trigger-covered", rule=m.rule, session=event.session_id,
+                                      teammate=m.teammate, by=covered, note=_COVER_NOTES.get(
+                                          covered, "its turn already reported")))
+            elif tid is not None:
+                added += 1
+                self.log.info(logs.kv("trigger", rule=m.rule, session=event.session_id, teammate=m.teammate,
+                                      event=event.type))
+        if added:
+            self.on_trigger()
 
     def _record(self, m: Match, event: Event, wall: float) -> tuple[Match, int | None, str | None]:
         """One matched trigger in the ledger: (the match as recorded, its id or None if seen

@@ -21,7 +21,7 @@ import pytest
 
 from orchestratord import logs
 from orchestratord.cli import ledger_view
-from orchestratord.eventlog import EventLog
+from orchestratord.eventlog import GROUP_SECONDS, EventLog
 from orchestratord.events import EventReader
 from orchestratord.inbox import InboxWatcher
 from orchestratord.ledger import EventRow, Ledger, LedgerError
@@ -225,6 +225,89 @@ def test_the_event_log_writes_when_the_stream_pauses_and_batches_while_it_runs(t
         more[0] = False
         log.drained()
         assert [e["event_id"] for e in ledger.events()] == ["e2", "e1"], "the stream paused: written at once"
+    finally:
+        ledger.close()
+
+
+def test_while_the_stream_runs_ahead_triggers_wait_for_one_group_commit(tmp_path: Path) -> None:
+    """With more of the stream already waiting, a trigger's transaction is held open and the
+    next ones join it; it commits once the stream pauses or it is GROUP_SECONDS old, and
+    what waits on it runs only then. Another connection sees nothing before."""
+    now = [0.0]
+    more = [True]
+    log = EventLog(clock=lambda: now[0], more_waiting=lambda: more[0])
+    ledger = Ledger(str(tmp_path / "ledger.db"))
+    other = Ledger(str(tmp_path / "ledger.db"))
+    log.load(ledger)
+    commits: list[str] = []
+    ran: list[int] = []
+    ledger.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+
+    def trigger(n: int) -> Callable[[], int | None]:
+        def then() -> int | None:
+            tid = ledger.add_trigger("error", f"failure {n}", rule="teammate-error")
+            ledger.when_committed(lambda: ran.append(n))
+            return tid
+        return then
+    try:
+        for n in (1, 2):
+            log.note_seq("ses_a", n)
+            log.add(EventRow(float(n), f"e{n}", "session.error", "ses_a", None, "{}"))
+            assert log.flush(trigger(n)) is not None
+            log.drained()
+        assert log.holding and commits == [] and ran == []
+        assert other.pending_triggers() == [] and other.events() == [], "nothing is seen before the commit"
+        log.add(EventRow(3.0, "e3", "message.updated", "ses_a", None, "{}"))
+        more[0] = False
+        log.drained()
+        assert not log.holding and commits == ["COMMIT"] and ran == [1, 2], "the stream paused: one commit"
+        assert [t.detail for t in other.pending_triggers()] == ["failure 1", "failure 2"]
+        assert [e["event_id"] for e in other.events()] == ["e3", "e2", "e1"]
+        assert other.get_meta("sync.last_seq") == json.dumps({"ses_a": 2}) and log.saved_seq == {"ses_a": 2}
+
+        more[0] = True
+        log.flush(trigger(3))
+        now[0] += GROUP_SECONDS
+        log.drained()
+        assert not log.holding and len(commits) == 2 and ran == [1, 2, 3], "held no longer than GROUP_SECONDS"
+    finally:
+        ledger.db.set_trace_callback(None)
+        other.close()
+        ledger.close()
+
+
+def test_a_group_commit_that_fails_keeps_its_rows_and_runs_nothing_that_waited_on_it(tmp_path: Path) -> None:
+    more = [True]
+    log = EventLog(clock=lambda: 0.0, more_waiting=lambda: more[0])
+    ledger = Ledger(str(tmp_path / "ledger.db"))
+    log.load(ledger)
+    ran: list[str] = []
+    try:
+        log.note_seq("ses_a", 4)
+        log.save_seq()
+        log.note_seq("ses_a", 7)
+        log.add(EventRow(1.0, "e1", "session.error", "ses_a", None, "{}"))
+
+        def then() -> None:
+            ledger.add_trigger("error", "failure", rule="teammate-error")
+            ledger.when_committed(lambda: ran.append("woken"))
+        log.flush(then)
+        log.add(EventRow(2.0, "e2", "message.updated", "ses_a", None, "{}"))
+        real = ledger.add_events
+
+        def full(*a: Any, **k: Any) -> None:
+            raise FULL
+        ledger.add_events = full  # type: ignore[method-assign]
+        more[0] = False
+        with pytest.raises(sqlite3.OperationalError):
+            log.drained()
+        ledger.add_events = real  # type: ignore[method-assign]
+        assert not log.holding and ran == [], "a transaction rolled back wakes nobody"
+        assert [row.event_id for row in log.waiting_rows] == ["e1", "e2"], "its rows wait for the next flush"
+        assert log.last_seq == {"ses_a": 4}, "the catch-up after the reconnect starts where the ledger is"
+        assert ledger.pending_triggers() == [] and ledger.events() == []
+        log.flush()
+        assert [e["event_id"] for e in ledger.events()] == ["e2", "e1"]
     finally:
         ledger.close()
 

@@ -226,3 +226,49 @@ def test_deltas_are_counted_in_tallies_that_reach_the_shared_state_within_moment
     assert seen == [(0, None), (3, 100.1), (5, 100.1), (7, 100.1)]
     assert shared.events_total == 7 and shared.activity("ses_a") == 100.1
 
+
+def test_the_dispatcher_is_woken_for_a_trigger_only_once_it_is_committed(tmp_path: Path) -> None:
+    """The reader under load: triggers of events read back to back share one commit, and
+    the dispatcher (which reads them on its own connection) is woken after it, never before."""
+    more = [True]
+
+    class Poll:
+        def poll(self, timeout: float) -> list[tuple[int, int]]:
+            return [(0, 1)] if more[0] else []
+
+    def failed(sid: str) -> bytes:
+        return b'data: {"payload":{"type":"session.error","properties":{"sessionID":"%s","error":{}}}}\n\n' % (
+            sid.encode())
+
+    woken: list[int] = []
+    other = Ledger(str(tmp_path / "ledger.db"))
+    seen: list[tuple[int, int]] = []
+
+    def chunks() -> Iterator[bytes]:
+        yield failed("ses_a")
+        yield failed("ses_b")
+        seen.append((len(woken), len(other.pending_triggers())))
+        more[0] = False  # the stream pauses after this one
+        yield b'data: {"payload":{"type":"server.heartbeat","properties":{}}}\n\n'
+        seen.append((len(woken), len(other.pending_triggers())))
+
+    class Resp:
+        def iter_content(self, size: int) -> Iterator[bytes]:
+            return chunks()
+
+    rule = type(DEFAULT_TRIGGERS[0])(name="failed", event="session.error")
+    r = EventReader(shared=Shared(), make_client=lambda: None,  # type: ignore[arg-type,return-value]
+                    ledger_path=str(tmp_path / "ledger.db"), stream="global", directory=None, read_timeout=5,
+                    max_event_bytes=1 << 20, reconnect_max=1, store="default", rules=(rule,),
+                    on_trigger=lambda: woken.append(len(other.pending_triggers())), on_own_activity=lambda: None)
+    r.ledger = Ledger(str(tmp_path / "ledger.db"))
+    r.eventlog.load(r.ledger)
+    r.reactions.bind(r.ledger, None)  # type: ignore[arg-type]
+    r._waiting = Poll()  # type: ignore[assignment]
+    try:
+        r._consume(Resp())  # type: ignore[arg-type]
+    finally:
+        r.ledger.close()
+        other.close()
+    assert seen == [(0, 0), (2, 2)], "held while more was waiting, committed and woken as the stream paused"
+    assert woken == [2, 2], "each wake-up finds its trigger committed"

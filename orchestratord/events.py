@@ -32,7 +32,7 @@ from .guard import Judge
 from .ledger import EventRow, Ledger
 from .opencode import AuthError, OpencodeClient, OpencodeError, SessionStatus
 from .reactions import PermissionDesk, Reactions
-from .sessions import SessionDirectory
+from .sessions import Prefetch, SessionDirectory
 from .state import Shared
 from .stream import HEAD, HIGH_VOLUME, Event, FrameGuard, from_sync, normalize, read_data
 from .triggers import Rule
@@ -97,6 +97,7 @@ class EventReader(Worker):
         self.stall_after = read_timeout + 15.0
         self.ledger: Ledger | None = None
         self.client: OpencodeClient | None = None
+        self._prefetch: Prefetch | None = None  # looks up the sessions events name, on its own thread
         self._resp: requests.Response | None = None
         self._resp_lock = threading.Lock()
         self._failures = 0
@@ -116,13 +117,18 @@ class EventReader(Worker):
     def setup(self) -> None:
         self.ledger = Ledger(self.ledger_path)
         self.client = self.make_client()
-        self.reactions.bind(self.ledger, self.client)
+        self._prefetch = Prefetch(self.reactions.sessions, self.make_client())
+        self._prefetch.start()
+        self.reactions.bind(self.ledger, self.client, self._prefetch.name)
         self.eventlog.load(self.ledger)
 
     def teardown(self) -> None:
         self.eventlog.flush()
         self.eventlog.save_seq()
         self.shared.set_stream_connected(False)
+        if self._prefetch is not None:
+            self._prefetch.stop()
+            self._prefetch = None
         if self.client:
             self.client.close()
         if self.ledger:
@@ -309,9 +315,12 @@ class EventReader(Worker):
 
     def _hand_over_tally(self) -> None:
         if self._tally:
-            self.shared.count_events(self._tally, time.time(), [sid.decode() for sid in self._tally_sessions])
+            sessions = [sid.decode() for sid in self._tally_sessions]
+            self.shared.count_events(self._tally, time.time(), sessions)
             self._tally = 0
             self._tally_sessions = {}
+            for sid in sessions:
+                self.reactions.prefetch(sid)
 
     def _one_event(self, data: str) -> None:
         """The data of an event that is decoded: normalised, then handled."""

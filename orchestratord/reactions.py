@@ -5,8 +5,10 @@ an event read late has the same effect as one read at once. It writes the sessio
 (statuses, waiting sessions, what is known of each session) into shared state, as the pure
 :func:`view_change` says each event changes it; hands permission requests and sessions to
 the broker, judges what teammates do, and records the triggers that the rules match, each
-before it counts. It does no I/O of its own but
-through the ledger and, for a session's title not yet known, the server client.
+before it counts. It does no I/O of its own but through the ledger and, for a session's
+title not yet known, the server client: each session an event names is looked up on a
+thread of its own first (:class:`~.sessions.Prefetch`), so that client is used only when
+that look-up has failed or its queue was full.
 """
 
 from __future__ import annotations
@@ -74,10 +76,15 @@ class Reactions:
         self._turn_start: dict[str, float] = {}  # session -> wall time of its last idle
         self._idle_clock: dict[str, float] = {}  # session -> the shared clock at its last idle
         self._user_messages: dict[str, None] = {}  # user messages in the orchestrator's session (newest 200)
+        #: told of every session an event names, so its title is looked up before it is needed
+        self.prefetch: Callable[[str], None] = lambda session_id: None
 
-    def bind(self, ledger: Ledger, client: OpencodeClient) -> None:
-        """The reading thread's own ledger connection and client, once it has opened them."""
+    def bind(self, ledger: Ledger, client: OpencodeClient, prefetch: Callable[[str], None] | None = None) -> None:
+        """The reading thread's own ledger connection and client, once it has opened them, and
+        who looks up, on a thread of its own, the sessions events name (:class:`~.sessions.Prefetch`)."""
         self.ledger, self.client = ledger, client
+        if prefetch is not None:
+            self.prefetch = prefetch
 
     def act(self, event: Event, wall: float) -> None:
         """Judge the event and raise the triggers it matches, each recorded before it counts."""
@@ -184,6 +191,8 @@ class Reactions:
 
     def observe(self, event: Event) -> None:
         """Keep the session view current from the events that describe it (see :func:`view_change`)."""
+        if event.session_id is not None:
+            self.prefetch(event.session_id)
         c = view_change(event, self.shared.session_id)
         if c is None:
             return

@@ -11,8 +11,9 @@ import pytest
 
 from orchestratord.events import EventReader
 from orchestratord.opencode import Unreachable
-from orchestratord.sessions import LOOKUP_TIMEOUT, MISS_SECONDS, SessionDirectory
+from orchestratord.sessions import LOOKUP_TIMEOUT, MISS_SECONDS, Prefetch, SessionDirectory
 from orchestratord.state import DaemonState, Shared
+from orchestratord.stream import Event
 
 
 def _reader(shared: Shared, tmp_path: Path) -> EventReader:
@@ -128,3 +129,41 @@ def test_a_session_the_server_cannot_tell_of_is_not_asked_about_at_every_event()
     info = d.lookup("ses_a", client)
     assert info is not None and info.label == "worker-1" and len(asked) == 2
     assert d.lookup("ses_a", client) is info and len(asked) == 2, "known now: no more requests"
+
+
+def test_the_sessions_the_stream_names_are_looked_up_on_a_thread_of_their_own(tmp_path: Path) -> None:
+    """The reader names each session it reads of and goes on at once, even with the server
+    slow to answer; the title, once needed, comes from that one look-up, made on the
+    look-up thread, not asked again on the reading thread."""
+    answer = threading.Event()
+    asked: list[tuple[str, str]] = []
+
+    class Client:
+        def get_session(self, sid: str, timeout: float | None = None) -> dict[str, Any]:
+            asked.append((sid, threading.current_thread().name))
+            assert answer.wait(10), "the test did not let the server answer"
+            return {"id": sid, "title": "worker-1@my-team", "directory": "/srv/p"}
+
+        def close(self) -> None:
+            pass
+
+    shared = Shared()
+    reader = _reader(shared, tmp_path)
+    directory = reader.reactions.sessions
+    prefetch = Prefetch(directory, Client())  # type: ignore[arg-type]
+    prefetch.start()
+    reader.reactions.prefetch = prefetch.name
+    try:
+        event = Event("evt_1", "session.status", {"sessionID": "ses_a", "status": {"type": "busy"}}, "ses_a", None, "{}")
+        reader.reactions.observe(event)  # returns while the server has not answered
+        reader.reactions.observe(event)
+        assert shared.statuses().get("ses_a") == "busy" and directory.get("ses_a") is None
+        answer.set()
+        other: Any = Client()
+        info = directory.lookup("ses_a", other)  # waits for the look-up under way
+        assert info is not None and info.label == "worker-1"
+        assert asked == [("ses_a", "session-lookup")], "asked once, on the look-up thread"
+    finally:
+        answer.set()
+        prefetch.stop()
+    assert not prefetch._thread.is_alive()

@@ -50,6 +50,7 @@ class EventLog:
         self._held: AbstractContextManager[Any] | None = None  # a group commit's open transaction
         self._held_since = 0.0
         self._held_rows: list[EventRow] = []  # written in it, to keep if it rolls back
+        self._no_hold_until = 0.0  # monotonic time before which no transaction is held
 
     def load(self, ledger: Ledger) -> None:
         """Write to ``ledger`` from now on, starting from the cursor it holds."""
@@ -122,7 +123,7 @@ class EventLog:
         see the module's docstring)."""
         if self.ledger is None:
             return then() if then is not None else None
-        if then is not None and (self._held is not None or self.more_waiting()):
+        if then is not None and (self._held is not None or (self.clock() >= self._no_hold_until and self.more_waiting())):
             return self._join(then)
         if self._held is not None:
             self.commit()
@@ -166,8 +167,11 @@ class EventLog:
         """Whether a group commit's transaction is open."""
         return self._held is not None
 
-    def commit(self) -> None:
-        """Commit the held transaction, with the rows batched since it opened (nothing if none is held)."""
+    def commit(self, hold_off: float = 0.0) -> None:
+        """Commit the held transaction, with the rows batched since it opened (nothing if none
+        is held); for ``hold_off`` seconds after, hold none (another thread is about to write)."""
+        if hold_off:
+            self._no_hold_until = self.clock() + hold_off
         tx = self._held
         if tx is None or self.ledger is None:
             return

@@ -30,6 +30,8 @@ from .triggers import Match, Rule, RuleSet
 _COVER_NOTES = {PUSHED: "claude-teams delivered it into the orchestrator's session itself"}
 #: how far back a teammate's turn may reach when its previous idle is not known
 TURN_LOOKBACK = 600.0
+#: after a request or a session is handed to the broker, no trigger commit is held this long
+BROKER_GRACE = 0.1
 
 
 class Rows(Protocol):
@@ -38,8 +40,8 @@ class Rows(Protocol):
     def flush(self, then: Callable[[], Any] | None = None) -> Any:
         """Write them, running ``then`` in the same transaction (which may be held open)."""
 
-    def commit(self) -> None:
-        """Commit a held transaction now."""
+    def commit(self, hold_off: float = 0.0) -> None:
+        """Commit a held transaction now, and hold none for ``hold_off`` seconds."""
 
 
 class PermissionDesk(Protocol):
@@ -212,6 +214,10 @@ class Reactions:
             if len(self._user_messages) > 200:
                 del self._user_messages[next(iter(self._user_messages))]
         desk = self.desk() if c.for_desk else None
+        if desk is not None and (c.asked is not None or c.session is not None):
+            # The broker writes before it answers a request or sets a new session's rules: a
+            # group commit held open now, or opened in the next moments, would keep it waiting.
+            self.rows.commit(hold_off=BROKER_GRACE)
         if c.session is not None:
             info = self.sessions.note(c.session)
             if desk is not None:

@@ -270,6 +270,15 @@ def test_while_the_stream_runs_ahead_triggers_wait_for_one_group_commit(tmp_path
         now[0] += GROUP_SECONDS
         log.drained()
         assert not log.holding and len(commits) == 2 and ran == [1, 2, 3], "held no longer than GROUP_SECONDS"
+
+        log.flush(trigger(4))
+        log.commit(hold_off=1.0)  # another thread is about to write: nothing is held meanwhile
+        assert not log.holding and len(commits) == 3 and ran == [1, 2, 3, 4]
+        log.flush(trigger(5))
+        assert not log.holding and len(commits) == 4, "committed at once while held off"
+        now[0] += 1.0
+        log.flush(trigger(6))
+        assert log.holding, "held again once that time is over"
     finally:
         ledger.db.set_trace_callback(None)
         other.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import sseclient
@@ -227,48 +227,97 @@ def test_deltas_are_counted_in_tallies_that_reach_the_shared_state_within_moment
     assert shared.events_total == 7 and shared.activity("ses_a") == 100.1
 
 
-def test_the_dispatcher_is_woken_for_a_trigger_only_once_it_is_committed(tmp_path: Path) -> None:
-    """The reader under load: triggers of events read back to back share one commit, and
-    the dispatcher (which reads them on its own connection) is woken after it, never before."""
-    more = [True]
 
+def _failure_reader(tmp_path: Path, more: list[bool], on_trigger: Callable[[], None] = lambda: None,
+                    desk: Any = None) -> EventReader:
+    """A reader whose one trigger rule is any session.error, its ledger open, on a socket
+    that says more is waiting while ``more[0]``."""
     class Poll:
         def poll(self, timeout: float) -> list[tuple[int, int]]:
             return [(0, 1)] if more[0] else []
-
-    def failed(sid: str) -> bytes:
-        return b'data: {"payload":{"type":"session.error","properties":{"sessionID":"%s","error":{}}}}\n\n' % (
-            sid.encode())
-
-    woken: list[int] = []
-    other = Ledger(str(tmp_path / "ledger.db"))
-    seen: list[tuple[int, int]] = []
-
-    def chunks() -> Iterator[bytes]:
-        yield failed("ses_a")
-        yield failed("ses_b")
-        seen.append((len(woken), len(other.pending_triggers())))
-        more[0] = False  # the stream pauses after this one
-        yield b'data: {"payload":{"type":"server.heartbeat","properties":{}}}\n\n'
-        seen.append((len(woken), len(other.pending_triggers())))
-
-    class Resp:
-        def iter_content(self, size: int) -> Iterator[bytes]:
-            return chunks()
 
     rule = type(DEFAULT_TRIGGERS[0])(name="failed", event="session.error")
     r = EventReader(shared=Shared(), make_client=lambda: None,  # type: ignore[arg-type,return-value]
                     ledger_path=str(tmp_path / "ledger.db"), stream="global", directory=None, read_timeout=5,
                     max_event_bytes=1 << 20, reconnect_max=1, store="default", rules=(rule,),
-                    on_trigger=lambda: woken.append(len(other.pending_triggers())), on_own_activity=lambda: None)
+                    on_trigger=on_trigger, on_own_activity=lambda: None, desk=lambda: desk)
     r.ledger = Ledger(str(tmp_path / "ledger.db"))
     r.eventlog.load(r.ledger)
     r.reactions.bind(r.ledger, None)  # type: ignore[arg-type]
     r._waiting = Poll()  # type: ignore[assignment]
+    return r
+
+
+def _consume_all(r: EventReader, chunks: Iterator[bytes]) -> None:
+    class Resp:
+        def iter_content(self, size: int) -> Iterator[bytes]:
+            return chunks
+
+    assert r.ledger is not None
     try:
         r._consume(Resp())  # type: ignore[arg-type]
     finally:
         r.ledger.close()
+
+
+def _failed(sid: str) -> bytes:
+    return b'data: {"payload":{"type":"session.error","properties":{"sessionID":"%s","error":{}}}}\n\n' % sid.encode()
+
+
+def test_the_dispatcher_is_woken_for_a_trigger_only_once_it_is_committed(tmp_path: Path) -> None:
+    """The reader under load: triggers of events read back to back share one commit, and
+    the dispatcher (which reads them on its own connection) is woken after it, never before."""
+    more = [True]
+    woken: list[int] = []
+    other = Ledger(str(tmp_path / "ledger.db"))
+    seen: list[tuple[int, int]] = []
+
+    def chunks() -> Iterator[bytes]:
+        yield _failed("ses_a")
+        yield _failed("ses_b")
+        seen.append((len(woken), len(other.pending_triggers())))
+        more[0] = False  # the stream pauses after this one
+        yield b'data: {"payload":{"type":"server.heartbeat","properties":{}}}\n\n'
+        seen.append((len(woken), len(other.pending_triggers())))
+
+    r = _failure_reader(tmp_path, more, on_trigger=lambda: woken.append(len(other.pending_triggers())))
+    try:
+        _consume_all(r, chunks())
+    finally:
         other.close()
     assert seen == [(0, 0), (2, 2)], "held while more was waiting, committed and woken as the stream paused"
     assert woken == [2, 2], "each wake-up finds its trigger committed"
+
+
+def test_a_permission_request_commits_what_is_held_before_the_broker_sees_it(tmp_path: Path) -> None:
+    """The broker writes its decision before it replies: a trigger commit held open for the
+    events around the request would make it wait, so the request ends the hold."""
+    more = [True]
+    other = Ledger(str(tmp_path / "ledger.db"))
+    seen: list[tuple[bool, int]] = []
+
+    class Desk:
+        def asked(self, request: dict[str, Any]) -> None:
+            seen.append((r.eventlog.holding, len(other.pending_triggers())))
+
+        def session_seen(self, info: Any) -> None: ...
+
+        def asks(self, session_id: str, permission: str) -> bool:
+            return False
+
+    def chunks() -> Iterator[bytes]:
+        yield _failed("ses_a")
+        seen.append((r.eventlog.holding, len(other.pending_triggers())))
+        yield (b'data: {"payload":{"type":"permission.asked","properties":{"id":"per_1","sessionID":"ses_b",'
+               b'"permission":"bash","patterns":["ls"]}}}\n\n')
+        yield _failed("ses_c")
+        seen.append((r.eventlog.holding, len(other.pending_triggers())))
+        more[0] = False
+
+    r = _failure_reader(tmp_path, more, desk=Desk())
+    try:
+        _consume_all(r, chunks())
+    finally:
+        other.close()
+    assert seen == [(True, 0), (False, 1), (False, 2)], \
+        "held, committed as the request reached the broker, and not held again just after"

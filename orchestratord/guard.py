@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from . import logs
 from .hooks import Hooks
-from .inbox import TeamMessage, message_ckey
 from .jsonvalues import as_dict
 from .ledger import Escalation, Ledger
 from .ledgerwatch import LedgerHealth
@@ -28,7 +27,7 @@ from .opencode import OpencodeClient, OpencodeError, Unreachable
 from .policy import COMMAND, MESSAGE, PATH, TOOL, Context, Finding, Rule, build_rules, evaluate
 from .sessions import SessionInfo
 from .stream import Event
-from .triggers import _message_ckey
+from .teammsg import TeamMessage, call_ckey, message_ckey
 from .worker import Deps, ServerWorker, crash_point
 
 if TYPE_CHECKING:
@@ -125,7 +124,7 @@ def _tool_inputs(tool: str, inp: dict[str, Any], key: str) -> Iterable[tuple[str
         # Judged as what it is, a message, keyed so the inbox file's copy is the same act.
         content = inp.get("content")
         if isinstance(content, str) and content:
-            ckey = _message_ckey(tool, inp)
+            ckey = call_ckey(tool, inp)
             yield (MESSAGE, content, _str(inp.get("team_name")), _str(inp.get("sender")) or DEFAULT_SENDER,
                    f"msg:{ckey}" if ckey else key)
     else:

@@ -11,18 +11,18 @@ needs to read only the new part next time and streams the whole file when it mus
 parse error may mean a writer is mid-rewrite: it is retried soon, never taken for an
 empty inbox. Nothing here writes to the team directory.
 
-Size: the watcher (notification, rescan, retries of a broken file), the team rosters and
-the messages' identities, all on the inbox thread.
+What a message is and how it is told apart is :mod:`.teammsg`.
+
+Size: the watcher (notification, rescan, retries of a broken file) and the team rosters,
+all on the inbox thread.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -31,100 +31,17 @@ from typing import Any, Callable, Sequence
 
 from . import logs, metrics
 from .config import MISSING_TEAMS_FIX, Config
-from .inboxfile import DEFAULT_MAX_ITEM_BYTES, Entry, InboxBusy, InboxError, InboxFile, message_identity, parse_inbox_bytes
+from .inboxfile import DEFAULT_MAX_ITEM_BYTES, Entry, InboxBusy, InboxError, InboxFile, parse_inbox_bytes
 from .ledger import Ledger, MessageRow, OversizedRow
 from .ledgerwatch import LedgerHealth
+from .teammsg import TeamMessage, message_ckey, text_key
 from .worker import Deps, Worker, crash_point
 
-__all__ = ["InboxError", "InboxWatcher", "TeamMessage", "content_key", "message_ckey", "message_type", "parse_inbox",
-           "text_key", "without_reminder"]
+__all__ = ["InboxError", "InboxWatcher", "parse_inbox"]
 
 STRUCTURED_TYPES = ("shutdown_request", "shutdown_approved", "shutdown_rejected", "shutdown_response",
                     "idle_notification", "task_assignment", "task_completed", "plan_approval_request",
                     "plan_approval_response", "broadcast")
-
-
-#: what claude-teams appends to a message's text before it stores it ("This message was sent from …")
-_REMINDER = re.compile(r"\s*<system_reminder>(?:(?!<system_reminder>).)*</system_reminder>\s*\Z", re.DOTALL)
-
-
-def without_reminder(text: str) -> str:
-    """The text as its sender wrote it: a trailing ``<system_reminder>`` block taken off.
-
-    The event stream sees the ``content`` of the send_message call, the inbox file the
-    stored text; only without the suffix do the two agree.
-    """
-    return _REMINDER.sub("", text) if text.endswith("</system_reminder>") else text
-
-
-@dataclass(frozen=True)
-class TeamMessage:
-    team: str
-    recipient: str
-    sender: str
-    timestamp: str
-    text: str
-    summary: str | None
-    type: str
-    read: bool
-
-    @classmethod
-    def from_fields(cls, team: str, recipient: str, fields: dict[str, Any]) -> "TeamMessage":
-        """From an inbox element that has string ``from``, ``text`` and ``timestamp``."""
-        summary = fields.get("summary")
-        return cls(team=team, recipient=recipient, sender=fields["from"], timestamp=fields["timestamp"],
-                   text=fields["text"], summary=summary if isinstance(summary, str) and summary else None,
-                   type=message_type(fields["text"]), read=bool(fields.get("read", False)))
-
-    @property
-    def identity(self) -> str:
-        """Stable across rewrites: not the position in the file, not the ``read`` flag."""
-        return message_identity(self.team, self.recipient, self.sender, self.timestamp, self.text)
-
-    def short(self, limit: int = 120) -> str:
-        """One line for the log: the summary, or the start of the text."""
-        base = self.summary or without_reminder(self.text)
-        if self.type != "message":
-            base = f"[{self.type}] {self.summary or _structured_gist(self.text)}"
-        one = " ".join(base.split())
-        return one if len(one) <= limit else one[: limit - 1] + "…"
-
-
-def content_key(team: str, recipient: str, text: str) -> str:
-    """What the event stream and the file both know about a message: who it is for and what it says."""
-    h = hashlib.sha256(f"{team}\0{recipient}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
-    return h[:32]
-
-
-def text_key(text: str) -> str:
-    """A message's text alone, without the reminder: what a push into a session and the
-    inbox file (and the send_message call) agree on."""
-    return hashlib.sha256(without_reminder(text).encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def message_type(text: str) -> str:
-    """``message`` for plain text, else the ``type`` of a structured JSON message."""
-    stripped = text.lstrip()
-    if not stripped.startswith("{"):
-        return "message"
-    try:
-        doc = json.loads(stripped)
-    except ValueError:
-        return "message"
-    kind = doc.get("type") if isinstance(doc, dict) else None
-    return kind if isinstance(kind, str) and kind else "message"
-
-
-def _structured_gist(text: str) -> str:
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return text
-    if isinstance(doc, dict):
-        for key in ("reason", "content", "message", "summary", "subject", "taskId", "requestId"):
-            if isinstance(doc.get(key), str) and doc[key]:
-                return doc[key]
-    return ""
 
 
 def parse_inbox(data: bytes, team: str, recipient: str,
@@ -155,13 +72,6 @@ RETRY_DELAY = 0.05
 #: a file that stays unparseable this long (unchanged) is broken, not half-written
 SETTLE_SECONDS = 1.0
 CKEY_WINDOW = 600.0
-
-
-def message_ckey(m: TeamMessage) -> str:
-    """The content key the event stream can compute too (see triggers.describe)."""
-    if m.type == "message":
-        return content_key(m.team, m.recipient, without_reminder(m.text))
-    return content_key(m.team, m.recipient, f"{m.type}:{_structured_gist(m.text)}")
 
 
 @dataclass

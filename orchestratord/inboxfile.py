@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, NamedTuple
 
+from .teammsg import message_identity
 from .worker import crash_point
 
 DEFAULT_MAX_ITEM_BYTES = 1024 * 1024
@@ -106,12 +107,6 @@ class _Changed(InboxError):
 
 class _Doubt(Exception):
     """What follows the resume offset is not as it should be: read the whole file."""
-
-
-def message_identity(team: str, recipient: str, sender: str, timestamp: str, text: str) -> str:
-    """Stable across rewrites: not the position in the file, not the ``read`` flag."""
-    data = "\0".join((team, recipient, sender, timestamp, text)) + "\0"
-    return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

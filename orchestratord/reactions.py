@@ -18,12 +18,12 @@ from typing import Any, Callable, Protocol, Sequence
 
 from . import logs
 from .guard import Judge, seen_in_event
-from .inbox import text_key
 from .ledger import PUSHED, Ledger
 from .opencode import OpencodeClient
 from .sessions import SessionDirectory, SessionInfo
 from .state import Shared
 from .stream import Event
+from .teammsg import text_key
 from .triggers import Match, Rule, RuleSet
 
 #: why a trigger needs no prompt of its own, by what covered it

@@ -12,10 +12,10 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
-from .inbox import content_key, text_key
 from .jsonvalues import as_dict
 from .sessions import SessionInfo
 from .stream import Event
+from .teammsg import call_ckey, text_key
 
 
 class Rule(Protocol):
@@ -81,7 +81,7 @@ class Match:
     team: str | None
     teammate: str | None
     ckey: str | None = None
-    tkey: str | None = None  # a message's text key (see inbox.text_key)
+    tkey: str | None = None  # a message's text key (see teammsg.text_key)
 
 
 def describe(rule: Rule, event: Event, session: SessionInfo | None = None) -> Match:
@@ -114,7 +114,7 @@ def describe(rule: Rule, event: Event, session: SessionInfo | None = None) -> Ma
             bits.append(f'"{_shorten(summary, 120)}"')
         words += " (" + ", ".join(bits) + ")"
         dedup = f"{rule.name}:{part.get('id')}:{state.get('status')}"
-        ckey = _message_ckey(tool, inp)
+        ckey = call_ckey(tool, inp)
         content = inp.get("content")
         tkey = text_key(content) if ckey and isinstance(content, str) and (inp.get("type") or "message") in (
             "message", "broadcast") else None
@@ -139,35 +139,6 @@ def describe(rule: Rule, event: Event, session: SessionInfo | None = None) -> Ma
         where += f" ({title})"
     return Match(rule=rule.name, kind="event", dedup=dedup, detail=f"{words} in {where} [{event.type}]",
                  team=team, teammate=teammate, ckey=ckey, tkey=tkey)
-
-
-def _message_ckey(tool: str, inp: Mapping[str, Any], lead: str = "team-lead") -> str | None:
-    """The content key of a send_message call, as the inbox watcher computes it from the file.
-
-    Each kind is keyed as claude-teams stores it in the recipient's inbox: a message or a
-    broadcast (to the lead) by its text, a shutdown request by its reason, an approved
-    shutdown as a ``shutdown_approved`` of its request ID, a refused one by its plain text.
-    """
-    if not tool.endswith("send_message"):
-        return None
-    team, recipient, content = inp.get("team_name"), inp.get("recipient"), inp.get("content")
-    kind = inp.get("type") or "message"
-    if not isinstance(team, str) or not team or not isinstance(kind, str):
-        return None
-    content = content if isinstance(content, str) else ""
-    if kind == "broadcast":
-        return content_key(team, lead, content) if content and inp.get("sender") != lead else None
-    if kind == "shutdown_response":
-        to = recipient if isinstance(recipient, str) and recipient else lead
-        if inp.get("approve") is True:
-            rid = inp.get("request_id")
-            return content_key(team, to, f"shutdown_approved:{rid}") if isinstance(rid, str) and rid else None
-        return content_key(team, to, content or "Shutdown rejected")
-    if not isinstance(recipient, str) or not recipient or not isinstance(inp.get("content"), str):
-        return None
-    if kind == "message":
-        return content_key(team, recipient, content)
-    return content_key(team, recipient, f"{kind}:{content}")
 
 
 def match_all(rules: Iterable[Rule], event: Event, own_session: str | None,

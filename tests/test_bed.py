@@ -17,7 +17,7 @@ import pytest
 import requests
 import sseclient
 
-from orchestratord.inbox import without_reminder
+from orchestratord.teammsg import without_reminder
 from tests.conftest import SharedBed
 from tests.support.daemon import wait_for
 from tests.support.llm import Reply, ScriptedModel, flat_text, is_title_request, last_is_tool_result, last_user_text

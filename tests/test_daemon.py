@@ -13,7 +13,7 @@ import threading
 
 import requests
 
-from orchestratord.inbox import without_reminder
+from orchestratord.teammsg import without_reminder
 from tests.support.bed import (
     NO_IDLE,
     TEAM,

@@ -14,13 +14,13 @@ from orchestratord.config import HookConfig, parse_config
 from orchestratord.dispatch import render_prompt
 from orchestratord.guard import Guard, Judge, seen_in_event, seen_in_message, seen_in_permission
 from orchestratord.hooks import Hooks
-from orchestratord.inbox import TeamMessage
 from orchestratord.ledger import Ledger
 from orchestratord.logs import LineFormatter
 from orchestratord.opencode import OpencodeClient
 from orchestratord.policy import Context, build_rules
 from orchestratord.sessions import SessionInfo
 from orchestratord.stream import normalize
+from orchestratord.teammsg import TeamMessage
 from tests.support.daemon import wait_for
 from tests.support.server import free_port
 from tests.support.webhook import Receiver
@@ -317,3 +317,4 @@ def test_closing_kills_a_running_hook(tmp_path: Path) -> None:
     wait_for(lambda: hooks.running() == 0, 10, "the hook to be killed")
     hooks.fire({"id": 2})
     assert hooks.running() == 0, "no new hooks after close"
+

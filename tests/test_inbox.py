@@ -11,19 +11,10 @@ from typing import Any
 import pytest
 
 from orchestratord import inboxfile
-from orchestratord.inbox import (
-    InboxError,
-    InboxWatcher,
-    TeamMessage,
-    content_key,
-    message_ckey,
-    message_type,
-    parse_inbox,
-    without_reminder,
-)
+from orchestratord.inbox import InboxError, InboxWatcher, parse_inbox
 from orchestratord.inboxfile import InboxFile
 from orchestratord.ledger import Ledger
-from orchestratord.triggers import _message_ckey
+from orchestratord.teammsg import TeamMessage, call_ckey, content_key, message_ckey, message_type, without_reminder
 from tests.support.daemon import holds, wait_for
 from tests.support.logcapture import caplog  # noqa: F401 - the fixture
 from tests.support.team import append_message, make_team, read_config, write_config
@@ -77,11 +68,11 @@ def test_an_oversized_entry_is_skipped_not_the_file() -> None:
 
 def test_stream_and_file_agree_on_the_content_key() -> None:
     plain = TeamMessage(TEAM, "team-lead", "worker-1", "t", "parser done", None, "message", False)
-    assert message_ckey(plain) == _message_ckey("claude-teams_send_message", {
+    assert message_ckey(plain) == call_ckey("claude-teams_send_message", {
         "team_name": TEAM, "type": "message", "recipient": "team-lead", "content": "parser done"})
     text = json.dumps({"type": "shutdown_request", "reason": "stop now", "from": "team-lead"})
     structured = TeamMessage(TEAM, "worker-1", "team-lead", "t", text, None, "shutdown_request", False)
-    assert message_ckey(structured) == _message_ckey("claude-teams_send_message", {
+    assert message_ckey(structured) == call_ckey("claude-teams_send_message", {
         "team_name": TEAM, "type": "shutdown_request", "recipient": "worker-1", "content": "stop now"})
     assert content_key(TEAM, "a", "x") != content_key(TEAM, "b", "x")
 
@@ -357,18 +348,18 @@ def test_the_content_key_ignores_the_reminder_and_matches_each_kind_of_call() ->
     send = "claude-teams_send_message"
     stored = "parser done" + REMINDER.format("worker-1")
     plain = TeamMessage(TEAM, "team-lead", "worker-1", "t", stored, None, "message", False)
-    assert message_ckey(plain) == _message_ckey(send, {"team_name": TEAM, "type": "message",
+    assert message_ckey(plain) == call_ckey(send, {"team_name": TEAM, "type": "message",
                                                         "recipient": "team-lead", "content": "parser done"})
     assert plain.short() == "parser done"
-    assert message_ckey(plain) == _message_ckey(send, {"team_name": TEAM, "type": "broadcast",
+    assert message_ckey(plain) == call_ckey(send, {"team_name": TEAM, "type": "broadcast",
                                                         "content": "parser done", "sender": "worker-1"})
     approved = json.dumps({"type": "shutdown_approved", "requestId": "shutdown-1@worker-1", "from": "worker-1",
                            "timestamp": "t", "paneId": "", "backendType": "opencode", "sessionId": "ses_1"})
     msg = TeamMessage(TEAM, "team-lead", "worker-1", "t", approved, None, "shutdown_approved", False)
-    assert message_ckey(msg) == _message_ckey(send, {"team_name": TEAM, "type": "shutdown_response",
+    assert message_ckey(msg) == call_ckey(send, {"team_name": TEAM, "type": "shutdown_response",
                                                       "request_id": "shutdown-1@worker-1", "approve": True})
     refused = TeamMessage(TEAM, "team-lead", "worker-1", "t", "still busy", "shutdown_rejected", "message", False)
-    assert message_ckey(refused) == _message_ckey(send, {"team_name": TEAM, "type": "shutdown_response",
+    assert message_ckey(refused) == call_ckey(send, {"team_name": TEAM, "type": "shutdown_response",
                                                          "request_id": "r", "approve": False,
                                                          "content": "still busy"})
     assert without_reminder("a <system_reminder>x</system_reminder> b") == "a <system_reminder>x</system_reminder> b"

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import pytest
 
-from orchestratord.inbox import TeamMessage
 from orchestratord.inboxfile import BATCH, CHUNK, Entry, InboxError, InboxFile, message_identity
+from orchestratord.teammsg import TeamMessage
 
 TEAM, LEAD = "my-team", "team-lead"
 REMINDER = "\n\n<system_reminder>This message was sent from {0}. Use your send_message tool to respond.</system_reminder>"

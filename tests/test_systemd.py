@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from orchestratord.inbox import without_reminder
+from orchestratord.teammsg import without_reminder
 from tests.support.bed import TEAM, script_orchestrator, script_teammate, send_message_args
 from tests.support.daemon import wait_for, write_config
 from tests.support.systemd import BootedSystemd, why_not

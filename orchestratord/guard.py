@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from . import logs
@@ -39,6 +40,9 @@ FROM_MESSAGE, FROM_TOOL, FROM_PERMISSION, FROM_OUTPUT = "message", "tool", "perm
 PATH_TOOLS = {"read", "write", "edit", "multiedit", "patch"}
 PATH_PERMISSIONS = {"edit", "read", "external_directory"}
 URGENT = ("critical", "high")
+#: how many judgements of short inputs are remembered, and how short
+JUDGED_CACHE = 1024
+JUDGED_TEXT = 4096
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,9 @@ class Judge:
         self.enabled = enabled
         self.leads = tuple(dict.fromkeys((*leads, DEFAULT_SENDER)))
         self._by_name = {r.name: r for r in self.rules}
+        # A tool call is seen again at each state it reaches (running, completed) with the
+        # same input, and a teammate repeats its commands: each is judged once.
+        self._judged = lru_cache(maxsize=JUDGED_CACHE)(self._judge)
 
     @classmethod
     def from_config(cls, safety: Any, lead: str = DEFAULT_SENDER) -> "Judge":
@@ -197,7 +204,12 @@ class Judge:
             return []
         if (context is None or context.project is None) and seen.directory and seen.directory.startswith("/"):
             context = Context(project=seen.directory, home=context.home if context else None)
-        return evaluate(seen.text, seen.kind, self.rules, context)
+        if len(seen.text) > JUDGED_TEXT:
+            return evaluate(seen.text, seen.kind, self.rules, context)
+        return list(self._judged(seen.text, seen.kind, context))
+
+    def _judge(self, text: str, kind: str, context: Context | None) -> tuple[Finding, ...]:
+        return tuple(evaluate(text, kind, self.rules, context))
 
     def rule(self, name: str) -> Rule | None:
         return self._by_name.get(name)

@@ -12,12 +12,12 @@ import pytest
 
 from orchestratord.config import HookConfig, parse_config
 from orchestratord.dispatch import render_prompt
-from orchestratord.guard import Guard, Judge, seen_in_event, seen_in_message, seen_in_permission
+from orchestratord.guard import JUDGED_TEXT, Guard, Judge, Seen, seen_in_event, seen_in_message, seen_in_permission
 from orchestratord.hooks import Hooks
 from orchestratord.ledger import Ledger
 from orchestratord.logs import LineFormatter
 from orchestratord.opencode import OpencodeClient
-from orchestratord.policy import Context, build_rules
+from orchestratord.policy import COMMAND, Context, build_rules
 from orchestratord.sessions import SessionInfo
 from orchestratord.stream import normalize
 from orchestratord.teammsg import TeamMessage
@@ -318,3 +318,18 @@ def test_closing_kills_a_running_hook(tmp_path: Path) -> None:
     hooks.fire({"id": 2})
     assert hooks.running() == 0, "no new hooks after close"
 
+
+def test_a_command_judged_again_gets_the_same_findings_and_a_caller_cannot_change_them() -> None:
+    """A tool call is seen at each of its states with the same input: judged once, then
+    remembered; each caller gets its own list (the judge appends a forged-sender finding)."""
+    judge = Judge(build_rules(()))
+    seen = Seen("tool", COMMAND, "rm -rf ~", "prt_1", directory="/srv/p")
+    first = judge.findings(seen)
+    assert first and judge._judged.cache_info().misses == 1
+    first.append(first[0])
+    again = judge.findings(seen)
+    assert again == first[:-1] and judge._judged.cache_info().hits == 1
+    assert judge.findings(Seen("tool", COMMAND, "rm -rf ~", "prt_2", directory="/srv/q")) == again
+    assert judge._judged.cache_info().misses == 2, "another project is judged apart"
+    long = Seen("tool", COMMAND, "rm -rf ~ # " + "x" * JUDGED_TEXT, "prt_3")
+    assert judge.findings(long) and judge._judged.cache_info().currsize == 2, "a long input is not kept"

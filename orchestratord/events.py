@@ -9,7 +9,9 @@ size and UTF-8 guard), whose frames sseclient-py reads. High-volume events that 
 reader would neither store nor match against a rule (``message.part.delta`` with the
 default settings) are recognised from the start of their frame's data line, in front of
 sseclient-py, and only counted, and their session marked active: parsing and decoding
-them would be most of the work and change nothing else.
+them would be most of the work and change nothing else. So are the ``sync`` copies of
+``/global/event`` when they are not stored: the seq at the start of the frame is all the
+cursor needs of them.
 """
 
 from __future__ import annotations
@@ -275,27 +277,35 @@ class EventReader(Worker):
             self._hand_over_tally()
 
     def _to_decode(self, frames: Iterator[bytes]) -> Iterator[bytes]:
-        """The frames worth decoding; count-only ones (deltas) are tallied and passed over.
+        """The frames worth decoding; count-only ones (deltas) are tallied and passed over, and
+        sync copies that are not stored give their seq to the cursor and are passed over.
 
         The tally goes to the shared state before a frame is passed on, so an event that
         is handled is never counted ahead of the deltas before it.
         """
         count_only = self._count_only
+        skip_syncs = self.store != "all"  # a sync copy's only use then: the seq it carries
+        note_seq = self.eventlog.note_seq
         guard = self._frame_guard
         stop = self._stop
-        head = HEAD.match  # what head_session reads, its session left undecoded until handed over
+        head = HEAD.match  # what head_session and head_sync read, a delta's session left undecoded
         for frame in frames:
             if stop.is_set():
                 return
-            if count_only and (m := head(frame)) is not None and (sid := m.group(2)) is not None \
-                    and m.group(1) in count_only:
-                if not self._tally:
-                    self._tally_since = self.clock()
-                self._tally += 1
-                self._tally_sessions[sid] = None  # a streaming session is not a stalled one
-                if guard.oversized != self._reported_oversized or guard.undecodable != self._reported_undecodable:
-                    self._report_frame_guard()
-                continue
+            if (m := head(frame)) is not None:
+                if (sid := m.group(2)) is not None:
+                    if m.group(1) in count_only:
+                        if not self._tally:
+                            self._tally_since = self.clock()
+                        self._tally += 1
+                        self._tally_sessions[sid] = None  # a streaming session is not a stalled one
+                        if guard.oversized != self._reported_oversized or \
+                                guard.undecodable != self._reported_undecodable:
+                            self._report_frame_guard()
+                        continue
+                elif skip_syncs and (seq := m.group(3)) is not None and m.group(1) == b"sync":
+                    note_seq(m.group(4).decode(), int(seq))
+                    continue
             self.beat()
             self._hand_over_tally()
             yield frame
@@ -304,12 +314,13 @@ class EventReader(Worker):
         """The bytes read so far are used up: the tally goes to the shared state once it is a
         moment old or the stream pauses (the stall watch must not take a session that has
         just streamed for a quiet one), the batch to the ledger (see EventLog.drained)."""
-        self.beat()
+        now = self.clock()
+        self.heartbeat = now  # beat(), written out: this runs once per chunk
         if not self._tally:
             self.eventlog.drained()
             return
         more = self._more_waiting()  # one poll serves the batch too
-        if not more or self.clock() - self._tally_since >= TALLY_SECONDS:
+        if not more or now - self._tally_since >= TALLY_SECONDS:
             self._hand_over_tally()
         self.eventlog.drained(more)
 

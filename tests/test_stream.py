@@ -15,7 +15,7 @@ from orchestratord.config import DEFAULT_TRIGGERS
 from orchestratord.events import TALLY_SECONDS, EventReader
 from orchestratord.ledger import Ledger
 from orchestratord.state import Shared
-from orchestratord.stream import HIGH_VOLUME, FrameGuard, from_sync, head_session, normalize, read_data
+from orchestratord.stream import HIGH_VOLUME, FrameGuard, from_sync, head_session, head_sync, normalize, read_data
 from orchestratord.triggers import RuleSet, match_all
 from tests.support.reference import reference_dir
 
@@ -139,7 +139,7 @@ def _recorded_frames(name: str) -> list[bytes]:
 
 @pytest.mark.parametrize("name", ["global-event-stream.sse", "global-event-stream-with-sync.sse"])
 def test_head_agrees_with_the_full_decode(name: str) -> None:
-    seen = 0
+    seen = syncs = 0
     for frame in _recorded_frames(name):
         data = next(read_data([frame]))
         event = normalize(json.loads(data), data)
@@ -149,7 +149,14 @@ def test_head_agrees_with_the_full_decode(name: str) -> None:
         if event.type in HIGH_VOLUME:
             assert with_session is not None
             seen += 1
+        sync = head_sync(frame)
+        if event.type == "sync":
+            assert event.sync is not None and sync == (event.session_id, event.sync["seq"])
+            syncs += 1
+        else:
+            assert sync is None
     assert seen
+    assert syncs or "sync" not in name
 
 
 def test_head_leaves_unusual_frames_to_the_full_decode() -> None:
@@ -161,6 +168,55 @@ def test_head_leaves_unusual_frames_to_the_full_decode() -> None:
     assert head_session(b'data: {"directory":"a\\"b","payload":{"type":"message.part.delta",' + props + b'}}\n\n') is None
     assert head_session(b'data: {"payload":{"type":"message.part.d\\u0065lta",' + props + b'}}\n\n') is None
     assert head_session(b'event: x\ndata: {"payload":{"type":"message.part.delta",' + props + b'}}\n\n') is None
+
+
+def test_a_sync_head_is_read_only_when_plain() -> None:
+    def frame(payload_type: bytes, head: bytes) -> bytes:
+        return b'data: {"directory":"/p","payload":{"type":"%s","syncEvent":{%s,"data":{}}}}\n\n' % (payload_type, head)
+    plain = b'"id":"evt_1","type":"message.updated.1","seq":%s,"aggregateID":"%s"'
+    assert head_sync(frame(b"sync", plain % (b"12", b"ses_a"))) == ("ses_a", 12)
+    assert head_sync(frame(b"sync", plain % (b"1.0", b"ses_a"))) is None
+    assert head_sync(frame(b"sync", plain % (b"-1", b"ses_a"))) is None
+    assert head_sync(frame(b"sync", plain % (b"3", b"ses_\\u0061"))) is None
+    assert head_sync(frame(b"other", plain % (b"3", b"ses_a"))) is None
+    assert head_sync(frame(b"sync", b'"id":"evt_1","seq":3,"type":"x","aggregateID":"ses_a"')) is None
+
+
+def test_sync_copies_not_stored_move_the_cursor_without_a_decode(tmp_path: Path) -> None:
+    """With the default store a sync copy's seq is read off its frame, and the cursor the
+    ledger holds moves on with it; with store = "all" the copy is decoded and kept."""
+    def sync(seq: int) -> bytes:
+        return (b'data: {"directory":"/p","payload":{"type":"sync","syncEvent":{"id":"evt_%d","type":"session.updated.1",'
+                b'"seq":%d,"aggregateID":"ses_a","data":{"sessionID":"ses_a"}}}}\n\n' % (seq, seq))
+    decoded: list[str] = []
+    for store in ("default", "all"):
+        r = _failure_reader(tmp_path / store, [False])
+        r.store = store
+        one_event = r._one_event
+
+        def counted(data: str, store: str = store, one_event: Callable[[str], None] = one_event) -> None:
+            decoded.append(store)
+            one_event(data)
+        r._one_event = counted  # type: ignore[method-assign]
+        chunks = [sync(4), sync(5) + sync(7)]
+
+        class Resp:
+            def iter_content(self, size: int) -> Iterator[bytes]:
+                return iter(chunks)
+        assert r.ledger is not None
+        r._consume(Resp())  # type: ignore[arg-type]
+        r.eventlog.flush()
+        r.eventlog.save_seq()
+        r.ledger.close()
+        assert r.eventlog.last_seq == {"ses_a": 7}
+        again = Ledger(str(tmp_path / store / "ledger.db"))
+        try:
+            assert again.get_meta("sync.last_seq") == json.dumps({"ses_a": 7})
+            stored = again.db.execute("SELECT COUNT(*) FROM events WHERE type = 'sync'").fetchone()[0]
+        finally:
+            again.close()
+        assert stored == (3 if store == "all" else 0)
+    assert decoded == ["all"] * 3
 
 
 @pytest.mark.parametrize("name", ["global-event-stream.sse", "event-stream-prompt-cycle.sse"])

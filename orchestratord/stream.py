@@ -156,14 +156,6 @@ class FrameGuard:
         for chunk in chunks:
             if not chunk:
                 continue
-            if not buf and chunk.find(b"\n\n") == len(chunk) - 2 and b"\r" not in chunk:
-                # One whole frame, as opencode sends each event: nothing to cut or carry over.
-                if skipping:
-                    skipping = False
-                elif (len(chunk) - 2 <= max_bytes and chunk.isascii()) or self._usable(chunk[:-2]):
-                    yield chunk
-                drained()
-                continue
             if b"\r" in chunk or buf.endswith(b"\r"):
                 chunk = buf + chunk
                 buf = b""

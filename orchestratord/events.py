@@ -286,13 +286,14 @@ class EventReader(Worker):
         count_only = self._count_only
         skip_syncs = self.store != "all"  # a sync copy's only use then: the seq it carries
         note_seq = self.eventlog.note_seq
+        passing = bool(count_only) or skip_syncs  # with neither (store = "all"), every frame is decoded
         guard = self._frame_guard
         stop = self._stop
         head = HEAD.match  # what head_session and head_sync read, a delta's session left undecoded
         for frame in frames:
             if stop.is_set():
                 return
-            if (m := head(frame)) is not None:
+            if passing and (m := head(frame)) is not None:
                 if (sid := m.group(2)) is not None:
                     if m.group(1) in count_only:
                         if not self._tally:

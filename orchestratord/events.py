@@ -295,7 +295,7 @@ class EventReader(Worker):
                 return
             if passing and (m := head(frame)) is not None:
                 if (sid := m.group(2)) is not None:
-                    if m.group(1) in count_only:
+                    if m.group(1) in count_only and b"\\" not in sid:  # stream.plain, inline
                         if not self._tally:
                             self._tally_since = self.clock()
                         self._tally += 1
@@ -304,8 +304,9 @@ class EventReader(Worker):
                                 guard.undecodable != self._reported_undecodable:
                             self._report_frame_guard()
                         continue
-                elif skip_syncs and (seq := m.group(3)) is not None and m.group(1) == b"sync":
-                    note_seq(m.group(4).decode(), int(seq))
+                elif skip_syncs and (seq := m.group(3)) is not None and m.group(1) == b"sync" and \
+                        b"\\" not in (aggregate := m.group(4)):
+                    note_seq(aggregate.decode(), int(seq))
                     continue
             self.beat()
             self._hand_over_tally()

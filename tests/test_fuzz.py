@@ -24,7 +24,7 @@ from orchestratord.guard import Judge, seen_in_event, seen_in_permission
 from orchestratord.inbox import InboxError, parse_inbox
 from orchestratord.inboxfile import InboxFile, parse_inbox_bytes
 from orchestratord.policy import COMMAND, MESSAGE, PATH, TOOL, Context, build_rules, evaluate
-from orchestratord.stream import Event, FrameGuard, normalize, read_data
+from orchestratord.stream import Event, FrameGuard, head_session, head_sync, normalize, read_data
 from orchestratord.triggers import match_all
 from tests.support import faults
 from tests.support.reference import reference_dir, teams_examples_dir
@@ -197,6 +197,43 @@ def test_events_of_any_shape(payload: Any, etype: str) -> None:
     if isinstance(payload, dict):
         for seen in seen_in_permission(payload):
             JUDGE.findings(seen)
+
+
+# Strings that try to pass for the structure around them once they are escaped.
+tricky = st.lists(st.sampled_from(['"', "\\", ",", ":", "{", "}", "a", "s", "é", '","type":"', '"payload":{',
+                                  ',"properties":{"sessionID":"', '"sessionID":"', '","seq":1,"aggregateID":"',
+                                  'message.part.delta', "sync", "\\u0061", "\\\""]), max_size=8).map("".join)
+
+
+@FUZZ
+@given(directory=tricky, project=tricky, eid=tricky, etype=tricky | st.sampled_from(["message.part.delta", "sync"]),
+       sid=tricky, seq=st.integers(-3, 2**53), ascii_only=st.booleans(), sync=st.booleans())
+def test_the_frame_head_is_the_decoded_value_or_nothing(directory: str, project: str, eid: str, etype: str, sid: str,
+                                                         seq: int, ascii_only: bool, sync: bool) -> None:
+    """What the reader reads off the start of a frame, to pass it over undecoded, is what the
+    full decode gives, whatever quotes and escapes the strings before it hold."""
+    inner: dict[str, Any] = {"id": eid, "type": "sync" if sync else etype}
+    if sync:
+        inner["syncEvent"] = {"id": eid, "type": etype, "seq": seq, "aggregateID": sid, "data": {}}
+    else:
+        inner["properties"] = {"sessionID": sid, "delta": "x"}
+    obj = {"directory": directory, "project": project, "payload": inner}
+    frame = b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=ascii_only).encode() + b"\n\n"
+    data = next(read_data([frame]))
+    event = normalize(json.loads(data), data)
+    if event is None:  # an empty type, or a sync without its copy: not an event at all
+        assert etype in ("", "sync") and not sync and head_sync(frame) is None
+        return
+    with_session = head_session(frame)
+    assert with_session is None or with_session == (event.type.encode(), event.session_id)
+    from_sync = head_sync(frame)
+    assert from_sync is None or (event.sync is not None and from_sync == (event.session_id, event.sync["seq"]))
+    # And when nothing needs an escape, the head is read: the fast path is taken.
+    if all('"' not in v and "\\" not in v and (v.isascii() or not ascii_only) for v in (directory, project, eid, etype, sid)):
+        if not sync:
+            assert with_session is not None
+        elif seq >= 0:
+            assert from_sync is not None
 
 
 @FUZZ

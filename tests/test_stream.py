@@ -167,6 +167,8 @@ def test_head_leaves_unusual_frames_to_the_full_decode() -> None:
     assert head_session(b'data: {"type":"message.part.delta",' + props + b',"payload":{"type":"x"}}\n\n') is None
     assert head_session(b'data: {"directory":"a\\"b","payload":{"type":"message.part.delta",' + props + b'}}\n\n') is None
     assert head_session(b'data: {"payload":{"type":"message.part.d\\u0065lta",' + props + b'}}\n\n') is None
+    assert head_session(b'data: {"payload":{"type":"message.part.delta","properties":{"sessionID":"a\\"b"}}}\n\n') is None
+    assert head_session(b'data: {"payload":{"id":"x\\",\\"type\\":\\"y","type":"message.part.delta",' + props + b'}}\n\n') is None
     assert head_session(b'event: x\ndata: {"payload":{"type":"message.part.delta",' + props + b'}}\n\n') is None
 
 
@@ -217,6 +219,27 @@ def test_sync_copies_not_stored_move_the_cursor_without_a_decode(tmp_path: Path)
             again.close()
         assert stored == (3 if store == "all" else 0)
     assert decoded == ["all"] * 3
+
+
+def test_a_head_with_an_escape_in_its_session_is_decoded_in_full(tmp_path: Path) -> None:
+    """The head is read up to the next quote; a session written with an escape is read by
+    the full decode, so the delta counts for the session it names and the seq goes to it."""
+    delta = b'data: {"payload":{"type":"message.part.delta","properties":{"sessionID":"ses_\\u0061","delta":"x"}}}\n\n'
+    sync = (b'data: {"payload":{"type":"sync","syncEvent":{"id":"evt_1","type":"session.updated.1","seq":9,'
+            b'"aggregateID":"ses_\\u0062","data":{}}}}\n\n')
+    assert head_session(delta) is None and head_sync(sync) is None
+    r = _failure_reader(tmp_path, [True])
+    decoded: list[str] = []
+    one_event = r._one_event
+
+    def counted(data: str) -> None:
+        decoded.append(data)
+        one_event(data)
+    r._one_event = counted  # type: ignore[method-assign]
+    _consume_all(r, iter([delta, sync]))
+    assert len(decoded) == 2
+    assert r.shared.activity("ses_a") is not None and r.shared.activity("ses_\\u0061") is None
+    assert r.eventlog.last_seq == {"ses_b": 9}
 
 
 @pytest.mark.parametrize("name", ["global-event-stream.sse", "event-stream-prompt-cycle.sse"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import select
 import socket
 import sqlite3
 import threading
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import requests
 
-from . import ledgerwatch, logs, metrics
+from . import backlog, ledgerwatch, logs, metrics
 from .eventlog import EventLog
 from .guard import Judge
 from .ledger import EventRow, Ledger
@@ -85,7 +84,7 @@ class EventReader(Worker):
         self.max_event_bytes = max_event_bytes
         self.reconnect_max = reconnect_max
         self.store = store
-        self._waiting: select.poll | None = None  # says whether more of the stream is already here
+        self._waiting: backlog.Backlog | None = None  # says whether more of the stream is already here
         #: the rows read and the sync cursor they reach, written together
         self.eventlog = EventLog(clock, self._more_waiting)
         self.on_own_activity = on_own_activity
@@ -171,7 +170,7 @@ class EventReader(Worker):
             return self._failed(str(exc), starting=starting)
         with self._resp_lock:
             self._resp = resp
-        self._waiting = _poller(resp)
+        self._waiting = backlog.for_response(resp, self._frame_guard)
         try:
             try:
                 self._connected()
@@ -394,23 +393,5 @@ class EventReader(Worker):
             raise
 
     def _more_waiting(self) -> bool:
-        poller = self._waiting
-        if poller is None:
-            return False
-        try:
-            return bool(poller.poll(0))
-        except (OSError, ValueError):
-            return False
-
-
-def _poller(resp: requests.Response) -> select.poll | None:
-    """A poll on the stream's socket, to see without blocking whether more bytes have come."""
-    sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
-    if sock is None or getattr(sock, "pending", None) is not None:
-        return None  # no socket, or TLS: bytes may wait inside the TLS layer; write at every pause
-    try:
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-    except (OSError, ValueError):
-        return None
-    return poller
+        waiting = self._waiting
+        return waiting is not None and waiting.more()

@@ -159,6 +159,8 @@ class FrameGuard:
         self.on_drained = on_drained
         self.oversized = 0
         self.undecodable = 0
+        self.taken = 0  # bytes and chunks read so far (what :class:`~.backlog.Backlog` counts)
+        self.chunks = 0
 
     def frames(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         buf = b""
@@ -166,6 +168,8 @@ class FrameGuard:
         max_bytes = self.max_bytes
         drained = self.on_drained or (lambda: None)
         for chunk in chunks:
+            self.taken += len(chunk)
+            self.chunks += 1
             if not chunk:
                 continue
             if b"\r" in chunk or buf.endswith(b"\r"):

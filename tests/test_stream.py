@@ -260,9 +260,9 @@ def test_deltas_are_counted_in_tallies_that_reach_the_shared_state_within_moment
     now = [100.0]
     more = [True]
 
-    class Poll:
-        def poll(self, timeout: float) -> list[tuple[int, int]]:
-            return [(0, 1)] if more[0] else []
+    class Backlog:
+        def more(self) -> bool:
+            return more[0]
     shared = Shared(clock=lambda: now[0])
 
     def delta(sid: str) -> bytes:
@@ -297,7 +297,7 @@ def test_deltas_are_counted_in_tallies_that_reach_the_shared_state_within_moment
                     on_own_activity=lambda: None, clock=lambda: now[0])
     r.ledger = Ledger(str(tmp_path / "ledger.db"))
     r.eventlog.load(r.ledger)
-    r._waiting = Poll()  # type: ignore[assignment]
+    r._waiting = Backlog()  # type: ignore[assignment]
     try:
         r._consume(Resp())  # type: ignore[arg-type]
     finally:
@@ -311,9 +311,9 @@ def _failure_reader(tmp_path: Path, more: list[bool], on_trigger: Callable[[], N
                     desk: Any = None) -> EventReader:
     """A reader whose one trigger rule is any session.error, its ledger open, on a socket
     that says more is waiting while ``more[0]``."""
-    class Poll:
-        def poll(self, timeout: float) -> list[tuple[int, int]]:
-            return [(0, 1)] if more[0] else []
+    class Backlog:
+        def more(self) -> bool:
+            return more[0]
 
     rule = type(DEFAULT_TRIGGERS[0])(name="failed", event="session.error")
     r = EventReader(shared=Shared(), make_client=lambda: None,  # type: ignore[arg-type,return-value]
@@ -323,7 +323,7 @@ def _failure_reader(tmp_path: Path, more: list[bool], on_trigger: Callable[[], N
     r.ledger = Ledger(str(tmp_path / "ledger.db"))
     r.eventlog.load(r.ledger)
     r.reactions.bind(r.ledger, None)  # type: ignore[arg-type]
-    r._waiting = Poll()  # type: ignore[assignment]
+    r._waiting = Backlog()  # type: ignore[assignment]
     return r
 
 

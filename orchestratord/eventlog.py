@@ -101,18 +101,20 @@ class EventLog:
         if len(self._batch) >= BATCH_ROWS:
             self.flush()
 
-    def drained(self, more: bool | None = None) -> None:
+    def drained(self, more: bool | None = None, now: float | None = None) -> None:
         """The bytes read so far are used up: write the batch, unless more is already waiting
-        (``more``, when the reader has asked the socket already; else ``more_waiting`` is asked).
+        (``more``, when the reader has asked the socket already; else ``more_waiting`` is asked;
+        ``now``, when it has read the clock already).
 
         opencode sends each event in its own HTTP chunk, so this runs after every event.
         While the stream runs ahead of us, rows are written in batches (at most
         ``BATCH_ROWS`` or ``BATCH_SECONDS`` old); once it pauses, at once.
         """
         if self._held is not None:
-            if self.clock() - self._held_since >= GROUP_SECONDS or not (self.more_waiting() if more is None else more):
+            if (self.clock() if now is None else now) - self._held_since >= GROUP_SECONDS or \
+                    not (self.more_waiting() if more is None else more):
                 self.commit()
-        elif self._batch and (self.clock() - self._batch_since >= BATCH_SECONDS
+        elif self._batch and ((self.clock() if now is None else now) - self._batch_since >= BATCH_SECONDS
                               or not (self.more_waiting() if more is None else more)):
             self.flush()
 

@@ -318,12 +318,13 @@ class EventReader(Worker):
         now = self.clock()
         self.heartbeat = now  # beat(), written out: this runs once per chunk
         if not self._tally:
-            self.eventlog.drained()
+            self.eventlog.drained(now=now)
             return
-        more = self._more_waiting()  # one poll serves the batch too
+        waiting = self._waiting  # _more_waiting, written out; one answer serves the batch too
+        more = waiting is not None and waiting.more()
         if not more or now - self._tally_since >= TALLY_SECONDS:
             self._hand_over_tally()
-        self.eventlog.drained(more)
+        self.eventlog.drained(more, now)
 
     def _hand_over_tally(self) -> None:
         if self._tally:

@@ -182,6 +182,13 @@ class FrameGuard:
                 if held:
                     chunk += b"\r"
                 pieces = chunk.split(b"\n\n")
+            elif not buf and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2:  # one frame
+                if skipping:
+                    skipping = False
+                elif (len(chunk) <= max_bytes and chunk.isascii()) or self._usable(chunk[:-2]):
+                    yield chunk
+                drained()
+                continue
             else:
                 pieces = (buf + chunk).split(b"\n\n") if buf else chunk.split(b"\n\n")
             buf = pieces.pop()

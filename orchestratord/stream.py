@@ -198,7 +198,7 @@ class FrameGuard:
                     continue
                 if (len(piece) <= max_bytes and piece.isascii()) or self._usable(piece):
                     yield piece + b"\n\n"
-            if len(buf) > max_bytes:
+            if len(buf) > max_bytes + 2:  # a frame at the limit and the start of the blank line after it
                 if not skipping:
                     self.oversized += 1
                 skipping = True

@@ -75,16 +75,19 @@ def test_invalid_utf8_frame_is_dropped_not_fatal() -> None:
 def test_chunks_of_one_whole_frame_each_read_as_the_same_bytes_in_other_cuts() -> None:
     """opencode sends each event in a chunk of its own, and the guard takes such a chunk
     as it is: what it yields, refuses and counts must not differ from other cuttings."""
-    near_limit = b'data: {"type":"y","p":"' + b"y" * 975 + b'"}'  # 1,000 bytes, the limit 1,024
+    at_limit = b'data: {"type":"y","p":"' + b"y" * 999 + b'"}'  # 1,024 bytes: the most let through
+    assert len(at_limit) == 1024
     frames = [b'data: {"type":"a"}\n\n', b"\n\n", b'data: {"type":"\xff"}\n\n', b"data: " + b"x" * 1030 + b"\n\n",
-              near_limit + b"\n\n", b'data: {"type":"b"}\n\n', b"\n", b"\n", b'data: {"type":"c"}\n\n']
+              at_limit + b"\n\n", b'data: {"type":"b"}\n\n', b"\n", b"\n", b'data: {"type":"c"}\n\n']
     raw = b"".join(frames)
     whole, guard = parse(frames, max_bytes=1024)
     assert [json.loads(d)["type"] for d in whole] == ["a", "y", "b", "c"]
     assert (guard.oversized, guard.undecodable) == (1, 1)
-    for size in (1, 5, 700, len(raw)):
-        got, g = parse([raw[i:i + size] for i in range(0, len(raw), size)], max_bytes=1024)
-        assert (got, g.oversized, g.undecodable) == (whole, 1, 1)
+    for newline in (b"\n", b"\r\n", b"\r"):
+        ended = raw.replace(b"\n", newline)
+        for size in (1, 5, 700, len(ended)):
+            got, g = parse([ended[i:i + size] for i in range(0, len(ended), size)], max_bytes=1024)
+            assert (got, g.oversized, g.undecodable) == (whole, 1, 1), (newline, size)
     # after an oversized frame cut over two chunks, a chunk of one frame ends the skipped one
     got, guard = parse([b"data: " + b"z" * 2000, b'\ndata: {"type":"its last line"}\n\n', b'data: {"type":"d"}\n\n'],
                        max_bytes=1024)

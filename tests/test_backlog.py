@@ -13,13 +13,21 @@ import io
 import random
 import socket
 import threading
+import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from orchestratord import backlog
 from orchestratord.backlog import Backlog
+from orchestratord.config import DEFAULT_TRIGGERS
+from orchestratord.events import EventReader
+from orchestratord.ledger import Ledger
+from orchestratord.opencode import OpencodeClient
+from orchestratord.state import Shared
 from orchestratord.stream import FrameGuard
+from tests.bench.replay import ReplayServer
 
 
 def _frame(n: int, size: int) -> bytes:
@@ -158,3 +166,42 @@ def test_a_closed_socket_is_not_more(pair: tuple[socket.socket, socket.socket]) 
     waiting = Backlog(b.fileno(), FrameGuard(1 << 20))
     b.close()
     assert not waiting.more()
+
+
+def test_a_burst_read_through_the_reader_commits_its_triggers_before_the_server_sends_again(
+        tmp_path: Path) -> None:
+    """The whole path: a server sends a burst (a failed session every 200th frame, the
+    last one too) and then nothing, with the connection open. The reader holds the triggers'
+    commit while more of the burst waits; once it is read, the backlog must say so, or the
+    commit would be held across a read that waits for the server's next event."""
+    # Comments between the events: tiny frames, whose chunked framing is a third of the
+    # bytes on the wire, far more than the reading side's buffer could make up for.
+    frames = [b'data: {"payload":{"type":"session.error","properties":{"sessionID":"ses_%d","error":{}}}}\n\n' % i
+              if i % 200 == 199 else b": %d\n\n" % i for i in range(4000)]
+    burst = tmp_path / "burst"
+    burst.write_bytes(_chunked(frames))
+    rule = type(DEFAULT_TRIGGERS[0])(name="failed", event="session.error")
+    with ReplayServer(heartbeat_seconds=3600) as server:
+        reader = EventReader(shared=Shared(server_url=server.url), make_client=lambda: OpencodeClient(server.url),
+                             ledger_path=str(tmp_path / "ledger.db"), stream="global", directory=None,
+                             read_timeout=3600, max_event_bytes=1 << 20, reconnect_max=1, store="default",
+                             rules=(rule,), on_trigger=lambda: None, on_own_activity=lambda: None)
+        reader.setup()
+        other = Ledger(str(tmp_path / "ledger.db"))
+        thread = threading.Thread(target=reader.step, name="reader")
+        try:
+            server.feed.put(burst)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while len(other.pending_triggers()) < 20 and time.monotonic() < deadline and thread.is_alive():
+                time.sleep(0.01)
+            committed, holding = len(other.pending_triggers()), reader.eventlog.holding
+            sent = server.sent_files
+        finally:
+            server.feed.put(None)
+            thread.join(30)
+            reader.teardown()
+            other.close()
+    assert sent == 1, "the burst went out, and nothing after it"
+    assert committed == 20, "every trigger of the burst committed while the server sent nothing more"
+    assert not holding

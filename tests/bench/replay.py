@@ -30,7 +30,8 @@ _MESSAGES = re.compile(r"^/session/([^/]+)/message$")
 
 
 class ReplayServer:
-    def __init__(self) -> None:
+    def __init__(self, heartbeat_seconds: float = 10.0) -> None:
+        self.heartbeat_seconds = heartbeat_seconds  # a heartbeat after this long with nothing queued
         self.feed: "queue.Queue[Path | None]" = queue.Queue()
         self.sent_files = 0  # files fully handed to the kernel
         self.prompts: dict[str, list[str]] = {}  # session -> messageIDs posted
@@ -112,7 +113,7 @@ class ReplayServer:
                     self.wfile.flush()
                     while not replay._stop.is_set():
                         try:
-                            item = replay.feed.get(timeout=10)
+                            item = replay.feed.get(timeout=replay.heartbeat_seconds)
                         except queue.Empty:
                             self.wfile.write(chunk(HEARTBEAT))
                             self.wfile.flush()

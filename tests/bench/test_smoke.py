@@ -63,7 +63,8 @@ def test_memory_stages_and_table(tmp_path: Path, stream: corpus.Corpus) -> None:
     text = run.table({"ingest": {"bare_per_s": 2, "default_per_s": 1, "all_per_s": 1, "default_ratio": 0.5,
                                  "all_ratio": 0.5, "per_cpu_s": {"bare": 4, "default": 2, "all": 1},
                                  "default_ratio_cpu": 0.5, "all_ratio_cpu": 0.25, "coalesced_bare_per_s": 3,
-                                 "coalesced_default_per_s": 2, "coalesced_ratio": 0.67, "coalesced_ratio_cpu": 0.6},
+                                 "coalesced_default_per_s": 2, "coalesced_ratio": 0.67, "coalesced_ratio_cpu": 0.6,
+                                 "default_ratio_paired": 0.55, "coalesced_ratio_paired": 0.65},
                       "ledger": {"events": 10, "mb": 1.0, "rows": 5, "status_json_ms": 90.0,
                                  "python_start_and_import_ms": 60.0, "writer_rows_per_s": 3},
                       "memory": out, "live": fake_live, "rules": rules.run(), "inboxes": FAKE_INBOXES,
@@ -72,6 +73,7 @@ def test_memory_stages_and_table(tmp_path: Path, stream: corpus.Corpus) -> None:
                                  "echo": {"n": 20, "p50_ms": 14.0, "p99_ms": 29.0}}})
     assert "ingest: reader, default store" in text and "after 200 messages" in text
     assert "ingest, coalesced: reader, default store" in text
+    assert "0.55 x one event per chunk; 0.65 x coalesced" in text
     assert "rules: must-block caught (reject tier)" in text and "broker: permission.asked" in text
 
 

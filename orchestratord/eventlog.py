@@ -110,12 +110,14 @@ class EventLog:
         While the stream runs ahead of us, rows are written in batches (at most
         ``BATCH_ROWS`` or ``BATCH_SECONDS`` old); once it pauses, at once.
         """
+        if self._held is None and not self._batch:
+            return
+        if now is None:
+            now = self.clock()
         if self._held is not None:
-            if (self.clock() if now is None else now) - self._held_since >= GROUP_SECONDS or \
-                    not (self.more_waiting() if more is None else more):
+            if now - self._held_since >= GROUP_SECONDS or not (self.more_waiting() if more is None else more):
                 self.commit()
-        elif self._batch and ((self.clock() if now is None else now) - self._batch_since >= BATCH_SECONDS
-                              or not (self.more_waiting() if more is None else more)):
+        elif now - self._batch_since >= BATCH_SECONDS or not (self.more_waiting() if more is None else more):
             self.flush()
 
     def flush(self, then: Callable[[], T] | None = None) -> T | None:

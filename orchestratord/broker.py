@@ -56,6 +56,7 @@ APPROVE, REJECT, HOLD, LEAVE = "approve", "reject", "hold", "leave"
 NO_RULE = None
 RETRY_COVER = 30.0
 PERSON_POLL = 1.0
+PERSON_MARGIN = 5.0  # seconds past the answering command's own request timeout
 #: how long after its rules went on a session is watched for a turn begun before them
 WATCH_SECONDS = 30.0
 #: a restarted turn that the server aborts at once is prompted again, this many times
@@ -105,6 +106,9 @@ class BrokerSettings:
     release_on_stop: bool = False
     teams: tuple[str, ...] = ()
     own_title: str = "orchestrator"
+    # How long a person's answer is left to the command that recorded it (it sends it itself)
+    # before the daemon sends it: that command's request timeout and a margin.
+    person_first: float = 15.0
 
     def block(self, action: str = "ask") -> list[dict[str, str]]:
         """The rules appended to a session: each brokered permission asks (or, at release, is allowed)."""
@@ -199,7 +203,8 @@ class Broker(ServerWorker):
         s = cfg.safety
         settings = BrokerSettings(enabled=s.enabled and s.broker, sessions=s.broker_sessions, ask=s.ask,
                                   hold_timeout=s.hold_timeout_seconds, release_on_stop=s.release_on_stop,
-                                  teams=cfg.teams.names, own_title=cfg.session.title)
+                                  teams=cfg.teams.names, own_title=cfg.session.title,
+                                  person_first=cfg.server.timeout_seconds + PERSON_MARGIN)
         return cls(shared=deps.shared, sessions=deps.sessions, make_client=deps.make_client,
                    ledger_path=cfg.ledger.path, judge=Judge.from_config(s, lead=cfg.teams.lead), settings=settings,
                    on_escalation=deps.wake("guard"), clock=deps.clock, ledger_health=deps.ledger_health)
@@ -304,8 +309,7 @@ class Broker(ServerWorker):
                     return min(30.0, 2.0 * 2 ** min(self._resync_failures, 4))
                 self._resync_failures = 0
             self._cover_seen()
-            wait = min(self._check_users(), self._follow_restarts())
-            self._send_person_answers()
+            wait = min(self._check_users(), self._follow_restarts(), self._send_person_answers())
             return min(wait, self._expire_holds())
         finally:
             if self._escalated:
@@ -786,13 +790,26 @@ class Broker(ServerWorker):
                 self.log.info(logs.kv("permission-answered-elsewhere", permission=request_id,
                                       session=row.session_id, teammate=row.teammate))
 
-    def _send_person_answers(self) -> None:
-        """Answers a person recorded (``orchestratord allow/deny``) that did not reach the server yet."""
+    def _send_person_answers(self) -> float:
+        """Answers a person recorded that did not reach the server yet; the seconds until the next is due.
+
+        ``orchestratord allow/deny`` records the answer and then sends it itself. The daemon
+        leaves it that command's time (``person_first``) first: were both to send, one would
+        be told the request is gone, and the person would read that their answer failed.
+        """
         assert self.ledger is not None
+        wait = PERSON_POLL
+        now = self.wall()
         for row in self.ledger.permissions(states=(P_OPEN,)):
-            if row.decided_by in ("person", "timeout"):
-                if not self._send(row, None):
-                    return
+            if row.decided_by not in ("person", "timeout"):
+                continue
+            left = row.decided_at + self.settings.person_first - now if row.decided_by == "person" else 0.0
+            if 0 < left <= self.settings.person_first:  # (beyond it: the clock was set back)
+                wait = min(wait, left)
+                continue
+            if not self._send(row, None):
+                break
+        return wait
 
     def _expire_holds(self) -> float:
         """Reject what has waited ``hold_timeout`` for a person; the seconds until the next one is due."""

@@ -533,7 +533,7 @@ def cmd_deny(args: argparse.Namespace) -> int:
 
 def _answer(args: argparse.Namespace, decision: str) -> int:
     """A person's answer to a held request: recorded first, then sent (or left to the daemon to send)."""
-    from .ledger import P_HELD
+    from .ledger import P_ANSWERED, P_HELD
     from .opencode import NotFound, OpencodeClient, OpencodeError, read_password
 
     cfg = _load(args.config)
@@ -576,6 +576,10 @@ def _answer(args: argparse.Namespace, decision: str) -> int:
     try:
         client.reply_permission(args.id, reply, message)
     except NotFound:
+        now = ledger.permission(args.id)
+        if now is not None and now.state == P_ANSWERED:  # the daemon sent this answer (this command was slow)
+            print(f"{verb} {args.id} (sent by the daemon)")
+            return EXIT_OK
         ledger.permission_gone(args.id, "no longer pending on the server when a person answered")
         print(f"error: the server no longer has {args.id} (answered elsewhere, or its session ended)",
               file=sys.stderr)

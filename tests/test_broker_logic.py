@@ -7,14 +7,16 @@ outage between deciding and answering leaves, holds and their timeout, a person'
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orchestratord.broker import APPROVE, HOLD, LEAVE, REJECT, Broker, BrokerSettings, covered, tier, verdict
+from orchestratord.cli import main
 from orchestratord.guard import Judge
-from orchestratord.opencode import NotFound, OpencodeError, Unreachable
+from orchestratord.opencode import NotFound, OpencodeClient, OpencodeError, Unreachable
 from orchestratord.policy import Finding, build_rules
 from orchestratord.sessions import SessionDirectory, SessionInfo, teammate_of
 from orchestratord.state import Shared
@@ -375,13 +377,18 @@ def test_held_requests_wait_for_a_person_or_the_timeout(tmp_path: Path, server: 
     [e1, e2] = sorted(b.ledger.escalations(), key=lambda e: e.id)
     assert e1.permission_id == "per_1" and (e1.rule, e1.severity) == ("git-discard", "medium")
     assert "hold" in e1.actions and "tell" in e1.actions, "the orchestrator is told the teammate waits"
-    # A person allows the first (what `orchestratord allow` records), and the daemon sends it.
-    assert b.ledger.answer_permission("per_1", decision="approve", reply="once", message=None, by="person")
+    # A person allows the first (what `orchestratord allow` records). That command sends it
+    # itself; the daemon sends it only once the command has had its time, so the two never race.
+    assert b.ledger.answer_permission("per_1", decision="approve", reply="once", message=None, by="person",
+                                      now=b.wall())
     assert not b.ledger.answer_permission("per_1", decision="reject", reply="reject", message=None, by="timeout")
+    assert b.run_once() <= b.settings.person_first
+    assert server.replies == [], "left to the command that recorded it"
+    clock.now += b.settings.person_first
     b.run_once()
     assert replies(server) == [("per_1", "once")]
     # Nobody answers the second: the timeout rejects it, and never approves.
-    clock.now += 59
+    clock.now += 59 - b.settings.person_first
     b.run_once()
     assert len(server.replies) == 1
     clock.now += 2
@@ -389,6 +396,35 @@ def test_held_requests_wait_for_a_person_or_the_timeout(tmp_path: Path, server: 
     assert replies(server) == [("per_1", "once"), ("per_2", "reject")]
     late = b.ledger.permission("per_2")
     assert late is not None and (late.decided_by, late.decision) == ("timeout", "reject")
+    b.teardown()
+
+
+def test_a_person_is_told_gone_only_when_nobody_sent_their_answer(tmp_path: Path, server: FakeServer,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`orchestratord allow` whose request the daemon answered first (the command was slow) succeeds."""
+    server.add("ses_w1", "worker-1@my-team")
+    b = broker(tmp_path, server)
+    b.judge = HOLDING
+    b.run_once()
+    b.asked(server.ask("per_1", "ses_w1", "git reset --hard"))
+    b.asked(server.ask("per_2", "ses_w1", "git reset --hard HEAD~1"))
+    b.run_once()
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(f'[ledger]\npath = "{tmp_path / "l.db"}"\n[teams]\nbase_dir = "{tmp_path}"\n')
+
+    def daemon_first(_client: OpencodeClient, request_id: str, reply: str, message: str | None = None) -> None:
+        if request_id == "per_1":  # the daemon's send, once the command has taken longer than its time
+            b.wall = lambda: time.time() + b.settings.person_first
+            b.run_once()
+        raise NotFound(f"POST /permission/{request_id}/reply: not found")
+
+    monkeypatch.setattr(OpencodeClient, "reply_permission", daemon_first)
+    assert main(["allow", "per_1", "--config", str(config)]) == 0
+    assert "allowed per_1 (sent by the daemon)" in capsys.readouterr().out
+    assert replies(server) == [("per_1", "once")]
+    assert main(["deny", "per_2", "--config", str(config)]) == 1, "nobody sent it: the server no longer has it"
+    assert "the server no longer has per_2" in capsys.readouterr().err
     b.teardown()
 
 

@@ -109,7 +109,6 @@ def test_each_proxy_fault_alone(bed: Bed, proxy: FaultProxy, kind: str, rng: ran
         wait_settled(bed, flow, 60)
         # Counted before the fault: the health probe may see it before the writes below end.
         connects = len(d.grep(r"\bstream-connected "))
-        downs = len(d.grep(r"\bserver-down "))
         opts: dict[str, Any] = {"code": rng.choice([500, 502, 503])} if kind == "status" else {}
         if kind == "latency":
             opts = {"seconds": 0.3}
@@ -119,7 +118,7 @@ def test_each_proxy_fault_alone(bed: Bed, proxy: FaultProxy, kind: str, rng: ran
         for _ in range(3):
             flow.write()
         if SYMPTOMS[kind] == "down":
-            d.wait_log(r"\bserver-down ", timeout=30, count=downs + 1)
+            d.wait_server_down()
             wait_for(lambda: status_json(bed.config)["server"]["healthy"] is False, 30, "status: server down")
         elif SYMPTOMS[kind] == "stream":
             d.wait_log(r"\bstream-connected ", timeout=30, count=connects + 1)
@@ -177,9 +176,8 @@ def test_server_killed_and_restarted(bed: Bed, proxy: FaultProxy) -> None:
             prompts = len(d.grep(r"\bprompt-sent "))
             wait_for(lambda: len(d.grep(r"\bprompt-sent ")) > prompts, 60, f"a prompt before restart {i + 1}")
             connects = len(d.grep(r"\bstream-connected "))
-            downs = len(d.grep(r"\bserver-down "))
             bed.server.kill()
-            d.wait_log(r"\bserver-down ", timeout=30, count=downs + 1)
+            d.wait_server_down()
             bed.server.start()
             back = time.monotonic()
             d.wait_log(r"\bstream-connected ", timeout=60, count=connects + 1)

@@ -62,10 +62,9 @@ def test_server_killed_while_the_model_holds_the_turn(bed: Bed, proxy: FaultProx
     d.wait_log(r"\bprompt-sent ", timeout=30)
     wait_for(lambda: prompts_naming(bed, "OUTAGE-HELD"), 30, "the model holding the orchestrator's turn")
     [first] = bed.dispatches()
-    downs = len(d.grep(r"\bserver-down "))
     bed.server.kill()  # SIGKILL, by the PID the test started
     hold.set()  # the turn the new process runs is answered at once
-    d.wait_log(r"\bserver-down ", timeout=30, count=downs + 1)
+    d.wait_server_down()
     bed.server.start()
 
     [line] = d.wait_log(r"\bprompt-interrupted ", timeout=90)
@@ -101,10 +100,9 @@ def test_server_killed_between_its_204_and_storing_the_prompt(bed: Bed, proxy: F
             dead.set()  # (only now may the test start it again: kill() reaps by the current PID)
 
     proxy.on_prompt_answered = kill_on_204
-    downs = len(d.grep(r"\bserver-down "))
     append_message(bed.teams_dir, TEAM, "team-lead", "worker-1", "OUTAGE-204: the server dies as it answers")
     assert dead.wait(30), "the server never answered the prompt with a 204"
-    d.wait_log(r"\bserver-down ", timeout=30, count=downs + 1)
+    d.wait_server_down()
     bed.server.start()
 
     [line] = d.wait_log(r"\bprompt-lost-in-outage |\bprompt-interrupted ", timeout=90)

@@ -192,6 +192,20 @@ class Daemon:
         except AssertionError as exc:
             raise AssertionError(f"{exc}\nlast lines:\n" + "\n".join(self.log()[-30:])) from None
 
+    def wait_server_down(self, timeout: float = 30.0) -> None:
+        """Until the daemon's latest word on the server is ``server-down``.
+
+        The health watch logs transitions only: a probe that timed out on a loaded machine
+        just before a fault has said ``server-down`` already, and the fault adds no line.
+        """
+        def down() -> bool:
+            said = self.grep(r"\bserver-(up|down) ")
+            return bool(said) and "server-down " in said[-1]
+        try:
+            wait_for(down, timeout, "the daemon saying server-down")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nlast lines:\n" + "\n".join(self.log()[-30:])) from None
+
     def signal(self, signum: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)

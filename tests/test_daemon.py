@@ -171,11 +171,12 @@ def test_server_restart_is_logged_and_the_daemon_keeps_working(bed: Bed) -> None
     sid = bed.session_id()
     last_event = ledger_rows(bed.ledger, "SELECT COALESCE(MAX(id), 0) FROM events")[0][0]
 
+    ups, connects = len(d.grep(r"\bserver-up ")), len(d.grep(r"\bstream-connected "))
     bed.server.kill()
-    d.wait_log("server-down", timeout=20)
+    d.wait_server_down(timeout=20)
     bed.server.start()
-    d.wait_log("server-up", count=2, timeout=60)
-    d.wait_log("stream-connected", count=2, timeout=10)
+    d.wait_log(r"\bserver-up ", count=ups + 1, timeout=60)
+    d.wait_log(r"\bstream-connected ", count=connects + 1, timeout=30)
 
     worker = bed.teammate("worker-1")
     bed.server.prompt_async(worker, "AFTER-RESTART: report")

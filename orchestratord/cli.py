@@ -576,8 +576,8 @@ def _answer(args: argparse.Namespace, decision: str) -> int:
     try:
         client.reply_permission(args.id, reply, message)
     except NotFound:
-        now = ledger.permission(args.id)
-        if now is not None and now.state == P_ANSWERED:  # the daemon sent this answer (this command was slow)
+        fresh = ledger.permission(args.id)
+        if fresh is not None and fresh.state == P_ANSWERED:  # the daemon sent this answer (this command was slow)
             print(f"{verb} {args.id} (sent by the daemon)")
             return EXIT_OK
         ledger.permission_gone(args.id, "no longer pending on the server when a person answered")

@@ -12,6 +12,9 @@ sseclient-py, and only counted, and their session marked active: parsing and dec
 them would be most of the work and change nothing else. So are the ``sync`` copies of
 ``/global/event`` when they are not stored: the seq at the start of the frame is all the
 cursor needs of them.
+
+(Past 400 lines: the connection, its frame pass and its backoff share the connection's
+state, and split further they would hand it back and forth.)
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ if TYPE_CHECKING:
 
 #: count-only events (deltas) are handed to the shared state in tallies at most this old
 TALLY_SECONDS = 0.05
+#: a connection that lasted this long worked: the reconnect backoff starts over after it
+STABLE_SECONDS = 10.0
 
 
 class EventReader(Worker):
@@ -101,7 +106,8 @@ class EventReader(Worker):
         self._prefetch: Prefetch | None = None  # looks up the sessions events name, on its own thread
         self._resp: requests.Response | None = None
         self._resp_lock = threading.Lock()
-        self._failures = 0
+        self._failures = 0  # attempts since the last connection that lasted (STABLE_SECONDS)
+        self._connected_at = 0.0
         self._malformed = 0
         self._malformed_logged = 0.0
         self._frame_guard = FrameGuard(max_event_bytes, self._drained)
@@ -195,8 +201,22 @@ class EventReader(Worker):
         self.shared.stream_lost()
         metrics.stream_connected(False)
         self._transition("disconnected", reason)
-        self.log.warning(logs.kv("stream-disconnected", path=self.path, reason=reason))
-        return self._failed(reason, log=False)
+        return self._lost(reason)
+
+    def _lost(self, reason: str) -> float:
+        """The wait before the next attempt after a connection ended. One that ended soon
+        after it began (a server or proxy that takes the stream and drops it) is a failed
+        attempt: the backoff grows, and every 20th is logged, as with connect failures."""
+        lasted = self.clock() - self._connected_at
+        brief = lasted < STABLE_SECONDS
+        if not brief:
+            self._failures = 0
+        delay = self._failed(reason, log=False)
+        if self._failures == 1 or self._failures % 20 == 0:
+            self.log.warning(logs.kv("stream-disconnected", path=self.path, reason=reason,
+                                     lasted=f"{lasted:.1f}s" if brief else None,
+                                     attempt=self._failures if brief else None, retry_in=f"{delay:.2f}s"))
+        return delay
 
     def _failed(self, reason: str, level: str = "warning", log: bool = True, starting: bool = False) -> float:
         self._failures += 1
@@ -211,7 +231,7 @@ class EventReader(Worker):
 
     def _connected(self) -> None:
         assert self.client is not None and self.ledger is not None
-        self._failures = 0
+        self._connected_at = self.clock()
         self.shared.set_stream_connected(True)
         metrics.stream_connected(True)
         self._transition("connected", self.path)

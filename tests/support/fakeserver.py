@@ -2,7 +2,8 @@
 
 It answers the few routes the daemon uses and lets a test decide what the health route
 returns and what the event stream sends: scripted frames (malformed, oversized, split),
-or nothing at all after accepting the connection.
+nothing at all after accepting the connection, or the end of the stream right after its
+first event.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class FakeOpencode:
         self.version = "1.18.33"  # what /global/health reports
         self.session_post_status = 200  # 405 as opencode 2.x answers POST /session (its API is under /api)
         self.require_auth: str | None = None  # "Basic ..." header value when set
-        self.stream_mode = "frames"  # "frames" | "silent" | "no-headers"
+        self.stream_mode = "frames"  # "frames" | "silent" | "no-headers" | "drop" (connected, then closed)
         self.heartbeat_every: float | None = None
         self.frames: "queue.Queue[bytes | None]" = queue.Queue()
         self.requests: list[tuple[str, str]] = []
@@ -110,7 +111,7 @@ class FakeOpencode:
                         return
                     self._chunk(b'data: {"payload":{"id":"evt_0","type":"server.connected","properties":{}}}\n\n')
                     last = time.monotonic()
-                    while not fake._stop.is_set():
+                    while fake.stream_mode != "drop" and not fake._stop.is_set():
                         try:
                             item = fake.frames.get(timeout=0.2)
                         except queue.Empty:

@@ -59,8 +59,9 @@ DESCRIPTIONS: dict[str, str] = {
 
     "health.interval_seconds": "How often `GET /global/health` is probed.",
     "health.timeout_seconds": (
-        "Timeout of one probe; a probe that times out counts as the server being down. At most ten "
-        "intervals, or a hung probe would hide an outage."),
+        "Timeout of one probe; a server that was up and lets a probe time out is probed again at once, "
+        "and counts as down when that one fails too. At most ten intervals, or a hung probe would hide "
+        "an outage."),
     "health.startup_grace_seconds": (
         "For this long after the daemon starts, a server that has not yet been up is taken to be starting "
         "(both units start together at boot): its failed probes and stream connects are logged at notice "

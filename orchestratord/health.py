@@ -1,4 +1,10 @@
-"""The health watchdog: probe ``GET /global/health`` and record each transition once."""
+"""The health watchdog: probe ``GET /global/health`` and record each transition once.
+
+A server that is up and lets one probe time out is probed again at once before it counts
+as down: a busy server (a long tool call, a slow disk) is not an outage, and calling it
+one pauses the dispatcher and wakes every worker twice. A refused connection or an error
+answer counts at once.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import logs, metrics
 from .ledgerwatch import LedgerHealth
-from .opencode import SUPPORTED_RANGE, AuthError, OpencodeClient, OpencodeError, unsupported
+from .opencode import SUPPORTED_RANGE, AuthError, OpencodeClient, OpencodeError, Unreachable, unsupported
 from .state import Shared
 from .worker import Deps, ServerWorker
 
@@ -40,6 +46,7 @@ class HealthWatch(ServerWorker):
         self.healthy: bool | None = None
         self.last_error: str | None = None
         self.down_unsaid = False  # down since the start, so far logged only as server-starting
+        self.doubted = False  # the last probe timed out while the server was up: this one decides
 
     def step(self) -> float:
         assert self.client is not None and self.ledger is not None
@@ -51,6 +58,12 @@ class HealthWatch(ServerWorker):
             healthy, error = False, str(exc)
         except OpencodeError as exc:
             healthy, error = False, str(exc)
+            if self.healthy and not self.doubted and isinstance(exc, Unreachable) and "timed out" in error:
+                self.doubted = True
+                self.log.info(logs.kv("health-probe-slow", url=self.shared.server_url, error=error,
+                                      action="probing again before taking the server for down"))
+                return 0.0
+        self.doubted = False
         if healthy and unsupported(version):
             healthy, error = False, self._unsupported(version)
         elif healthy and self.shared.server_problem is not None:

@@ -2,7 +2,7 @@
 #
 #   make test       create .venv, install the package with its test extras,
 #                   install the pinned opencode server (and 1.18.3, for the
-#                   compatibility smoke), run the test suite
+#                   compatibility smoke), run the test suite on PYTEST_WORKERS (2) processes
 #   make demo       the whole thing working, offline: a real opencode serve with a
 #                   scripted model and a sample team, and the daemon in front of it
 #   make install    the package and its runtime dependencies (EXTRAS=metrics adds the
@@ -27,6 +27,9 @@ OPENCODE_BIN := $(OPENCODE_DIR)/node_modules/.bin/opencode
 COMPAT_DIR := tests/opencode-compat
 COMPAT_BIN := $(COMPAT_DIR)/node_modules/.bin/opencode
 PYTEST_ARGS ?=
+# make test runs the suite on this many processes (pytest-xdist; 0 runs it in this one).
+# Each runs its own opencode servers, about 650 MB each: more than the cores rarely helps.
+PYTEST_WORKERS ?= 2
 BENCH_OUT ?= bench-results/bench.json
 FAULTS_OUT ?= bench-results/faults.jsonl
 
@@ -151,7 +154,7 @@ lint: venv
 	$(VENV)/bin/ruff check orchestratord tests
 
 test: venv opencode promtool libfaketime lint
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: venv opencode
 	$(VPY) -m tests.bench.run --out $(BENCH_OUT)

@@ -35,6 +35,7 @@ _SHARED_GROUPS: set[int] = set()
 # module); ORCHESTRATORD_SEED=N repeats a run's choices. It is printed at the start and with
 # every failure.
 SEED = int(os.environ.get("ORCHESTRATORD_SEED") or random.SystemRandom().randrange(1, 2**31))
+os.environ["ORCHESTRATORD_SEED"] = str(SEED)  # the pytest-xdist workers, started after this, take it too
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -105,6 +106,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if "slow" not in item.keywords]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On a pytest-xdist worker: hand the figures below to the process that prints them."""
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        from tests.support.watch import BROKER_LATENCY
+
+        out["allowed_skips"] = [list(skip) for skip in _ALLOWED_SKIPS]
+        out["broker_latency"] = list(BROKER_LATENCY)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """A pytest-xdist worker finished: gather its figures."""
+    from tests.support.watch import BROKER_LATENCY
+
+    out = getattr(node, "workeroutput", {})
+    _ALLOWED_SKIPS.extend((str(nodeid), str(reason)) for nodeid, reason in out.get("allowed_skips", []))
+    BROKER_LATENCY.extend(float(x) for x in out.get("broker_latency", []))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

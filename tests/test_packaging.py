@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD = ROOT / "packaging" / "systemd"
 PLIST = ROOT / "packaging" / "launchd" / "org.opencode-orchestrator.orchestratord.plist"
 INSTALL_PYTHON = "/usr/bin/python3"  # what make install runs the command with, by default
+pytestmark = pytest.mark.xdist_group("make-install")  # make install builds in the checkout: one at a time
 
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 

@@ -33,7 +33,8 @@ DROPINS = f"/etc/systemd/system/{UNIT}.d"
 HOME_DROPIN = "/usr/local/share/doc/opencode-orchestrator/teams-in-home.conf"
 
 REASON = why_not()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no systemd to boot: {REASON}")
+pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"no systemd to boot: {REASON}"),
+              pytest.mark.xdist_group("make-install")]  # make install builds in the checkout: one at a time
 
 
 class Machine:

@@ -39,7 +39,8 @@ T = TypeVar("T")
 PORT = 4096  # the shipped unit's and the shipped config's
 
 REASON = why_not()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no systemd to boot: {REASON}")
+pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"no systemd to boot: {REASON}"),
+              pytest.mark.xdist_group("make-install")]  # make install builds in the checkout: one at a time
 
 
 def port_free(port: int) -> bool:

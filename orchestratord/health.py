@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import logs, metrics
 from .ledgerwatch import LedgerHealth
-from .opencode import SUPPORTED_RANGE, AuthError, OpencodeClient, OpencodeError, Unreachable, unsupported
+from .opencode import SUPPORTED_RANGE, AuthError, OpencodeClient, OpencodeError, TimedOut, unsupported
 from .state import Shared
 from .worker import Deps, ServerWorker
 
@@ -58,7 +58,7 @@ class HealthWatch(ServerWorker):
             healthy, error = False, str(exc)
         except OpencodeError as exc:
             healthy, error = False, str(exc)
-            if self.healthy and not self.doubted and isinstance(exc, Unreachable) and "timed out" in error:
+            if self.healthy and not self.doubted and isinstance(exc, TimedOut):
                 self.doubted = True
                 self.log.info(logs.kv("health-probe-slow", url=self.shared.server_url, error=error,
                                       action="probing again before taking the server for down"))

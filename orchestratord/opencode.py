@@ -32,6 +32,10 @@ class Unreachable(OpencodeError):
     """Connection refused, reset or timed out: the server is down or not answering."""
 
 
+class TimedOut(Unreachable):
+    """No answer within the timeout: the server may be gone, or only busy."""
+
+
 class AuthError(OpencodeError):
     """401/403: the credentials are missing or wrong."""
 
@@ -208,7 +212,8 @@ class OpencodeClient:
         try:
             resp = self.http.request(method, url, timeout=timeout or self.timeout, **kwargs)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise Unreachable(f"{method} {path}: {_short(exc)}") from exc
+            kind = TimedOut if isinstance(exc, requests.Timeout) else Unreachable
+            raise kind(f"{method} {path}: {_short(exc)}") from exc
         except requests.RequestException as exc:
             raise OpencodeError(f"{method} {path}: {_short(exc)}") from exc
         if resp.status_code in (401, 403):

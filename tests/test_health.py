@@ -4,12 +4,15 @@ answers the test sets."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from orchestratord.health import HealthWatch
 from orchestratord.ledger import Ledger
-from orchestratord.opencode import Health, Unreachable
+from orchestratord.opencode import Health, OpencodeClient, TimedOut, Unreachable
 from orchestratord.state import Shared
 from tests.support.logcapture import caplog  # noqa: F401 - the fixture
 
@@ -23,7 +26,7 @@ class Server:
     def health(self, timeout: float) -> Health:
         answer = self.answers.pop(0) if self.answers else "up"
         if answer == "slow":
-            raise Unreachable("GET /global/health: read timed out")
+            raise TimedOut("GET /global/health: read timed out")
         if answer == "refused":
             raise Unreachable("GET /global/health: connection refused")
         return Health(True, "1.18.33")
@@ -88,3 +91,21 @@ def test_a_refused_connection_is_an_outage_at_once(tmp_path: Path, caplog: Any) 
     assert w.run_once() == 2.0 and not shared.server_healthy
     w.teardown()
     assert len(said(caplog, "server-down")) == 1 and not said(caplog, "health-probe-slow")
+
+
+def test_the_client_tells_a_probe_that_timed_out_from_a_refused_one() -> None:
+    """What the health watch goes by, from the real client: a socket that takes the
+    connection and never answers is TimedOut; a closed port is Unreachable, not TimedOut."""
+    with socket.socket() as silent, socket.socket() as closed:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)  # the kernel completes the handshake; nobody ever answers
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: the connection is refused
+        client = OpencodeClient(f"http://127.0.0.1:{silent.getsockname()[1]}")
+        with pytest.raises(TimedOut):
+            client.health(timeout=0.3)
+        client.close()
+        client = OpencodeClient(f"http://127.0.0.1:{closed.getsockname()[1]}")
+        with pytest.raises(Unreachable) as refused:
+            client.health(timeout=0.3)
+        client.close()
+        assert not isinstance(refused.value, TimedOut)
